@@ -1,0 +1,24 @@
+"""adaptrep: fine-tuning-based meta-learning of representations (Chua, Lei & Lee, NeurIPS 2021)."""
+
+from .environments import Environment, LinearEnvironment, LinearHardEnvironment, Tasks, make_environment
+from .finetune import FineTune, fit_head
+from .methods import METHODS, AdaptRep, FrozenRep, Method, Oracle, TargetOnly, make_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Environment",
+    "LinearEnvironment",
+    "LinearHardEnvironment",
+    "Tasks",
+    "make_environment",
+    "FineTune",
+    "fit_head",
+    "Method",
+    "AdaptRep",
+    "FrozenRep",
+    "Oracle",
+    "TargetOnly",
+    "METHODS",
+    "make_method",
+]

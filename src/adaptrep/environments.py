@@ -1,0 +1,280 @@
+"""Task environments whose ground truth is known, as in our standard environments.
+
+Every environment here is *linear with Gaussian inputs and diagonal covariance*: a task is a
+parameter vector ``beta_t`` in R^d, its data are ``x ~ N(0, Sigma)`` and
+``y = <x, beta_t> + sigma * xi``. The excess risk of an estimate ``beta_hat`` is then exact,
+``(beta_hat - beta_t)^T Sigma (beta_hat - beta_t)``, never a Monte Carlo estimate.
+
+* :class:`LinearEnvironment` (``linear``): the benign, approximately shared environment,
+  ``beta_t = (B* + Delta_t) w_t`` with ``B*`` the first ``k`` columns of a Haar-random
+  orthogonal matrix, ``w_t ~ N(0, I_k)`` and ``||Delta_t||_F = delta`` exactly.
+* :class:`LinearHardEnvironment` (``linear-hard``): the paper's hard case (its appendix C.3
+  simulation), where a representation trained with no regard for fine-tuning keeps the wrong
+  block of coordinates.
+
+All sampling is done on the CPU with an explicit :class:`torch.Generator` in float64 and then
+moved to the environment's device and dtype, so a seed gives the same tasks on every device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Tasks",
+    "Environment",
+    "LinearEnvironment",
+    "LinearHardEnvironment",
+    "make_environment",
+    "SETTINGS",
+]
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """A batch of regression tasks sharing one sample size.
+
+    Attributes:
+        X: inputs, shape ``(T, n, d)``.
+        y: targets, shape ``(T, n)``.
+        beta: true task parameters ``beta_t``, shape ``(T, d)`` (used only for scoring).
+        representation: the environment's true representation ``B*`` (``(d, k)``), used only by
+            the oracle methods and the metrics.
+    """
+
+    X: Tensor
+    y: Tensor
+    beta: Tensor
+    representation: Tensor
+
+    def __post_init__(self) -> None:
+        if self.X.ndim != 3 or self.y.shape != self.X.shape[:2]:
+            raise ValueError(f"Tasks need X of shape (T, n, d) and y of shape (T, n); got {tuple(self.X.shape)} and {tuple(self.y.shape)}")
+        if not (torch.isfinite(self.X).all() and torch.isfinite(self.y).all()):
+            raise ValueError("Tasks contain NaN or Inf values in X or y")
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.X.shape[2])
+
+    def gram(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Sufficient statistics of the squared loss: ``G = X^T X / n``, ``c = X^T y / n``, ``y^T y / n``.
+
+        The mean squared error of a predictor ``beta`` is ``beta^T G beta - 2 c^T beta + y^T y / n``.
+        """
+        n = self.num_samples
+        G = self.X.transpose(-1, -2) @ self.X / n
+        c = (self.X.transpose(-1, -2) @ self.y.unsqueeze(-1)).squeeze(-1) / n
+        yy = (self.y * self.y).sum(-1) / n
+        return G, c, yy
+
+
+def haar_orthogonal(dim: int, generator: torch.Generator) -> Tensor:
+    """A Haar-distributed orthogonal ``dim x dim`` matrix (float64, CPU)."""
+    Z = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    Q, R = torch.linalg.qr(Z)
+    return Q * torch.sign(torch.diagonal(R)).unsqueeze(0)
+
+
+def unit_vectors(num: int, dim: int, generator: torch.Generator) -> Tensor:
+    """``num`` independent uniform unit vectors in R^dim (float64, CPU)."""
+    z = torch.randn(num, dim, generator=generator, dtype=torch.float64)
+    return z / z.norm(dim=-1, keepdim=True)
+
+
+class Environment:
+    """Base class: a linear-Gaussian task environment with diagonal input covariance.
+
+    Subclasses set ``input_scale`` (the square roots of the diagonal of ``Sigma``, float64 CPU),
+    ``representation`` (``B*``) and implement :meth:`sample_parameters`.
+    """
+
+    name: str = ""
+    input_scale: Tensor
+    _representation: Tensor
+
+    def __init__(self, dim: int, rank: int, noise: float, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> None:
+        if dim <= 0 or rank <= 0:
+            raise ValueError(f"dim and rank must be positive; got dim={dim}, rank={rank}")
+        if rank > dim:
+            raise ValueError(f"rank ({rank}) must not exceed dim ({dim})")
+        if not math.isfinite(noise) or noise < 0:
+            raise ValueError(f"noise must be a finite non-negative number; got {noise}")
+        self.dim, self.rank, self.noise = dim, rank, float(noise)
+        self.device, self.dtype = torch.device(device), dtype
+
+    # -- ground truth -------------------------------------------------------------------------
+    @property
+    def representation(self) -> Tensor:
+        """The true representation ``B*`` (``(d, k)``, orthonormal columns)."""
+        return self._representation.to(self.device, self.dtype)
+
+    @property
+    def covariance_diagonal(self) -> Tensor:
+        """The diagonal of the input covariance ``Sigma``."""
+        return (self.input_scale**2).to(self.device, self.dtype)
+
+    def sample_parameters(self, num_tasks: int, generator: torch.Generator) -> Tensor:
+        """Draw ``num_tasks`` task parameters ``beta_t`` (float64, CPU, shape ``(T, d)``)."""
+        raise NotImplementedError
+
+    # -- data ---------------------------------------------------------------------------------
+    def sample_inputs(self, num_tasks: int, num_samples: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Standard normal draws ``(Z, xi)`` from which :meth:`make_tasks` builds data."""
+        Z = torch.randn(num_tasks, num_samples, self.dim, generator=generator, dtype=torch.float64)
+        xi = torch.randn(num_tasks, num_samples, generator=generator, dtype=torch.float64)
+        return Z, xi
+
+    def make_tasks(self, beta: Tensor, Z: Tensor, xi: Tensor) -> Tasks:
+        """Tasks with parameters ``beta`` from standard normal draws: ``x = Sigma^{1/2} z``, ``y = <x, beta> + sigma xi``."""
+        beta = beta.to("cpu", torch.float64)
+        X = Z * self.input_scale
+        y = (X @ beta.unsqueeze(-1)).squeeze(-1) + self.noise * xi
+        to = {"device": self.device, "dtype": self.dtype}
+        return Tasks(X.to(**to), y.to(**to), beta.to(**to), self.representation)
+
+    def sample_tasks(self, num_tasks: int, num_samples: int, generator: torch.Generator, beta: Tensor | None = None) -> Tasks:
+        """Draw ``num_tasks`` tasks (new parameters unless ``beta`` is given) with ``num_samples`` samples each."""
+        if num_tasks <= 0 or num_samples <= 0:
+            raise ValueError(f"num_tasks and num_samples must be positive; got {num_tasks}, {num_samples}")
+        if beta is None:
+            beta = self.sample_parameters(num_tasks, generator)
+        Z, xi = self.sample_inputs(num_tasks, num_samples, generator)
+        return self.make_tasks(beta, Z, xi)
+
+    # -- scoring ------------------------------------------------------------------------------
+    def excess_risk(self, beta_hat: Tensor, beta: Tensor) -> Tensor:
+        """Exact excess risk ``(beta_hat - beta)^T Sigma (beta_hat - beta)``, one value per task."""
+        diff = beta_hat.to(self.device, self.dtype) - beta.to(self.device, self.dtype)
+        return (diff * diff * self.covariance_diagonal).sum(-1)
+
+    def adversarial_parameters(self, representation: Tensor, num_tasks: int) -> Tensor:
+        """Target parameters chosen against a learned representation (only ``linear-hard`` has them)."""
+        raise NotImplementedError(f"the {self.name} environment has no adversarial targets")
+
+
+class LinearEnvironment(Environment):
+    """The benign environment ``linear``: ``beta_t = (B* + Delta_t) w_t``.
+
+    ``B*`` is the first ``k`` columns of a Haar-random orthogonal matrix drawn from ``seed``;
+    ``w_t ~ N(0, I_k)``; ``Delta_t = delta G_t / ||G_t||_F`` with ``G_t`` i.i.d. standard normal,
+    so ``||Delta_t||_F = delta`` exactly; ``x ~ N(0, I_d)``.
+    """
+
+    name = "linear"
+
+    def __init__(
+        self, dim: int, rank: int, delta: float = 0.4, noise: float = 0.5, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
+    ) -> None:
+        super().__init__(dim, rank, noise, device, dtype)
+        if not math.isfinite(delta) or delta < 0:
+            raise ValueError(f"delta must be a finite non-negative number; got {delta}")
+        self.delta = float(delta)
+        self.input_scale = torch.ones(dim, dtype=torch.float64)
+        self._representation = haar_orthogonal(dim, torch.Generator().manual_seed(seed))[:, :rank]
+
+    def sample_parameters(self, num_tasks: int, generator: torch.Generator) -> Tensor:
+        w = torch.randn(num_tasks, self.rank, generator=generator, dtype=torch.float64)
+        G = torch.randn(num_tasks, self.dim, self.rank, generator=generator, dtype=torch.float64)
+        Delta = self.delta * G / G.flatten(1).norm(dim=1)[:, None, None]
+        return ((self._representation + Delta) @ w.unsqueeze(-1)).squeeze(-1)
+
+
+class LinearHardEnvironment(Environment):
+    """The paper's linear hard case ``linear-hard`` (its appendix C.3 simulation).
+
+    Inputs have variance ``eps`` on the first ``d - k`` coordinates and 1 on the last ``k``.
+    A task is ``theta_t = [sqrt(1/(2 eps)) u_t, 0, v_t]`` with ``u_t, v_t`` uniform unit vectors
+    in R^k: the *opt block* (first k coordinates) has a large norm but low-variance inputs, the
+    *delta block* (last k) a unit norm and unit-variance inputs. The representation that
+    fine-tuning-aware training should find is the opt block, ``B* = [I_k; 0]``.
+    """
+
+    name = "linear-hard"
+
+    def __init__(
+        self, dim: int, rank: int, eps: float = 0.1, noise: float = 0.5, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
+    ) -> None:
+        super().__init__(dim, rank, noise, device, dtype)
+        if dim < 2 * rank:
+            raise ValueError(f"linear-hard needs dim >= 2 * rank; got dim={dim}, rank={rank}")
+        if not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"eps must be a finite positive number; got {eps}")
+        self.eps = float(eps)
+        scale = torch.ones(dim, dtype=torch.float64)
+        scale[: dim - rank] = math.sqrt(eps)
+        self.input_scale = scale
+        self._representation = torch.eye(dim, dtype=torch.float64)[:, :rank]
+        self.opt_scale = math.sqrt(1.0 / (2.0 * eps))
+
+    @property
+    def opt_block(self) -> Tensor:
+        """Basis ``(d, k)`` of the opt block (the first k coordinates)."""
+        return torch.eye(self.dim, dtype=self.dtype, device=self.device)[:, : self.rank]
+
+    @property
+    def delta_block(self) -> Tensor:
+        """Basis ``(d, k)`` of the delta block (the last k coordinates)."""
+        return torch.eye(self.dim, dtype=self.dtype, device=self.device)[:, self.dim - self.rank :]
+
+    def sample_parameters(self, num_tasks: int, generator: torch.Generator) -> Tensor:
+        u = unit_vectors(num_tasks, self.rank, generator)
+        v = unit_vectors(num_tasks, self.rank, generator)
+        theta = torch.zeros(num_tasks, self.dim, dtype=torch.float64)
+        theta[:, : self.rank] = self.opt_scale * u
+        theta[:, self.dim - self.rank :] = v
+        return theta
+
+    def adversarial_parameters(self, representation: Tensor, num_tasks: int) -> Tensor:
+        """The target that hides its signal where ``representation`` looks least.
+
+        ``theta = sqrt(1/(2 eps)) a + b`` with ``a`` (``b``) the unit direction of the opt (delta)
+        block least covered by the span of ``representation``, i.e. the eigenvector of the
+        smallest eigenvalue of ``E^T P E`` for the block basis ``E`` and the orthogonal projector
+        ``P`` onto the span. All ``num_tasks`` targets share this parameter (float64, CPU).
+        """
+        Q = torch.linalg.qr(representation.detach().to("cpu", torch.float64))[0]
+        parts = []
+        for block in (self.opt_block, self.delta_block):
+            E = block.to("cpu", torch.float64)
+            C = E.T @ Q
+            _, vecs = torch.linalg.eigh(C @ C.T)
+            direction = E @ vecs[:, 0]
+            parts.append(direction * torch.sign(direction.sum() + 1e-300))
+        theta = self.opt_scale * parts[0] + parts[1]
+        return theta.expand(num_tasks, -1).clone()
+
+
+SETTINGS = ("linear", "linear-hard")
+
+
+def make_environment(
+    setting: str,
+    *,
+    dim: int,
+    rank: int,
+    noise: float,
+    delta: float = 0.4,
+    eps: float = 0.1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> Environment:
+    """Build a standard environment by name (``linear`` or ``linear-hard``)."""
+    if setting == "linear":
+        return LinearEnvironment(dim, rank, delta=delta, noise=noise, seed=seed, device=device, dtype=dtype)
+    if setting == "linear-hard":
+        return LinearHardEnvironment(dim, rank, eps=eps, noise=noise, seed=seed, device=device, dtype=dtype)
+    raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")

@@ -1,0 +1,252 @@
+"""Experiments: a validated configuration, the grid it describes, and a tidy results table.
+
+A :class:`RunConfig` is one setting with its sizes, target sample sizes, seeds and methods; its
+keys are the ``adaptrep run`` flags with underscores. :func:`run_experiment` fits every method
+once per seed on the same source tasks, adapts it to the same target tasks for every ``m``,
+and returns one row per method x m x seed x target task.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .environments import SETTINGS, Environment, LinearHardEnvironment, make_environment
+from .methods import METHODS, Method, make_method
+from .metrics import block_share, subspace_distance
+
+__all__ = ["RunConfig", "ConfigError", "PRESETS", "DEFAULT_EXPERIMENTS", "resolve_config", "run_experiment", "library_versions"]
+
+DEFAULT_METHODS = ["adaptrep", "frozenrep", "frozenrep-ft", "target-only", "oracle-head", "oracle-ft"]
+
+#: Per-setting defaults: the acceptance configurations of our standard environments.
+PRESETS: dict[str, dict[str, Any]] = {
+    "linear": dict(
+        setting="linear", dim=20, rank=3, tasks=100, samples=25, target_samples=[10, 20, 40, 80, 160], target_tasks=20, delta=0.4, noise=0.5, seeds=5
+    ),
+    "linear-hard": dict(
+        setting="linear-hard", dim=20, rank=2, tasks=50, samples=100, target_samples=[10, 25, 50, 100], target_tasks=20, eps=0.1, noise=0.5, seeds=5
+    ),
+}
+
+#: What ``adaptrep run`` does with no flags: the hard-case separation, then the benign sweep.
+DEFAULT_EXPERIMENTS = ("linear-hard", "linear")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line naming the culprit."""
+
+
+class RunConfig(BaseModel):
+    """One experiment: a setting, its sizes, the target sample sizes, seeds and methods."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    setting: Literal["linear", "linear-hard"] = "linear"
+    dim: int = Field(20, gt=0, description="input dimension d")
+    rank: int = Field(3, gt=0, description="representation dimension k")
+    tasks: int = Field(100, gt=0, description="number of source tasks T")
+    samples: int = Field(25, gt=0, description="samples per source task n")
+    target_samples: list[int] = Field(default_factory=lambda: [10, 20, 40, 80, 160], description="target sample sizes m")
+    target_tasks: int = Field(20, gt=0, description="target tasks per m and seed")
+    target: Literal["adversarial", "random"] = "adversarial"
+    delta: float = Field(0.4, ge=0, allow_inf_nan=False, description="perturbation size (linear)")
+    noise: float = Field(0.5, ge=0, allow_inf_nan=False, description="noise standard deviation sigma")
+    eps: float = Field(0.1, gt=0, allow_inf_nan=False, description="input variance of the low-variance block (linear-hard)")
+    seeds: int = Field(5, gt=0, description="number of seeds (0 .. seeds-1)")
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
+    device: str = "cpu"
+    dtype: Literal["float32", "float64"] = "float64"
+
+    @field_validator("target_samples", "methods", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("target_samples")
+    @classmethod
+    def _positive_sizes(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("needs at least one target sample size")
+        if any(m <= 0 for m in value):
+            raise ValueError(f"target sample sizes must be positive; got {value}")
+        return sorted(set(value))
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one method")
+        unknown = [name for name in value if name not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError) as error:
+            raise ValueError(f"not a torch device: {value!r}") from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {value!r} requested but CUDA is not available")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.rank > self.dim:
+            raise ValueError(f"rank ({self.rank}) must not exceed dim ({self.dim})")
+        if self.setting == "linear-hard" and self.dim < 2 * self.rank:
+            raise ValueError(f"linear-hard needs dim >= 2 * rank; got dim={self.dim}, rank={self.rank}")
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def environment(self, seed: int) -> Environment:
+        return make_environment(
+            self.setting, dim=self.dim, rank=self.rank, noise=self.noise, delta=self.delta, eps=self.eps, seed=seed, device=self.device, dtype=self.torch_dtype
+        )
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "config"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"invalid config: {where}: {message}"
+
+
+def resolve_config(overrides: dict[str, Any]) -> RunConfig:
+    """A validated :class:`RunConfig`: the setting's preset updated with ``overrides``.
+
+    Raises :class:`ConfigError` with a one-line message on invalid input.
+    """
+    setting = overrides.get("setting", "linear")
+    if setting not in SETTINGS:
+        raise ConfigError(f"invalid config: setting: unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
+    values = {**PRESETS[setting], **{key: value for key, value in overrides.items() if value is not None}}
+    try:
+        return RunConfig(**values)
+    except ValidationError as error:
+        raise ConfigError(_one_line(error)) from None
+    except TypeError as error:
+        raise ConfigError(f"invalid config: {error}") from None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that determine the numbers."""
+    from . import __version__
+
+    return {
+        "adaptrep": __version__,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _generator(*keys: int) -> torch.Generator:
+    seed = 0
+    for key in keys:
+        seed = (seed * 1_000_003 + key) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def run_experiment(config: RunConfig, on_step: Callable[[str], None] | None = None, on_seed: Callable[[pd.DataFrame], None] | None = None) -> pd.DataFrame:
+    """Run one experiment; returns the tidy results table (see the README for the columns).
+
+    ``on_step`` is called after every source fit and every adaptation (for progress bars);
+    ``on_seed`` with the rows so far after every seed (to save partial results).
+    """
+    step = on_step or (lambda _: None)
+    rows: list[dict[str, Any]] = []
+    for seed in range(config.seeds):
+        env = config.environment(seed)
+        source = env.sample_tasks(config.tasks, config.samples, _generator(seed, 1))
+        methods: dict[str, Method] = {}
+        for name in config.methods:
+            methods[name] = make_method(name)
+            start = time.perf_counter()
+            methods[name].fit(source)
+            methods[name].info.setdefault("source_time", time.perf_counter() - start)
+            step(f"{config.setting} seed {seed}: fit {name}")
+        for m in config.target_samples:
+            rows.extend(_evaluate_targets(config, env, methods, seed, m, step))
+        if on_seed is not None:
+            on_seed(pd.DataFrame(rows))
+    return pd.DataFrame(rows)
+
+
+def steps_per_experiment(config: RunConfig) -> int:
+    """Number of ``on_step`` calls :func:`run_experiment` makes."""
+    return config.seeds * len(config.methods) * (1 + len(config.target_samples))
+
+
+def _reference_representation(env: Environment, methods: dict[str, Method], source_fallback: Iterable[str] = ("frozenrep", "frozenrep-ft")) -> torch.Tensor:
+    """Representation that adversarial targets are built against for methods without one."""
+    for name in source_fallback:
+        if name in methods and methods[name].representation is not None:
+            rep = methods[name].representation
+            assert rep is not None
+            return rep
+    return env.representation
+
+
+def _evaluate_targets(config: RunConfig, env: Environment, methods: dict[str, Method], seed: int, m: int, step: Callable[[str], None]) -> list[dict[str, Any]]:
+    R = config.target_tasks
+    generator = _generator(seed, 2, m)
+    adversarial = isinstance(env, LinearHardEnvironment) and config.target == "adversarial"
+    shared_beta = None if adversarial else env.sample_parameters(R, generator)
+    Z, xi = env.sample_inputs(R, m, generator)
+    fallback = _reference_representation(env, methods) if adversarial else None
+    rows = []
+    for name, method in methods.items():
+        if adversarial:
+            rep = method.representation if method.representation is not None else fallback
+            assert rep is not None
+            beta = env.adversarial_parameters(rep, R)
+        else:
+            assert shared_beta is not None
+            beta = shared_beta
+        target = env.make_tasks(beta, Z, xi)
+        start = time.perf_counter()
+        beta_hat = method.adapt(target, _generator(seed, 3, m))
+        adapt_time = (time.perf_counter() - start) / R
+        risk = env.excess_risk(beta_hat, target.beta).cpu().numpy()
+        rep = method.representation
+        common: dict[str, Any] = {
+            "setting": config.setting,
+            "method": name,
+            "m": m,
+            "seed": seed,
+            "subspace_distance": subspace_distance(rep, env.representation) if rep is not None else math.nan,
+            "source_time": method.info.get("source_time", 0.0),
+            "adapt_time": adapt_time,
+            "source_objective": method.info.get("source_objective", math.nan),
+            "source_grad_norm": method.info.get("source_grad_norm", math.nan),
+        }
+        if isinstance(env, LinearHardEnvironment):
+            common["opt_block_share"] = block_share(rep, env.opt_block) if rep is not None else math.nan
+        strength = getattr(method, "last_strength", None) if getattr(method, "finetune", None) is not None else None
+        for r in range(R):
+            row = {**common, "target_task": r, "excess_risk": float(risk[r])}
+            row["finetune_strength"] = float(strength[r]) if strength is not None else math.nan
+            rows.append(row)
+        step(f"{config.setting} seed {seed}: adapt {name} (m={m})")
+    return rows

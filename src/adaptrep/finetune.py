@@ -1,0 +1,141 @@
+"""Adapting a learned representation to a target task.
+
+* :func:`fit_head` — FROZENREP's adaptation: retrain the head ``w`` only, ``beta = B w``.
+* :class:`FineTune` — ADAPTREP's adaptation: fine-tune *both* the representation and the head,
+  starting from the learned ``B`` and the head-only fit, by proximal gradient descent on
+  ``beta = (B + Delta) w = B w + v`` with ``v = Delta w`` kept close to zero by a penalty
+  ``lambda_t ||v||_2`` (default) or a norm ball ``||v||_2 <= r``. The strength is chosen per
+  target task by K-fold cross-validation over a grid (all targets, folds and strengths are
+  solved as one batch); the grid contains the head-only fit, so fine-tuning cannot hurt much
+  when the target sample is tiny.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .solvers import HeadSolver, Prox, ball_project, fit_perturbation, group_shrink, lipschitz, mse, predictor
+
+
+def fit_head(B: Tensor, G: Tensor, c: Tensor) -> Tensor:
+    """Head-only least squares (minimum-norm when under-determined): ``beta = B (B^T G B)^+ B^T c``."""
+    return predictor(B, HeadSolver.build(B, G)(c))
+
+
+def fold_statistics(X: Tensor, y: Tensor, folds: int, generator: torch.Generator) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """Training and validation sufficient statistics ``(G, c, q)`` for a random K-fold split.
+
+    Returns tensors with a fold dimension after the task dimension: ``(R, K, d, d)`` etc.
+    """
+    R, m, _ = X.shape
+    perm = torch.argsort(torch.rand(R, m, generator=generator, dtype=torch.float64), dim=-1)
+    fold_of = torch.empty(R, m, dtype=torch.long)
+    fold_of.scatter_(1, perm, (torch.arange(m) % folds).expand(R, m).contiguous())
+    held_out = (fold_of.unsqueeze(1) == torch.arange(folds).view(1, folds, 1)).to(X.device, X.dtype)  # (R, K, m)
+
+    def stats(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        count = mask.sum(-1).clamp_min(1)
+        Xm = X.unsqueeze(1) * mask.unsqueeze(-1)
+        G = Xm.transpose(-1, -2) @ X.unsqueeze(1) / count[..., None, None]
+        c = (Xm.transpose(-1, -2) @ y.unsqueeze(1).unsqueeze(-1)).squeeze(-1) / count[..., None]
+        q = (mask * y.unsqueeze(1) ** 2).sum(-1) / count
+        return G, c, q
+
+    return stats(1 - held_out), stats(held_out)
+
+
+@dataclass
+class FineTune:
+    """Fine-tune representation and head on a target task (the ADAPTREP adaptation).
+
+    Args:
+        strength: the penalty ``lambda_t`` (or the radius ``r`` for ``constraint="ball"``), or
+            ``"cv"`` to choose it per target by cross-validation (default).
+        constraint: ``"penalty"`` for ``lambda_t ||v||_2`` (regularised) or ``"ball"`` for
+            ``||v||_2 <= r`` (constrained, a norm-ball projection after each gradient step).
+        folds: number of cross-validation folds (at most the number of target samples).
+        grid: number of strengths on the cross-validation grid, geometric from the strength
+            that keeps ``v = 0`` (head-only) down to ``grid_ratio`` times it.
+        steps: proximal gradient (FISTA) steps.
+    """
+
+    strength: float | Literal["cv"] = "cv"
+    constraint: Literal["penalty", "ball"] = "penalty"
+    folds: int = 5
+    grid: int = 13
+    grid_ratio: float = 1e-3
+    steps: int = 400
+    rule: Literal["min", "1se"] = "min"
+    floor: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.constraint not in ("penalty", "ball"):
+            raise ValueError(f"FineTune.constraint must be 'penalty' or 'ball'; got {self.constraint!r}")
+        if self.strength != "cv" and not (isinstance(self.strength, (int, float)) and self.strength >= 0):
+            raise ValueError(f"FineTune.strength must be 'cv' or a non-negative number; got {self.strength!r}")
+        if self.folds < 2 or self.grid < 2 or not 0 < self.grid_ratio < 1 or self.steps < 1:
+            raise ValueError("FineTune needs folds >= 2, grid >= 2, 0 < grid_ratio < 1 and steps >= 1")
+
+    @property
+    def _prox(self) -> Prox:
+        return ball_project if self.constraint == "ball" else group_shrink
+
+    def solve(self, B: Tensor, G: Tensor, c: Tensor, strength: Tensor) -> tuple[Tensor, Tensor]:
+        """Fine-tuned ``(w, v)`` for a fixed strength per problem (leading dims of ``G`` and ``strength`` broadcast)."""
+        heads = HeadSolver.build(B, G)
+        L = lipschitz(G)
+        v0 = torch.zeros(torch.broadcast_shapes(c.shape, strength.shape + (1,)), dtype=G.dtype, device=G.device)
+        return fit_perturbation(heads, c, L, v0, self._prox, strength, self.steps)
+
+    def strength_grid(self, B: Tensor, G: Tensor, c: Tensor, num_samples: int, noise: float | None) -> Tensor:
+        """Per-target grid ``(R, S)``: from no fine-tuning (``v = 0``) to weak regularisation."""
+        heads = HeadSolver.build(B, G)
+        w0 = heads(c)
+        grad0 = 2 * ((G @ predictor(B, w0).unsqueeze(-1)).squeeze(-1) - c)
+        top = grad0.norm(dim=-1, keepdim=True)  # smallest lambda with v = 0
+        if noise is not None and self.floor > 0:
+            low = (self.floor * noise * (G.shape[-1] / num_samples) ** 0.5) / top
+            low = low.clamp(max=1.0)
+        else:
+            low = torch.full_like(top, self.grid_ratio)
+        ratios = low ** torch.linspace(0, 1, self.grid, dtype=G.dtype, device=G.device)
+        if self.constraint == "penalty":
+            return top * ratios
+        # radii: from the norm of the weakly penalised solution down, plus r = 0 (head only)
+        _, v_weak = self.solve(B, G, c, (top * low).squeeze(-1))
+        top = v_weak.norm(dim=-1, keepdim=True)
+        return torch.cat([torch.zeros_like(top), top * ratios.flip(-1)[..., 1:]], dim=-1)
+
+    def _select(self, errors: Tensor) -> Tensor:
+        """Index ``(R, 1)`` of the chosen strength from fold errors ``(R, K, S)`` (grid strongest first)."""
+        mean = errors.mean(1)
+        best = mean.argmin(-1, keepdim=True)
+        if self.rule == "min":
+            return best
+        se = errors.std(1) / errors.shape[1] ** 0.5
+        limit = torch.gather(mean + se, 1, best)
+        # the strongest regularisation whose error is within one standard error of the best
+        ok = mean <= limit
+        return torch.argmax(ok.to(torch.int8), dim=-1, keepdim=True)
+
+    def adapt(self, B: Tensor, X: Tensor, y: Tensor, generator: torch.Generator | None = None, noise: float | None = None) -> tuple[Tensor, Tensor]:
+        """Fine-tune on targets ``X (R, m, d)``, ``y (R, m)``; returns ``beta (R, d)`` and the strengths ``(R,)``."""
+        R, m, _ = X.shape
+        G = X.transpose(-1, -2) @ X / m
+        c = (X.transpose(-1, -2) @ y.unsqueeze(-1)).squeeze(-1) / m
+        if self.strength != "cv":
+            strength = torch.full((R,), float(self.strength), dtype=X.dtype, device=X.device)
+        else:
+            generator = generator if generator is not None else torch.Generator().manual_seed(0)
+            grid = self.strength_grid(B, G, c, m, noise)  # (R, S)
+            (Gt, ct, _), (Gv, cv, qv) = fold_statistics(X, y, min(self.folds, m), generator)
+            w, v = self.solve(B, Gt.unsqueeze(2), ct.unsqueeze(2), grid.unsqueeze(1).expand(-1, Gt.shape[1], -1))
+            beta = predictor(B, w, v)  # (R, K, S, d)
+            errors = mse(Gv.unsqueeze(2), cv.unsqueeze(2), qv.unsqueeze(2), beta)  # (R, K, S)
+            strength = torch.gather(grid, 1, self._select(errors)).squeeze(-1)
+        w, v = self.solve(B, G, c, strength)
+        return predictor(B, w, v), strength

@@ -1,0 +1,148 @@
+"""Figures and a Markdown report from a results table (a layer on top of the core)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .theory import oracle_head_risk, target_only_risk  # noqa: E402
+
+STYLE = {
+    "adaptrep": ("tab:red", "o"),
+    "frozenrep": ("tab:blue", "s"),
+    "frozenrep-ft": ("tab:cyan", "D"),
+    "target-only": ("tab:gray", "^"),
+    "oracle-head": ("tab:green", "v"),
+    "oracle-ft": ("tab:olive", "P"),
+}
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean excess risk and its 95% interval per setting x method x m.
+
+    The interval is ``mean +- 1.96 SE`` with the standard error over seeds of the per-seed means
+    (targets within a seed share a learned representation, so they are not independent).
+    """
+    per_seed = results.groupby(["setting", "method", "m", "seed"], sort=False)["excess_risk"].mean().reset_index()
+    grouped = per_seed.groupby(["setting", "method", "m"], sort=False)["excess_risk"]
+    out = grouped.agg(mean="mean", std="std", seeds="count").reset_index()
+    se = (out["std"] / np.sqrt(out["seeds"])).fillna(0.0)
+    out["ci_low"] = out["mean"] - 1.96 * se
+    out["ci_high"] = out["mean"] + 1.96 * se
+    return out.drop(columns="std")
+
+
+def risk_figure(results: pd.DataFrame, config: dict[str, Any], path: Path) -> Path:
+    """Excess risk vs m (log-log), mean and 95% interval per method, closed forms overlaid."""
+    summary = summarise(results)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for method, part in summary.groupby("method", sort=False):
+        color, marker = STYLE.get(str(method), ("black", "x"))
+        ax.plot(part["m"], part["mean"], marker=marker, color=color, label=str(method))
+        ax.fill_between(part["m"], part["ci_low"].clip(lower=1e-6), part["ci_high"], color=color, alpha=0.15)
+    ms = np.unique(np.geomspace(min(summary["m"]), max(summary["m"]), 200).round().astype(int))
+    d, k, sigma = config["dim"], config["rank"], config["noise"]
+    closed = [target_only_risk(d, int(m), sigma) for m in ms]
+    ax.plot(ms, closed, "k--", lw=1, label=r"theory: target-only $\sigma^2 d/(m-d-1)$")
+    if config["setting"] == "linear":
+        ax.plot(ms, [oracle_head_risk(d, k, int(m), sigma, config["delta"]) for m in ms], ":", color="tab:green", lw=1.2, label="theory: head-only on $B^*$")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    top = summary["ci_high"].max()
+    ax.set_ylim(max(summary["mean"].min() / 2, 1e-4), min(top * 1.5, 50 * summary["mean"].median()))
+    ax.set_xlabel("target samples m")
+    ax.set_ylabel("excess risk on the target")
+    target = f", {config.get('target', 'adversarial')} targets" if config["setting"] == "linear-hard" else ""
+    ax.set_title(f"{config['setting']}: d={d}, k={k}, T={config['tasks']}, n={config['samples']}{target}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def representation_figure(results: pd.DataFrame, path: Path) -> Path:
+    """linear-hard: share of each method's learned span in the opt block (per seed, and mean)."""
+    per_seed = results.dropna(subset=["opt_block_share"]).groupby(["method", "seed"], sort=False)["opt_block_share"].first().reset_index()
+    methods = list(dict.fromkeys(per_seed["method"]))
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    for i, method in enumerate(methods):
+        values = per_seed.loc[per_seed["method"] == method, "opt_block_share"].to_numpy()
+        color, _ = STYLE.get(method, ("black", "x"))
+        ax.bar(i, values.mean(), color=color, alpha=0.6)
+        ax.scatter(np.full(len(values), i) + np.linspace(-0.15, 0.15, len(values)), values, color="black", s=10, zorder=3)
+    ax.set_xticks(range(len(methods)), methods, rotation=20)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("opt_block_share of the learned span")
+    ax.set_title("linear-hard: which block does the representation keep?", fontsize=10)
+    ax.axhline(1.0, color="k", lw=0.8, ls=":")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: pd.DataFrame, configs: list[dict[str, Any]], out: Path) -> Path:
+    """Figures under ``out/figures`` and ``out/report.md`` with tables that link them."""
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    lines = ["# adaptrep run report", "", "Mean excess risk on target tasks (95% interval over seeds in the figures).", ""]
+    for config in configs:
+        setting = config["setting"]
+        part = results[results["setting"] == setting]
+        if part.empty:
+            continue
+        lines += [
+            f"## {setting}",
+            "",
+            "```",
+            " ".join(
+                f"{key}={config[key]}"
+                for key in ("dim", "rank", "tasks", "samples", "target_tasks", "seeds", "noise", "delta" if setting == "linear" else "eps")
+            ),
+            "```",
+            "",
+        ]
+        table = summarise(part).pivot(index="method", columns="m", values="mean").reindex(list(dict.fromkeys(part["method"])))
+        lines += [_markdown(table, "{:.4f}"), ""]
+        if setting == "linear":
+            theory = pd.DataFrame(
+                {
+                    m: [
+                        target_only_risk(config["dim"], m, config["noise"]),
+                        oracle_head_risk(config["dim"], config["rank"], m, config["noise"], config["delta"]),
+                    ]
+                    for m in table.columns
+                },
+                index=["theory: target-only", "theory: oracle-head"],
+            )
+            lines += ["Closed forms (expectations):", "", _markdown(theory, "{:.4f}"), ""]
+        rep = part.groupby("method", sort=False)[[c for c in ("subspace_distance", "opt_block_share") if c in part]].mean().dropna(how="all")
+        if not rep.empty:
+            lines += ["Learned representation (mean over seeds):", "", _markdown(rep, "{:.3f}"), ""]
+        name = risk_figure(part, config, figures / f"{setting}_risk.png").name
+        lines += [f"![excess risk vs m, {setting}](figures/{name})", ""]
+        if "opt_block_share" in part and part["opt_block_share"].notna().any():
+            name = representation_figure(part, figures / f"{setting}_representation.png").name
+            lines += [f"![representation diagnostic, {setting}](figures/{name})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _markdown(frame: pd.DataFrame, fmt: str) -> str:
+    header = "| " + " | ".join([str(frame.index.name or "")] + [str(c) for c in frame.columns]) + " |"
+    rule = "|" + "---|" * (len(frame.columns) + 1)
+    body = [
+        "| " + " | ".join([str(index)] + [fmt.format(v) if pd.notna(v) else "–" for v in row]) + " |"
+        for index, row in zip(frame.index, frame.to_numpy(), strict=True)
+    ]
+    return "\n".join([header, rule, *body])

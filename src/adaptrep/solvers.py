@@ -1,0 +1,321 @@
+"""Batched solvers for the linear setting, written on the sufficient statistics of the squared loss.
+
+Notation (as in the paper): a task's predictor is ``beta_t = (B + Delta_t) w_t``. We fold the
+perturbation into one d-vector ``v_t = Delta_t w_t`` (the part of the task's predictor that the
+shared representation does not explain), so ``beta_t = B w_t + v_t``. With the mean squared
+error written on ``G_t = X_t^T X_t / n``, ``c_t = X_t^T y_t / n``, ``q_t = y_t^T y_t / n``::
+
+    loss_t(beta) = beta^T G_t beta - 2 c_t^T beta + q_t
+
+the ADAPTREP source objective is::
+
+    F(B, W, V) = mean_t [ loss_t(B w_t + v_t) + mu ||v_t||_2 ]          (regularised form)
+    or           mean_t   loss_t(B w_t + v_t)  s.t. ||v_t||_2 <= r        (constrained form)
+
+and ``mu = inf`` (or ``r = 0``) is FROZENREP, a representation shared exactly by all tasks.
+The paper's ``lambda/2 ||Delta_t||_F^2 + gamma/2 ||w_t||^2`` regulariser becomes
+``sqrt(lambda gamma) ||Delta_t w_t||`` after the per-task balancing rescaling of ``Delta_t`` and
+``w_t`` (AM-GM), which is the ``mu ||v_t||`` above; the smallest perturbation that realises
+``v_t`` is ``Delta_t = v_t w_t^T / ||w_t||^2``.
+
+The objective depends on ``B`` only through its span, because the heads ``w_t`` are free, so
+``B`` is kept orthonormal. Leading batch dimensions (restarts, folds, strengths) broadcast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Prox = Callable[[Tensor, Tensor], Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# proximal operators
+
+
+def group_shrink(v: Tensor, threshold: Tensor) -> Tensor:
+    """Proximal map of ``threshold * ||v||_2`` (group soft-thresholding); ``inf`` gives 0."""
+    norm = v.norm(dim=-1, keepdim=True)
+    factor = torch.clamp(1.0 - threshold.unsqueeze(-1) / norm.clamp_min(torch.finfo(v.dtype).tiny), min=0.0)
+    return v * factor
+
+
+def ball_project(v: Tensor, radius: Tensor) -> Tensor:
+    """Projection onto ``{||v||_2 <= radius}``."""
+    norm = v.norm(dim=-1, keepdim=True)
+    return v * torch.clamp(radius.unsqueeze(-1) / norm.clamp_min(torch.finfo(v.dtype).tiny), max=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the squared loss and the per-task problem for a fixed representation
+
+
+def mse(G: Tensor, c: Tensor, q: Tensor, beta: Tensor) -> Tensor:
+    """Mean squared error ``beta^T G beta - 2 c^T beta + q`` (batched)."""
+    Gb = (G @ beta.unsqueeze(-1)).squeeze(-1)
+    return (beta * Gb).sum(-1) - 2 * (c * beta).sum(-1) + q
+
+
+def lipschitz(G: Tensor) -> Tensor:
+    """``2 lambda_max(G)``, the Lipschitz constant of the gradient of the squared loss."""
+    return 2 * torch.linalg.eigvalsh(G)[..., -1].clamp_min(torch.finfo(G.dtype).tiny)
+
+
+@dataclass
+class HeadSolver:
+    """Exact minimiser over the head for a fixed representation: ``w = (B^T G B)^+ B^T (c - G v)``."""
+
+    B: Tensor
+    G: Tensor
+    pinv: Tensor
+
+    @classmethod
+    def build(cls, B: Tensor, G: Tensor) -> HeadSolver:
+        GB = G @ B
+        return cls(B, G, torch.linalg.pinv(B.transpose(-1, -2) @ GB, hermitian=True))
+
+    def __call__(self, c: Tensor, v: Tensor | None = None) -> Tensor:
+        r = c if v is None else c - (self.G @ v.unsqueeze(-1)).squeeze(-1)
+        Btr = (self.B.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
+        return (self.pinv @ Btr.unsqueeze(-1)).squeeze(-1)
+
+
+def predictor(B: Tensor, w: Tensor, v: Tensor | None = None) -> Tensor:
+    """``beta = B w + v``."""
+    beta = (B @ w.unsqueeze(-1)).squeeze(-1)
+    return beta if v is None else beta + v
+
+
+def fit_perturbation(heads: HeadSolver, c: Tensor, L: Tensor, v0: Tensor, prox: Prox, strength: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Minimise ``loss(B w + v) + penalty(v)`` over ``(w, v)`` for a fixed ``B`` by FISTA.
+
+    The head is minimised exactly at every step (it enters the loss unpenalised), so this is
+    accelerated proximal gradient descent on the convex function ``v -> min_w loss(B w + v)``.
+    ``prox(z, t)`` is the proximal map of the penalty with weight ``t``; the step is ``1/L``.
+    """
+    G = heads.G
+    v, z, t = v0, v0, 1.0
+    step_strength = strength / L
+    for _ in range(steps):
+        w = heads(c, z)
+        grad = 2 * ((G @ (predictor(heads.B, w, z)).unsqueeze(-1)).squeeze(-1) - c)
+        v_next = prox(z - grad / L.unsqueeze(-1), step_strength)
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        z = v_next + ((t - 1) / t_next) * (v_next - v)
+        v, t = v_next, t_next
+    return heads(c, v), v
+
+
+def penalty_value(v: Tensor, strength: Tensor, constrained: bool) -> Tensor:
+    """``mu ||v||`` for the regularised form, 0 for the constrained form."""
+    if constrained:
+        return torch.zeros_like(v[..., 0])
+    norm = v.norm(dim=-1)
+    return torch.where(norm > 0, strength * norm, torch.zeros_like(norm))
+
+
+# ---------------------------------------------------------------------------------------------
+# source training
+
+
+@dataclass
+class SourceFit:
+    """Result of source training: representation, per-task heads and perturbations, diagnostics.
+
+    ``objective`` is the final value of F, ``grad_norm`` the norm of its (minimum-norm sub-)gradient
+    at the solution (0 at a stationary point), ``iterations`` the alternating-minimisation steps.
+    """
+
+    B: Tensor
+    W: Tensor
+    V: Tensor
+    objective: float
+    grad_norm: float
+    iterations: int
+    converged: bool
+    restart_objectives: list[float]
+
+
+def source_objective(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, q: Tensor, penalty: float) -> Tensor:
+    """The ADAPTREP source objective ``mean_t [loss_t(B w_t + v_t) + mu ||v_t||]`` (``mu = inf``: FROZENREP, V = 0)."""
+    reg = penalty_value(V, torch.as_tensor(penalty, dtype=V.dtype, device=V.device), constrained=math.isinf(penalty))
+    return (mse(G, c, q, predictor(B.unsqueeze(-3), W, V)) + reg).mean(-1)
+
+
+def source_gradient(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penalty: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Analytic gradient of :func:`source_objective` in ``(B, W, V)`` (V's where ``v_t != 0``)."""
+    T = W.shape[-2]
+    beta = predictor(B.unsqueeze(-3), W, V)
+    resid = 2 * ((G @ beta.unsqueeze(-1)).squeeze(-1) - c) / T  # d F / d beta_t
+    gB = resid.transpose(-1, -2) @ W
+    gW = (B.transpose(-1, -2).unsqueeze(-3) @ resid.unsqueeze(-1)).squeeze(-1)
+    gV = resid.clone()
+    if not math.isinf(penalty):
+        norm = V.norm(dim=-1, keepdim=True)
+        gV = gV + torch.where(norm > 0, penalty / T * V / norm.clamp_min(torch.finfo(V.dtype).tiny), torch.zeros_like(V))
+    return gB, gW, gV
+
+
+def stationarity(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penalty: float, radius: float | None) -> Tensor:
+    """Norm of the minimum-norm element of the (Riemannian in B) subdifferential of F."""
+    T = W.shape[-2]
+    gB, gW, _ = source_gradient(B, W, V, G, c, math.inf)
+    gB = gB - B @ (B.transpose(-1, -2) @ gB)  # tangent to the span (F depends on span(B) only)
+    beta = predictor(B.unsqueeze(-3), W, V)
+    gv = 2 * ((G @ beta.unsqueeze(-1)).squeeze(-1) - c) / T
+    norm = V.norm(dim=-1, keepdim=True)
+    if radius is not None:
+        # normal cone of the ball: remove the outward radial component on the boundary
+        on_boundary = norm >= radius * (1 - 1e-8)
+        u = V / norm.clamp_min(torch.finfo(V.dtype).tiny)
+        radial = (gv * u).sum(-1, keepdim=True)
+        gv = torch.where(on_boundary & (radial < 0), gv - radial * u, gv)
+    elif math.isinf(penalty):
+        gv = torch.zeros_like(gv)
+    else:
+        mu = penalty / T
+        inside = (gv.norm(dim=-1, keepdim=True) - mu).clamp_min(0) * gv / gv.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(V.dtype).tiny)
+        gv = torch.where(norm > 0, gv + mu * V / norm.clamp_min(torch.finfo(V.dtype).tiny), inside)
+    return (gB.square().sum((-1, -2)) + gW.square().sum((-1, -2)) + gv.square().sum((-1, -2))).sqrt()
+
+
+def moment_inits(G: Tensor, c: Tensor, rank: int) -> Tensor:
+    """Deterministic, rotation-equivariant starting representations ``(4, d, k)``.
+
+    Top-``k`` eigenvectors of ``sum_t a_t a_t^T`` for ``a_t`` = the moment ``c_t`` (an estimate
+    of ``Sigma beta_t``) and a ridge estimate of ``beta_t``, each with and without normalising
+    ``a_t`` to unit length (the normalised forms keep a few loud tasks from dominating).
+    """
+    d = G.shape[-1]
+    ridge = 1e-2 * torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    eye = torch.eye(d, dtype=G.dtype, device=G.device)
+    beta = torch.linalg.solve(G + ridge * eye, c.unsqueeze(-1)).squeeze(-1)
+    inits = []
+    for a in (c, beta):
+        for normalise in (False, True):
+            a_ = a / a.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny) if normalise else a
+            _, vecs = torch.linalg.eigh(a_.transpose(-1, -2) @ a_)
+            inits.append(vecs[:, -rank:].flip(-1))
+    return torch.stack(inits)
+
+
+def solve_representation(B_heads: Tensor, G: Tensor, rhs: Tensor) -> Tensor:
+    """Least squares in ``B`` for fixed heads: solve ``sum_t G_t B w_t w_t^T = sum_t rhs_t w_t^T``.
+
+    ``B_heads`` holds the heads ``W`` (``(..., T, k)``); ``rhs`` is ``c_t - G_t v_t`` (``(..., T, d)``).
+    The ``dk x dk`` normal matrix is built with one matrix product over tasks.
+    """
+    W = B_heads
+    T, d = G.shape[-3], G.shape[-1]
+    k = W.shape[-1]
+    WW = (W.unsqueeze(-1) * W.unsqueeze(-2)).reshape(*W.shape[:-2], T, k * k)
+    M = (G.reshape(T, d * d).transpose(0, 1) @ WW).reshape(*W.shape[:-2], d, d, k, k)
+    M = M.permute(*range(M.ndim - 4), -4, -2, -3, -1).reshape(*W.shape[:-2], d * k, d * k)
+    R = rhs.transpose(-1, -2) @ W  # (..., d, k)
+    jitter = 1e-12 * torch.diagonal(M, dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(d * k, dtype=M.dtype, device=M.device)
+    return torch.linalg.solve(M + jitter, R.reshape(*W.shape[:-2], d * k, 1)).reshape(*W.shape[:-2], d, k)
+
+
+def fit_source(
+    G: Tensor,
+    c: Tensor,
+    q: Tensor,
+    rank: int,
+    penalty: float = math.inf,
+    radius: float | None = None,
+    inits: Tensor | None = None,
+    max_iter: int = 500,
+    inner_steps: int = 10,
+    tol: float = 1e-9,
+) -> SourceFit:
+    """Fit ADAPTREP (finite ``penalty`` or a ``radius``) or FROZENREP (``penalty = inf``) on source statistics.
+
+    Alternating minimisation, batched over tasks and over restarts:
+
+    1. heads and perturbations for the current ``B``: exact heads, ``inner_steps`` FISTA steps on
+       the perturbations (warm-started) — every task at once;
+    2. ``B`` by exact least squares given heads and perturbations (one ``dk x dk`` solve), then
+       re-orthonormalised by QR with the heads transformed so that the objective is unchanged.
+
+    Each step cannot increase F. Restarts start from :func:`moment_inits` (plus any ``inits``),
+    run together, and the one with the lowest objective is returned.
+    """
+    T, d = c.shape
+    starts = moment_inits(G, c, rank)
+    if inits is not None:
+        starts = torch.cat([starts, inits.to(starts)])
+    B = torch.linalg.qr(starts)[0]
+    S = B.shape[0]
+    frozen = radius is None and math.isinf(penalty)
+    V = torch.zeros(S, T, d, dtype=G.dtype, device=G.device)
+    L = lipschitz(G)
+    if radius is not None:
+        prox: Prox = ball_project
+        strength = torch.full((T,), float(radius), dtype=G.dtype, device=G.device)
+        weight = math.inf
+    else:
+        prox = group_shrink
+        strength = torch.full((T,), float(penalty), dtype=G.dtype, device=G.device)
+        weight = penalty
+    objective = torch.full((S,), math.inf, dtype=G.dtype, device=G.device)
+    converged, iterations = False, 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 - used after the loop
+        heads = HeadSolver.build(B.unsqueeze(-3), G)
+        if frozen:
+            W = heads(c)
+        else:
+            W, V = fit_perturbation(heads, c, L, V, prox, strength, inner_steps)
+        B_new, Rr = torch.linalg.qr(solve_representation(W, G, c - (G @ V.unsqueeze(-1)).squeeze(-1)))
+        W = (Rr.unsqueeze(-3) @ W.unsqueeze(-1)).squeeze(-1)
+        B = B_new
+        new_objective = source_objective(B, W, V, G, c, q, weight)
+        change = (objective - new_objective).abs().max() / new_objective.abs().max().clamp_min(1e-30)
+        objective = new_objective
+        if change < tol:
+            converged = True
+            break
+    # final exact heads for the returned representation
+    heads = HeadSolver.build(B.unsqueeze(-3), G)
+    if frozen:
+        W = heads(c)
+    else:
+        W, V = fit_perturbation(heads, c, L, V, prox, strength, 10 * inner_steps)
+    objective = source_objective(B, W, V, G, c, q, weight)
+    best = int(torch.argmin(objective))
+    grad = stationarity(B[best], W[best], V[best], G, c, weight, radius)
+    return SourceFit(
+        B=B[best],
+        W=W[best],
+        V=V[best],
+        objective=float(objective[best]),
+        grad_norm=float(grad),
+        iterations=iterations,
+        converged=converged,
+        restart_objectives=[float(o) for o in objective],
+    )
+
+
+def estimate_noise(G: Tensor, c: Tensor, q: Tensor, num_samples: int, rank: int) -> float:
+    """Estimate the noise level ``sigma`` from source statistics.
+
+    With ``n > d + 2`` samples per task, the pooled residual variance of per-task least squares
+    (``n - d`` degrees of freedom each, unbiased). Otherwise the residual of the top-``k`` moment
+    representation with ``n - k`` degrees of freedom, which also counts the unexplained task
+    signal and so errs on the large side (a stronger, safer penalty).
+    """
+    T, d = c.shape
+    n = num_samples
+    if n > d + 2:
+        beta = torch.linalg.solve(G, c.unsqueeze(-1)).squeeze(-1)
+        dof = n - d
+    else:
+        B = moment_inits(G, c, rank)[0]
+        beta = predictor(B, HeadSolver.build(B, G)(c))
+        dof = max(n - rank, 1)
+    rss = (mse(G, c, q, beta) * n).clamp_min(0)
+    return float(math.sqrt(rss.sum() / (T * dof)))
