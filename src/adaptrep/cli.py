@@ -17,7 +17,7 @@ from rich.table import Table
 try:  # typer >= 0.20 vendors click
     from typer import TyperException as CommandLineError
 except ImportError:  # pragma: no cover - older typer on click
-    from click import ClickException as CommandLineError  # type: ignore[assignment]
+    from click import ClickException as CommandLineError  # type: ignore[no-redef,assignment]
 
 from .experiment import DEFAULT_EXPERIMENTS, ConfigError, RunConfig, library_versions, resolve_config, run_experiment, steps_per_experiment
 from .report import summarise, write_report

@@ -142,8 +142,8 @@ class Environment:
         beta = beta.to("cpu", torch.float64)
         X = Z * self.input_scale
         y = (X @ beta.unsqueeze(-1)).squeeze(-1) + self.noise * xi
-        to = {"device": self.device, "dtype": self.dtype}
-        return Tasks(X.to(**to), y.to(**to), beta.to(**to), self.representation)
+        device, dtype = self.device, self.dtype
+        return Tasks(X.to(device, dtype), y.to(device, dtype), beta.to(device, dtype), self.representation)
 
     def sample_tasks(self, num_tasks: int, num_samples: int, generator: torch.Generator, beta: Tensor | None = None) -> Tasks:
         """Draw ``num_tasks`` tasks (new parameters unless ``beta`` is given) with ``num_samples`` samples each."""

@@ -6,8 +6,11 @@
   ``beta = (B + Delta) w = B w + v`` with ``v = Delta w`` kept close to zero by a penalty
   ``lambda_t ||v||_2`` (default) or a norm ball ``||v||_2 <= r``. The strength is chosen per
   target task by K-fold cross-validation over a grid (all targets, folds and strengths are
-  solved as one batch); the grid contains the head-only fit, so fine-tuning cannot hurt much
-  when the target sample is tiny.
+  solved as one batch). The grid runs from the strength that keeps ``v = 0`` (head-only, so
+  fine-tuning cannot hurt much when the target sample is tiny) down to a floor
+  ``c * sigma_hat * sqrt(d / m)``: the noise level of the gradient in ``v`` (``2 X^T xi / m`` has
+  norm about ``2 sigma sqrt(d / m)``) below which the penalty stops controlling the noise and
+  only lets ``v`` fit it. ``sigma_hat`` is the noise level estimated on the source tasks.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .solvers import HeadSolver, Prox, ball_project, fit_perturbation, group_shrink, lipschitz, mse, predictor
+from .solvers import HeadSolver, Prox, ball_prox, fit_perturbation, lipschitz, matvec, mse, penalty_prox, predictor
 
 
 def fit_head(B: Tensor, G: Tensor, c: Tensor) -> Tensor:
@@ -59,8 +62,11 @@ class FineTune:
             ``||v||_2 <= r`` (constrained, a norm-ball projection after each gradient step).
         folds: number of cross-validation folds (at most the number of target samples).
         grid: number of strengths on the cross-validation grid, geometric from the strength
-            that keeps ``v = 0`` (head-only) down to ``grid_ratio`` times it.
+            that keeps ``v = 0`` (head-only) down to the floor.
+        grid_ratio: the lowest grid point relative to the top when no noise level is known.
         steps: proximal gradient (FISTA) steps.
+        rule: ``"min"`` (smallest cross-validated error) or ``"paired"`` (see :meth:`_select`).
+        floor: ``c`` in the floor ``c * sigma_hat * sqrt(d / m)`` of the penalty grid (0: none).
     """
 
     strength: float | Literal["cv"] = "cv"
@@ -69,8 +75,8 @@ class FineTune:
     grid: int = 13
     grid_ratio: float = 1e-3
     steps: int = 400
-    rule: Literal["min", "1se"] = "min"
-    floor: float = 0.5
+    rule: Literal["min", "paired"] = "min"
+    floor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.constraint not in ("penalty", "ball"):
@@ -82,7 +88,7 @@ class FineTune:
 
     @property
     def _prox(self) -> Prox:
-        return ball_project if self.constraint == "ball" else group_shrink
+        return ball_prox if self.constraint == "ball" else penalty_prox
 
     def solve(self, B: Tensor, G: Tensor, c: Tensor, strength: Tensor) -> tuple[Tensor, Tensor]:
         """Fine-tuned ``(w, v)`` for a fixed strength per problem (leading dims of ``G`` and ``strength`` broadcast)."""
@@ -95,7 +101,7 @@ class FineTune:
         """Per-target grid ``(R, S)``: from no fine-tuning (``v = 0``) to weak regularisation."""
         heads = HeadSolver.build(B, G)
         w0 = heads(c)
-        grad0 = 2 * ((G @ predictor(B, w0).unsqueeze(-1)).squeeze(-1) - c)
+        grad0 = 2 * (matvec(G, predictor(B, w0)) - c)
         top = grad0.norm(dim=-1, keepdim=True)  # smallest lambda with v = 0
         if noise is not None and self.floor > 0:
             low = (self.floor * noise * (G.shape[-1] / num_samples) ** 0.5) / top
@@ -111,15 +117,20 @@ class FineTune:
         return torch.cat([torch.zeros_like(top), top * ratios.flip(-1)[..., 1:]], dim=-1)
 
     def _select(self, errors: Tensor) -> Tensor:
-        """Index ``(R, 1)`` of the chosen strength from fold errors ``(R, K, S)`` (grid strongest first)."""
+        """Index ``(R, 1)`` of the chosen strength from fold errors ``(R, K, S)`` (grid strongest first).
+
+        ``rule="min"``: the smallest mean validation error. ``rule="paired"``: the
+        strongest strength whose fold-paired error difference to that minimum is within one
+        standard error — fine-tuning moves away from the learned representation only as far as
+        the validation data show a real gain.
+        """
         mean = errors.mean(1)
         best = mean.argmin(-1, keepdim=True)
         if self.rule == "min":
             return best
-        se = errors.std(1) / errors.shape[1] ** 0.5
-        limit = torch.gather(mean + se, 1, best)
-        # the strongest regularisation whose error is within one standard error of the best
-        ok = mean <= limit
+        diff = errors - torch.gather(errors, 2, best.unsqueeze(1).expand(-1, errors.shape[1], 1))
+        se = diff.std(1) / errors.shape[1] ** 0.5
+        ok = diff.mean(1) <= se
         return torch.argmax(ok.to(torch.int8), dim=-1, keepdim=True)
 
     def adapt(self, B: Tensor, X: Tensor, y: Tensor, generator: torch.Generator | None = None, noise: float | None = None) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .environments import Tasks
 from .finetune import FineTune, fit_head
-from .solvers import SourceFit, estimate_noise, fit_source
+from .solvers import SourceFit, estimate_noise, fit_source, spd_solve
 
 __all__ = ["Method", "AdaptRep", "FrozenRep", "TargetOnly", "Oracle", "METHODS", "make_method", "theory_penalty"]
 
@@ -61,11 +61,11 @@ class _RepresentationMethod(Method):
 
     rank: int | None = None
     finetune: FineTune | None = None
-    max_iter: int = 500
+    max_iter: int = 2000
     inner_steps: int = 10
-    tol: float = 1e-9
+    gtol: float = 1e-6
 
-    def _penalty(self, source: Tasks, rank: int, G: Tensor, c: Tensor, q: Tensor) -> tuple[float, float | None]:
+    def _penalty(self, source: Tasks, rank: int, noise: float) -> tuple[float, float | None]:
         raise NotImplementedError
 
     def fit(self, source: Tasks) -> Method:
@@ -74,9 +74,10 @@ class _RepresentationMethod(Method):
             raise ValueError(f"rank must be between 1 and the input dimension {source.dim}; got {rank}")
         start = time.perf_counter()
         G, c, q = source.gram()
-        self.noise_estimate = estimate_noise(G, c, q, source.num_samples, rank)
-        penalty, radius = self._penalty(source, rank, G, c, q)
-        fit: SourceFit = fit_source(G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, tol=self.tol)
+        noise = estimate_noise(G, c, q, source.num_samples, rank)
+        self.noise_estimate = noise
+        penalty, radius = self._penalty(source, rank, noise)
+        fit: SourceFit = fit_source(G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol)
         self.source_fit = fit
         self.representation = fit.B
         self.info = {
@@ -123,7 +124,7 @@ class AdaptRep(_RepresentationMethod):
     radius: float | None = None
     noise: float | None = None
 
-    def _penalty(self, source: Tasks, rank: int, G: Tensor, c: Tensor, q: Tensor) -> tuple[float, float | None]:
+    def _penalty(self, source: Tasks, rank: int, noise: float) -> tuple[float, float | None]:
         if self.radius is not None:
             if not self.radius >= 0:
                 raise ValueError(f"radius must be non-negative; got {self.radius}")
@@ -133,7 +134,7 @@ class AdaptRep(_RepresentationMethod):
         elif self.lam is not None and self.gamma is not None:
             mu = math.sqrt(self.lam * self.gamma)
         else:
-            sigma = self.noise if self.noise is not None else self.noise_estimate
+            sigma = self.noise if self.noise is not None else noise
             mu = theory_penalty(sigma, source.dim, rank, source.num_tasks, source.num_samples)
         if not mu >= 0:
             raise ValueError(f"the ADAPTREP penalty must be non-negative; got {mu}")
@@ -148,7 +149,7 @@ class FrozenRep(_RepresentationMethod):
     (``finetune=None``) or, as ``frozenrep-ft``, is fine-tuned like ADAPTREP.
     """
 
-    def _penalty(self, source: Tasks, rank: int, G: Tensor, c: Tensor, q: Tensor) -> tuple[float, float | None]:
+    def _penalty(self, source: Tasks, rank: int, noise: float) -> tuple[float, float | None]:
         return math.inf, None
 
 
@@ -181,7 +182,7 @@ class TargetOnly(Method):
         if self.ridge > 0:
             G, c, _ = target.gram()
             eye = torch.eye(target.dim, dtype=G.dtype, device=G.device)
-            return torch.linalg.solve(G + self.ridge * eye, c.unsqueeze(-1)).squeeze(-1)
+            return spd_solve(G + self.ridge * eye, c)
         return (torch.linalg.pinv(target.X) @ target.y.unsqueeze(-1)).squeeze(-1)
 
 

@@ -31,7 +31,39 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-Prox = Callable[[Tensor, Tensor], Tensor]
+#: ``prox(z, strength, step)``: proximal map of ``strength``-weighted penalty for a gradient step ``step``.
+Prox = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# batched linear algebra
+
+
+def matvec(A: Tensor, x: Tensor) -> Tensor:
+    """``A x`` over broadcast leading dimensions.
+
+    Written with ``einsum`` rather than ``@``: ``matmul`` materialises a broadcast copy of ``A``
+    (e.g. one copy of every task's Gram matrix per restart), ``einsum`` folds the extra
+    dimension into one batched product (about 17x faster for 4 restarts of 1000 tasks here).
+    """
+    return torch.einsum("...ij,...j->...i", A, x)
+
+
+def matmul(A: Tensor, B: Tensor) -> Tensor:
+    """``A B`` over broadcast leading dimensions, without broadcast copies (see :func:`matvec`)."""
+    return torch.einsum("...ij,...jk->...ik", A, B)
+
+
+def spd_solve(A: Tensor, b: Tensor) -> Tensor:
+    """Solve ``A x = b`` for symmetric positive definite ``A`` by Cholesky.
+
+    Also avoids a hang of batched LU solves with several threads in some torch/MKL builds.
+    A matrix that is numerically singular falls back to the pseudo-inverse (minimum-norm solution).
+    """
+    factor, info = torch.linalg.cholesky_ex(A)
+    if bool((info != 0).any()):
+        return matvec(torch.linalg.pinv(A, hermitian=True), b)
+    return torch.cholesky_solve(b.unsqueeze(-1), factor).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,13 +83,23 @@ def ball_project(v: Tensor, radius: Tensor) -> Tensor:
     return v * torch.clamp(radius.unsqueeze(-1) / norm.clamp_min(torch.finfo(v.dtype).tiny), max=1.0)
 
 
+def penalty_prox(v: Tensor, strength: Tensor, step: Tensor) -> Tensor:
+    """Proximal step for the penalty ``strength * ||v||_2`` (regularised form)."""
+    return group_shrink(v, strength * step)
+
+
+def ball_prox(v: Tensor, strength: Tensor, step: Tensor) -> Tensor:
+    """Proximal step for the constraint ``||v||_2 <= strength`` (constrained form): a projection."""
+    return ball_project(v, strength)
+
+
 # ---------------------------------------------------------------------------------------------
 # the squared loss and the per-task problem for a fixed representation
 
 
 def mse(G: Tensor, c: Tensor, q: Tensor, beta: Tensor) -> Tensor:
     """Mean squared error ``beta^T G beta - 2 c^T beta + q`` (batched)."""
-    Gb = (G @ beta.unsqueeze(-1)).squeeze(-1)
+    Gb = matvec(G, beta)
     return (beta * Gb).sum(-1) - 2 * (c * beta).sum(-1) + q
 
 
@@ -76,18 +118,16 @@ class HeadSolver:
 
     @classmethod
     def build(cls, B: Tensor, G: Tensor) -> HeadSolver:
-        GB = G @ B
-        return cls(B, G, torch.linalg.pinv(B.transpose(-1, -2) @ GB, hermitian=True))
+        return cls(B, G, torch.linalg.pinv(matmul(B.transpose(-1, -2), matmul(G, B)), hermitian=True))
 
     def __call__(self, c: Tensor, v: Tensor | None = None) -> Tensor:
-        r = c if v is None else c - (self.G @ v.unsqueeze(-1)).squeeze(-1)
-        Btr = (self.B.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
-        return (self.pinv @ Btr.unsqueeze(-1)).squeeze(-1)
+        r = c if v is None else c - matvec(self.G, v)
+        return matvec(self.pinv, matvec(self.B.transpose(-1, -2), r))
 
 
 def predictor(B: Tensor, w: Tensor, v: Tensor | None = None) -> Tensor:
     """``beta = B w + v``."""
-    beta = (B @ w.unsqueeze(-1)).squeeze(-1)
+    beta = matvec(B, w)
     return beta if v is None else beta + v
 
 
@@ -96,15 +136,15 @@ def fit_perturbation(heads: HeadSolver, c: Tensor, L: Tensor, v0: Tensor, prox: 
 
     The head is minimised exactly at every step (it enters the loss unpenalised), so this is
     accelerated proximal gradient descent on the convex function ``v -> min_w loss(B w + v)``.
-    ``prox(z, t)`` is the proximal map of the penalty with weight ``t``; the step is ``1/L``.
+    ``prox`` is :func:`penalty_prox` or :func:`ball_prox`; the step is ``1/L``.
     """
     G = heads.G
     v, z, t = v0, v0, 1.0
-    step_strength = strength / L
+    step = 1 / L
     for _ in range(steps):
         w = heads(c, z)
-        grad = 2 * ((G @ (predictor(heads.B, w, z)).unsqueeze(-1)).squeeze(-1) - c)
-        v_next = prox(z - grad / L.unsqueeze(-1), step_strength)
+        grad = 2 * (matvec(G, predictor(heads.B, w, z)) - c)
+        v_next = prox(z - grad * step.unsqueeze(-1), strength, step)
         t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
         z = v_next + ((t - 1) / t_next) * (v_next - v)
         v, t = v_next, t_next
@@ -151,9 +191,9 @@ def source_gradient(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penal
     """Analytic gradient of :func:`source_objective` in ``(B, W, V)`` (V's where ``v_t != 0``)."""
     T = W.shape[-2]
     beta = predictor(B.unsqueeze(-3), W, V)
-    resid = 2 * ((G @ beta.unsqueeze(-1)).squeeze(-1) - c) / T  # d F / d beta_t
+    resid = 2 * (matvec(G, beta) - c) / T  # d F / d beta_t
     gB = resid.transpose(-1, -2) @ W
-    gW = (B.transpose(-1, -2).unsqueeze(-3) @ resid.unsqueeze(-1)).squeeze(-1)
+    gW = matvec(B.transpose(-1, -2).unsqueeze(-3), resid)
     gV = resid.clone()
     if not math.isinf(penalty):
         norm = V.norm(dim=-1, keepdim=True)
@@ -167,7 +207,7 @@ def stationarity(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penalty:
     gB, gW, _ = source_gradient(B, W, V, G, c, math.inf)
     gB = gB - B @ (B.transpose(-1, -2) @ gB)  # tangent to the span (F depends on span(B) only)
     beta = predictor(B.unsqueeze(-3), W, V)
-    gv = 2 * ((G @ beta.unsqueeze(-1)).squeeze(-1) - c) / T
+    gv = 2 * (matvec(G, beta) - c) / T
     norm = V.norm(dim=-1, keepdim=True)
     if radius is not None:
         # normal cone of the ball: remove the outward radial component on the boundary
@@ -194,7 +234,7 @@ def moment_inits(G: Tensor, c: Tensor, rank: int) -> Tensor:
     d = G.shape[-1]
     ridge = 1e-2 * torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)[..., None, None]
     eye = torch.eye(d, dtype=G.dtype, device=G.device)
-    beta = torch.linalg.solve(G + ridge * eye, c.unsqueeze(-1)).squeeze(-1)
+    beta = spd_solve(G + ridge * eye, c)
     inits = []
     for a in (c, beta):
         for normalise in (False, True):
@@ -214,11 +254,15 @@ def solve_representation(B_heads: Tensor, G: Tensor, rhs: Tensor) -> Tensor:
     T, d = G.shape[-3], G.shape[-1]
     k = W.shape[-1]
     WW = (W.unsqueeze(-1) * W.unsqueeze(-2)).reshape(*W.shape[:-2], T, k * k)
-    M = (G.reshape(T, d * d).transpose(0, 1) @ WW).reshape(*W.shape[:-2], d, d, k, k)
+    M = torch.einsum("tp,...tq->...pq", G.reshape(T, d * d), WW).reshape(*W.shape[:-2], d, d, k, k)
     M = M.permute(*range(M.ndim - 4), -4, -2, -3, -1).reshape(*W.shape[:-2], d * k, d * k)
     R = rhs.transpose(-1, -2) @ W  # (..., d, k)
-    jitter = 1e-12 * torch.diagonal(M, dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(d * k, dtype=M.dtype, device=M.device)
-    return torch.linalg.solve(M + jitter, R.reshape(*W.shape[:-2], d * k, 1)).reshape(*W.shape[:-2], d, k)
+    jitter = (
+        max(1e-12, 100 * torch.finfo(M.dtype).eps)
+        * torch.diagonal(M, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+        * torch.eye(d * k, dtype=M.dtype, device=M.device)
+    )
+    return spd_solve(M + jitter, R.reshape(*W.shape[:-2], d * k)).reshape(*W.shape[:-2], d, k)
 
 
 def fit_source(
@@ -229,9 +273,11 @@ def fit_source(
     penalty: float = math.inf,
     radius: float | None = None,
     inits: Tensor | None = None,
-    max_iter: int = 500,
+    max_iter: int = 2000,
     inner_steps: int = 10,
-    tol: float = 1e-9,
+    tol: float = 1e-11,
+    gtol: float = 1e-6,
+    select_after: int = 25,
 ) -> SourceFit:
     """Fit ADAPTREP (finite ``penalty`` or a ``radius``) or FROZENREP (``penalty = inf``) on source statistics.
 
@@ -242,8 +288,10 @@ def fit_source(
     2. ``B`` by exact least squares given heads and perturbations (one ``dk x dk`` solve), then
        re-orthonormalised by QR with the heads transformed so that the objective is unchanged.
 
-    Each step cannot increase F. Restarts start from :func:`moment_inits` (plus any ``inits``),
-    run together, and the one with the lowest objective is returned.
+    Each step cannot increase F. It stops when the norm of the (sub)gradient falls below ``gtol``
+    (checked every 5 iterations) or the relative decrease of F below ``tol``. Restarts start from :func:`moment_inits` (plus any ``inits``)
+    and run together for ``select_after`` iterations; then only the one with the lowest
+    objective goes on (``restart_objectives`` records their values at that point).
     """
     T, d = c.shape
     starts = moment_inits(G, c, rank)
@@ -255,14 +303,15 @@ def fit_source(
     V = torch.zeros(S, T, d, dtype=G.dtype, device=G.device)
     L = lipschitz(G)
     if radius is not None:
-        prox: Prox = ball_project
+        prox: Prox = ball_prox
         strength = torch.full((T,), float(radius), dtype=G.dtype, device=G.device)
         weight = math.inf
     else:
-        prox = group_shrink
+        prox = penalty_prox
         strength = torch.full((T,), float(penalty), dtype=G.dtype, device=G.device)
         weight = penalty
     objective = torch.full((S,), math.inf, dtype=G.dtype, device=G.device)
+    restart_objectives: list[float] = []
     converged, iterations = False, 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 - used after the loop
         heads = HeadSolver.build(B.unsqueeze(-3), G)
@@ -270,13 +319,17 @@ def fit_source(
             W = heads(c)
         else:
             W, V = fit_perturbation(heads, c, L, V, prox, strength, inner_steps)
-        B_new, Rr = torch.linalg.qr(solve_representation(W, G, c - (G @ V.unsqueeze(-1)).squeeze(-1)))
-        W = (Rr.unsqueeze(-3) @ W.unsqueeze(-1)).squeeze(-1)
+        B_new, Rr = torch.linalg.qr(solve_representation(W, G, c - matvec(G, V)))
+        W = matvec(Rr.unsqueeze(-3), W)
         B = B_new
         new_objective = source_objective(B, W, V, G, c, q, weight)
         change = (objective - new_objective).abs().max() / new_objective.abs().max().clamp_min(1e-30)
         objective = new_objective
-        if change < tol:
+        if iterations == select_after and B.shape[0] > 1:
+            restart_objectives = [float(o) for o in objective]
+            keep = torch.argmin(objective).reshape(1)
+            B, W, V, objective = B[keep], W[keep], V[keep], objective[keep]
+        if change < tol or (iterations % 5 == 0 and stationarity(B, W, V, G, c, weight, radius).max() < gtol):
             converged = True
             break
     # final exact heads for the returned representation
@@ -296,7 +349,7 @@ def fit_source(
         grad_norm=float(grad),
         iterations=iterations,
         converged=converged,
-        restart_objectives=[float(o) for o in objective],
+        restart_objectives=restart_objectives or [float(o) for o in objective],
     )
 
 
@@ -311,7 +364,7 @@ def estimate_noise(G: Tensor, c: Tensor, q: Tensor, num_samples: int, rank: int)
     T, d = c.shape
     n = num_samples
     if n > d + 2:
-        beta = torch.linalg.solve(G, c.unsqueeze(-1)).squeeze(-1)
+        beta = spd_solve(G, c)
         dof = n - d
     else:
         B = moment_inits(G, c, rank)[0]

@@ -1,0 +1,113 @@
+"""The ``adaptrep run`` contract: bad input -> one line and exit status 2; a tiny end-to-end run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+TINY = [
+    "--setting",
+    "linear",
+    "--dim",
+    "6",
+    "--rank",
+    "2",
+    "--tasks",
+    "15",
+    "--samples",
+    "10",
+    "--target-samples",
+    "5,12",
+    "--target-tasks",
+    "3",
+    "--seeds",
+    "2",
+]
+
+
+def adaptrep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaptrep.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def _bad_cases(tmp_path: Path):
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("dim: [1, 2\n")
+    unknown_key = tmp_path / "unknown.yaml"
+    unknown_key.write_text("setting: linear\ndimension: 5\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "old.csv").write_text("keep me")
+    return {
+        "unknown setting": (["run", "--setting", "cubic"], "setting"),
+        "unknown method": (["run", "--setting", "linear", "--methods", "adaptrep,mamll"], "mamll"),
+        "zero dim": (["run", "--setting", "linear", "--dim", "0"], "dim"),
+        "negative tasks": (["run", "--setting", "linear", "--tasks", "-3"], "tasks"),
+        "rank above dim": (["run", "--setting", "linear", "--dim", "4", "--rank", "6"], "rank"),
+        "empty m list": (["run", "--setting", "linear", "--target-samples", ""], "target_samples"),
+        "non-numeric m": (["run", "--setting", "linear", "--target-samples", "10,abc"], "target_samples"),
+        "negative delta": (["run", "--setting", "linear", "--delta", "-0.1"], "delta"),
+        "nan noise": (["run", "--setting", "linear", "--noise", "nan"], "noise"),
+        "non-numeric dim": (["run", "--dim", "twenty"], "dim"),
+        "missing config": (["run", "--config", str(tmp_path / "nope.yaml")], "not found"),
+        "malformed config": (["run", "--config", str(malformed)], "malformed"),
+        "unknown config key": (["run", "--config", str(unknown_key)], "dimension"),
+        "unwritable out": (["run", *TINY, "--out", str(blocker / "sub")], "out"),
+        "non-empty out": (["run", *TINY, "--out", str(full)], "not empty"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown setting",
+        "unknown method",
+        "zero dim",
+        "negative tasks",
+        "rank above dim",
+        "empty m list",
+        "non-numeric m",
+        "negative delta",
+        "nan noise",
+        "non-numeric dim",
+        "missing config",
+        "malformed config",
+        "unknown config key",
+        "unwritable out",
+        "non-empty out",
+    ],
+)
+def test_bad_input_gives_one_line_and_status_2(case, tmp_path):
+    args, culprit = _bad_cases(tmp_path)[case]
+    result = adaptrep(*args)
+    assert result.returncode == 2, (case, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert culprit in lines[0], lines[0]
+    if case == "non-empty out":
+        assert (tmp_path / "full" / "old.csv").read_text() == "keep me"
+
+
+def test_tiny_end_to_end_run(tmp_path):
+    out = tmp_path / "run"
+    result = adaptrep("run", *TINY, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 6 * 2 * 2 * 3
+    assert list(results.columns[:7]) == ["setting", "method", "m", "seed", "target_task", "excess_risk", "subspace_distance"]
+    assert results["excess_risk"].notna().all() and (results["excess_risk"] >= 0).all()
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["experiments"][0]["dim"] == 6 and "torch" in config["versions"]
+    assert (out / "figures" / "linear_risk.png").stat().st_size > 10_000
+    report = (out / "report.md").read_text()
+    assert "figures/linear_risk.png" in report and "adaptrep" in report
+    assert "results:" in result.stdout
+    # the resolved config reruns to the same numbers
+    again = adaptrep("run", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+    pd.testing.assert_series_equal(pd.read_csv(tmp_path / "again" / "results.csv")["excess_risk"], results["excess_risk"])
