@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from adaptrep import LinearEnvironment, LinearHardEnvironment, Tasks, make_method
+from adaptrep import AdaptRep, LinearEnvironment, LinearHardEnvironment, Tasks, make_method
 from adaptrep.experiment import resolve_config, run_experiment
 from adaptrep.metrics import block_share, subspace_distance
 
@@ -81,3 +81,29 @@ def test_bad_task_data_is_rejected():
         Tasks(X, y, torch.zeros(2, 3), torch.eye(3)[:, :1])
     with pytest.raises(ValueError, match="unknown method"):
         make_method("maml-typo")
+
+
+def test_paper_regularisation_weights_map_to_the_folded_penalty():
+    env = LinearEnvironment(dim=6, rank=2, delta=0.5, noise=0.3, seed=3)
+    source = env.sample_tasks(20, 15, torch.Generator().manual_seed(3))
+    by_weights = AdaptRep(lam=4.0, gamma=0.01).fit(source)
+    by_penalty = AdaptRep(penalty=0.2).fit(source)
+    assert by_weights.info["source_penalty"] == pytest.approx(0.2)
+    torch.testing.assert_close(by_weights.representation, by_penalty.representation)
+
+
+def test_adversarial_targets_without_a_frozen_method_use_a_frozen_fit():
+    config = _small_config(setting="linear-hard", dim=6, rank=2, methods=["target-only"], seeds=1)
+    with_frozen = _small_config(setting="linear-hard", dim=6, rank=2, methods=["frozenrep", "target-only"], seeds=1)
+    alone = run_experiment(config)
+    reference = run_experiment(with_frozen)
+    pd.testing.assert_series_equal(
+        alone["excess_risk"].reset_index(drop=True), reference.loc[reference.method == "target-only", "excess_risk"].reset_index(drop=True)
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    cpu = run_experiment(_small_config(seeds=1))
+    cuda = run_experiment(_small_config(seeds=1, device="cuda"))
+    pd.testing.assert_series_equal(cuda["excess_risk"], cpu["excess_risk"], rtol=1e-6)

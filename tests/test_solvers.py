@@ -130,3 +130,21 @@ def test_batched_perturbation_fit_equals_per_task_loop():
         wt, vt = fit_perturbation(ht, c[t], lipschitz(G[t]), torch.zeros_like(c[t]), penalty_prox, lam[t], 50)
         torch.testing.assert_close(vt, v[t], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(wt, w[t], rtol=1e-10, atol=1e-12)
+
+
+def test_ball_constrained_finetune_stays_in_the_ball_and_is_optimal():
+    env = LinearEnvironment(dim=10, rank=2, delta=0.8, noise=0.2, seed=11)
+    target = env.sample_tasks(6, 40, torch.Generator().manual_seed(12))
+    G, c, _ = target.gram()
+    B = env.representation
+    radius = torch.full((6,), 0.05, dtype=torch.float64)
+    w, v = FineTune(constraint="ball", steps=3000).solve(B, G, c, radius)
+    assert (v.norm(dim=-1) <= 0.05 + 1e-12).all()
+    # optimality on the boundary: the gradient in v points inward along v (normal cone of the ball)
+    grad = 2 * ((G @ predictor(B, w, v).unsqueeze(-1)).squeeze(-1) - c)
+    u = v / v.norm(dim=-1, keepdim=True)
+    tangential = grad - (grad * u).sum(-1, keepdim=True) * u
+    assert (v.norm(dim=-1) > 0.05 - 1e-9).all() and tangential.norm(dim=-1).max() < 1e-6
+    assert ((grad * u).sum(-1) < 0).all()
+    beta_cv, radii = FineTune(constraint="ball").adapt(B, target.X, target.y)
+    assert beta_cv.shape == (6, 10) and (radii >= 0).all()

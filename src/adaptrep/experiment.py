@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .environments import SETTINGS, Environment, LinearHardEnvironment, make_environment
+from .environments import SETTINGS, Environment, LinearHardEnvironment, Tasks, make_environment
 from .methods import METHODS, Method, make_method
 from .metrics import block_share, subspace_distance
 
@@ -112,6 +112,11 @@ class RunConfig(BaseModel):
         return self
 
     @property
+    def adversarial_targets(self) -> bool:
+        """Whether targets are built against each method's representation (``linear-hard`` only)."""
+        return self.setting == "linear-hard" and self.target == "adversarial"
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return torch.float64 if self.dtype == "float64" else torch.float32
 
@@ -186,8 +191,10 @@ def run_experiment(config: RunConfig, on_step: Callable[[str], None] | None = No
             methods[name].fit(source)
             methods[name].info.setdefault("source_time", time.perf_counter() - start)
             step(f"{config.setting} seed {seed}: fit {name}")
+        needs_fallback = config.adversarial_targets and any(method.representation is None for method in methods.values())
+        fallback = _reference_representation(methods, source) if needs_fallback else None
         for m in config.target_samples:
-            rows.extend(_evaluate_targets(config, env, methods, seed, m, step))
+            rows.extend(_evaluate_targets(config, env, methods, fallback, seed, m, step))
         if on_seed is not None:
             on_seed(pd.DataFrame(rows))
     return pd.DataFrame(rows)
@@ -198,23 +205,26 @@ def steps_per_experiment(config: RunConfig) -> int:
     return config.seeds * len(config.methods) * (1 + len(config.target_samples))
 
 
-def _reference_representation(env: Environment, methods: dict[str, Method], source_fallback: Iterable[str] = ("frozenrep", "frozenrep-ft")) -> torch.Tensor:
-    """Representation that adversarial targets are built against for methods without one."""
-    for name in source_fallback:
-        if name in methods and methods[name].representation is not None:
-            rep = methods[name].representation
-            assert rep is not None
+def _reference_representation(methods: dict[str, Method], source: Tasks) -> torch.Tensor:
+    """The representation adversarial targets are built against for methods without one:
+    FROZENREP's (fitted here when the run has no FROZENREP method)."""
+    for name in ("frozenrep", "frozenrep-ft"):
+        rep = methods[name].representation if name in methods else None
+        if rep is not None:
             return rep
-    return env.representation
+    rep = make_method("frozenrep").fit(source).representation
+    assert rep is not None
+    return rep
 
 
-def _evaluate_targets(config: RunConfig, env: Environment, methods: dict[str, Method], seed: int, m: int, step: Callable[[str], None]) -> list[dict[str, Any]]:
+def _evaluate_targets(
+    config: RunConfig, env: Environment, methods: dict[str, Method], fallback: torch.Tensor | None, seed: int, m: int, step: Callable[[str], None]
+) -> list[dict[str, Any]]:
     R = config.target_tasks
     generator = _generator(seed, 2, m)
-    adversarial = isinstance(env, LinearHardEnvironment) and config.target == "adversarial"
+    adversarial = config.adversarial_targets
     shared_beta = None if adversarial else env.sample_parameters(R, generator)
     Z, xi = env.sample_inputs(R, m, generator)
-    fallback = _reference_representation(env, methods) if adversarial else None
     rows = []
     for name, method in methods.items():
         if adversarial:

@@ -52,15 +52,35 @@ def theory_penalty(noise: float, dim: int, rank: int, num_tasks: int, num_sample
 
 
 @dataclass
-class _RepresentationMethod(Method):
-    """Shared machinery of the methods that learn ``B`` on the source tasks.
+class _AdaptsRepresentation(Method):
+    """Adaptation of a representation ``B`` to targets: head only, or fine-tuning.
 
-    ``finetune=None`` adapts by retraining the head only; a :class:`FineTune` fine-tunes
-    representation and head.
+    ``finetune=None`` retrains the head only; a :class:`FineTune` fine-tunes representation and
+    head, and its chosen strengths for the last targets are kept in ``last_strength`` (``(R,)``).
     """
 
-    rank: int | None = None
     finetune: FineTune | None = None
+
+    def adapt(self, target: Tasks, generator: torch.Generator | None = None) -> Tensor:
+        if self.representation is None:
+            raise RuntimeError(f"{type(self).__name__}.adapt called before fit")
+        B = self.representation.to(target.X)
+        if self.finetune is None:
+            G, c, _ = target.gram()
+            return fit_head(B, G, c)
+        beta, self.last_strength = self.finetune.adapt(B, target.X, target.y, generator, noise=self.noise_estimate)
+        return beta
+
+    def _estimate_noise(self, stats: tuple[Tensor, Tensor, Tensor], source: Tasks, rank: int) -> float:
+        self.noise_estimate = estimate_noise(*stats, source.num_samples, rank)
+        return self.noise_estimate
+
+
+@dataclass
+class _RepresentationMethod(_AdaptsRepresentation):
+    """Shared machinery of the methods that learn ``B`` on the source tasks (``fit_source``)."""
+
+    rank: int | None = None
     max_iter: int = 2000
     inner_steps: int = 10
     gtol: float = 1e-6
@@ -74,9 +94,7 @@ class _RepresentationMethod(Method):
             raise ValueError(f"rank must be between 1 and the input dimension {source.dim}; got {rank}")
         start = time.perf_counter()
         G, c, q = source.gram()
-        noise = estimate_noise(G, c, q, source.num_samples, rank)
-        self.noise_estimate = noise
-        penalty, radius = self._penalty(source, rank, noise)
+        penalty, radius = self._penalty(source, rank, self._estimate_noise((G, c, q), source, rank))
         fit: SourceFit = fit_source(G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol)
         self.source_fit = fit
         self.representation = fit.B
@@ -90,17 +108,6 @@ class _RepresentationMethod(Method):
             "noise_estimate": self.noise_estimate,
         }
         return self
-
-    def adapt(self, target: Tasks, generator: torch.Generator | None = None) -> Tensor:
-        if self.representation is None:
-            raise RuntimeError(f"{type(self).__name__}.adapt called before fit")
-        B = self.representation.to(target.X)
-        if self.finetune is None:
-            G, c, _ = target.gram()
-            return fit_head(B, G, c)
-        beta, strength = self.finetune.adapt(B, target.X, target.y, generator, noise=self.noise_estimate)
-        self.last_strength = strength
-        return beta
 
 
 @dataclass
@@ -154,19 +161,14 @@ class FrozenRep(_RepresentationMethod):
 
 
 @dataclass
-class Oracle(Method):
+class Oracle(_AdaptsRepresentation):
     """Reference: the environment's true representation ``B*``, head-only refit or fine-tuned."""
-
-    finetune: FineTune | None = None
 
     def fit(self, source: Tasks) -> Method:
         self.representation = source.representation
-        G, c, q = source.gram()
-        self.noise_estimate = estimate_noise(G, c, q, source.num_samples, self.representation.shape[1])
+        self._estimate_noise(source.gram(), source, self.representation.shape[1])
         self.info = {"noise_estimate": self.noise_estimate}
         return self
-
-    adapt = _RepresentationMethod.adapt
 
 
 @dataclass
