@@ -3,7 +3,7 @@
 Problem: ``T`` source tasks (T = 100 and 1000) of ``LinearEnvironment(dim=100, rank=10, delta=0.4,
 noise=0.5, seed=0)`` with n = 50 samples each, from ``env.sample_tasks(T, 50,
 torch.Generator().manual_seed(1))``, float64 on the CPU. ADAPTREP uses the theory penalty
-``theory_penalty(estimate_noise(G, c, q, n, k), d, k, T, n)``, FROZENREP ``penalty = inf``.
+``theory_penalty(estimate_noise(G, c, q, n, k)[0], d, k, T, n)``, FROZENREP ``penalty = inf``.
 ``fit_source`` runs S = 4 restarts (the moment inits) as one batch for its first ``select_after``
 iterations, then only the best one (S = 1); each iteration does ``inner_steps = 10`` FISTA steps.
 
@@ -135,7 +135,7 @@ def make_problem(T: int) -> Problem:
     env = LinearEnvironment(dim=DIM, rank=RANK, delta=0.4, noise=0.5, seed=0)
     tasks = env.sample_tasks(T, NUM_SAMPLES, torch.Generator().manual_seed(1))
     G, c, q = tasks.gram()
-    sigma = estimate_noise(G, c, q, NUM_SAMPLES, RANK)
+    sigma, _ = estimate_noise(G, c, q, NUM_SAMPLES, RANK)
     return Problem(T, G, c, q, sigma, theory_penalty(sigma, DIM, RANK, T, NUM_SAMPLES))
 
 

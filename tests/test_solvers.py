@@ -148,3 +148,36 @@ def test_ball_constrained_finetune_stays_in_the_ball_and_is_optimal():
     assert ((grad * u).sum(-1) < 0).all()
     beta_cv, radii = FineTune(constraint="ball").adapt(B, target.X, target.y)
     assert beta_cv.shape == (6, 10) and (radii >= 0).all()
+
+
+@pytest.mark.parametrize("kwargs", [dict(penalty=0.1), dict(radius=0.3), dict(penalty=math.inf)])
+def test_source_objective_never_increases(kwargs):
+    G, c, q = _stats(T=30, n=12, d=8, seed=13)
+    fit = fit_source(G, c, q, 3, select_after=1, **kwargs)
+    history = torch.tensor(fit.history, dtype=torch.float64)
+    assert len(history) == fit.iterations
+    assert (history[1:] <= history[:-1] * (1 + 1e-12) + 1e-15).all()
+    assert fit.objective <= history[-1] * (1 + 1e-12)
+
+
+def test_noise_estimates_are_unbiased_and_pooled():
+    from adaptrep.solvers import estimate_noise
+
+    env = LinearEnvironment(dim=10, rank=2, delta=0.5, noise=0.7, seed=14)
+    G, c, q = env.sample_tasks(400, 30, torch.Generator().manual_seed(14)).gram()
+    sigma, dof = estimate_noise(G, c, q, 30, 2)
+    assert dof == 400 * 20
+    assert sigma**2 == pytest.approx(0.49, rel=3 * math.sqrt(2 / dof))
+    # too few samples per task: a rough estimate flagged with dof = 0
+    G, c, q = env.sample_tasks(400, 8, torch.Generator().manual_seed(15)).gram()
+    assert estimate_noise(G, c, q, 8, 2)[1] == 0
+    # the target's own estimate is pooled with the given one by degrees of freedom
+    target = env.sample_tasks(3, 1000, torch.Generator().manual_seed(16))
+    G, c, q = target.gram()
+    own = FineTune.noise_level(G, c, q, 1000, None, 0)
+    pooled = FineTune.noise_level(G, c, q, 1000, 0.0, 990)
+    assert own is not None and pooled is not None
+    torch.testing.assert_close(own, torch.full((3,), 0.7, dtype=torch.float64), rtol=0.08, atol=0)
+    torch.testing.assert_close(pooled, own / math.sqrt(2))
+    fallback = FineTune.noise_level(G[:, :5, :5], c[:, :5], q, 6, 0.3, 10)  # m <= d + 2: the given estimate
+    torch.testing.assert_close(fallback, torch.full((3,), 0.3, dtype=torch.float64))

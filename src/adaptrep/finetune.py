@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .solvers import HeadSolver, Prox, ball_prox, fit_perturbation, lipschitz, matvec, mse, penalty_prox, predictor
+from .solvers import HeadSolver, Prox, ball_prox, fit_perturbation, lipschitz, matvec, mse, ols_noise_variance, penalty_prox, predictor
 
 
 def fit_head(B: Tensor, G: Tensor, c: Tensor) -> Tensor:
@@ -97,14 +97,14 @@ class FineTune:
         v0 = torch.zeros(torch.broadcast_shapes(c.shape, strength.shape + (1,)), dtype=G.dtype, device=G.device)
         return fit_perturbation(heads, c, L, v0, self._prox, strength, self.steps)
 
-    def strength_grid(self, B: Tensor, G: Tensor, c: Tensor, num_samples: int, noise: float | None) -> Tensor:
+    def strength_grid(self, B: Tensor, G: Tensor, c: Tensor, num_samples: int, noise: Tensor | None) -> Tensor:
         """Per-target grid ``(R, S)``: from no fine-tuning (``v = 0``) to weak regularisation."""
         heads = HeadSolver.build(B, G)
         w0 = heads(c)
         grad0 = 2 * (matvec(G, predictor(B, w0)) - c)
         top = grad0.norm(dim=-1, keepdim=True)  # smallest lambda with v = 0
         if noise is not None and self.floor > 0:
-            low = (self.floor * noise * (G.shape[-1] / num_samples) ** 0.5) / top
+            low = (self.floor * noise.unsqueeze(-1) * (G.shape[-1] / num_samples) ** 0.5) / top
             low = low.clamp(max=1.0)
         else:
             low = torch.full_like(top, self.grid_ratio)
@@ -115,6 +115,18 @@ class FineTune:
         _, v_weak = self.solve(B, G, c, (top * low).squeeze(-1))
         top = v_weak.norm(dim=-1, keepdim=True)
         return torch.cat([torch.zeros_like(top), top * ratios.flip(-1)[..., 1:]], dim=-1)
+
+    @staticmethod
+    def noise_level(G: Tensor, c: Tensor, q: Tensor, num_samples: int, noise: float | None, noise_dof: int) -> Tensor | None:
+        """Per-target ``sigma_hat`` ``(R,)``: the given estimate pooled (by degrees of freedom) with the target's own."""
+        own = ols_noise_variance(G, c, q, num_samples)
+        given = None if noise is None else torch.full(c.shape[:-1], float(noise) ** 2, dtype=c.dtype, device=c.device)
+        if own is None:
+            return None if given is None else given.sqrt()
+        if given is None or noise_dof == 0:
+            return own.sqrt()
+        own_dof = num_samples - c.shape[-1]
+        return ((noise_dof * given + own_dof * own) / (noise_dof + own_dof)).sqrt()
 
     def _select(self, errors: Tensor) -> Tensor:
         """Index ``(R, 1)`` of the chosen strength from fold errors ``(R, K, S)`` (grid strongest first).
@@ -133,16 +145,23 @@ class FineTune:
         ok = diff.mean(1) <= se
         return torch.argmax(ok.to(torch.int8), dim=-1, keepdim=True)
 
-    def adapt(self, B: Tensor, X: Tensor, y: Tensor, generator: torch.Generator | None = None, noise: float | None = None) -> tuple[Tensor, Tensor]:
-        """Fine-tune on targets ``X (R, m, d)``, ``y (R, m)``; returns ``beta (R, d)`` and the strengths ``(R,)``."""
+    def adapt(
+        self, B: Tensor, X: Tensor, y: Tensor, generator: torch.Generator | None = None, noise: float | None = None, noise_dof: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Fine-tune on targets ``X (R, m, d)``, ``y (R, m)``; returns ``beta (R, d)`` and the strengths ``(R,)``.
+
+        ``noise`` is an estimate of ``sigma`` with ``noise_dof`` degrees of freedom (0: biased or
+        rough); when ``m > d + 2`` it is pooled with each target's own least-squares estimate.
+        """
         R, m, _ = X.shape
         G = X.transpose(-1, -2) @ X / m
-        c = (X.transpose(-1, -2) @ y.unsqueeze(-1)).squeeze(-1) / m
+        c = matvec(X.transpose(-1, -2), y) / m
+        sigma = self.noise_level(G, c, (y * y).sum(-1) / m, m, noise, noise_dof)
         if self.strength != "cv":
             strength = torch.full((R,), float(self.strength), dtype=X.dtype, device=X.device)
         else:
             generator = generator if generator is not None else torch.Generator().manual_seed(0)
-            grid = self.strength_grid(B, G, c, m, noise)  # (R, S)
+            grid = self.strength_grid(B, G, c, m, sigma)  # (R, S)
             (Gt, ct, _), (Gv, cv, qv) = fold_statistics(X, y, min(self.folds, m), generator)
             w, v = self.solve(B, Gt.unsqueeze(2), ct.unsqueeze(2), grid.unsqueeze(1).expand(-1, Gt.shape[1], -1))
             beta = predictor(B, w, v)  # (R, K, S, d)

@@ -32,6 +32,7 @@ class Method(ABC):
 
     representation: Tensor | None = None
     noise_estimate: float | None = None
+    noise_dof: int = 0
     info: dict[str, Any]
 
     def fit(self, source: Tasks) -> Method:  # noqa: D102 - documented in subclasses
@@ -68,11 +69,11 @@ class _AdaptsRepresentation(Method):
         if self.finetune is None:
             G, c, _ = target.gram()
             return fit_head(B, G, c)
-        beta, self.last_strength = self.finetune.adapt(B, target.X, target.y, generator, noise=self.noise_estimate)
+        beta, self.last_strength = self.finetune.adapt(B, target.X, target.y, generator, noise=self.noise_estimate, noise_dof=self.noise_dof)
         return beta
 
     def _estimate_noise(self, stats: tuple[Tensor, Tensor, Tensor], source: Tasks, rank: int) -> float:
-        self.noise_estimate = estimate_noise(*stats, source.num_samples, rank)
+        self.noise_estimate, self.noise_dof = estimate_noise(*stats, source.num_samples, rank)
         return self.noise_estimate
 
 

@@ -168,7 +168,8 @@ class SourceFit:
     """Result of source training: representation, per-task heads and perturbations, diagnostics.
 
     ``objective`` is the final value of F, ``grad_norm`` the norm of its (minimum-norm sub-)gradient
-    at the solution (0 at a stationary point), ``iterations`` the alternating-minimisation steps.
+    at the solution (0 at a stationary point), ``iterations`` the alternating-minimisation steps,
+    ``history`` the value of F after each of them (the best restart's; never increasing).
     """
 
     B: Tensor
@@ -179,12 +180,18 @@ class SourceFit:
     iterations: int
     converged: bool
     restart_objectives: list[float]
+    history: list[float]
+
+
+def task_objective(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, q: Tensor, penalty: float) -> Tensor:
+    """Per-task terms ``loss_t(B w_t + v_t) + mu ||v_t||`` (``B`` broadcast against the task dimension)."""
+    reg = penalty_value(V, torch.as_tensor(penalty, dtype=V.dtype, device=V.device), constrained=math.isinf(penalty))
+    return mse(G, c, q, predictor(B, W, V)) + reg
 
 
 def source_objective(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, q: Tensor, penalty: float) -> Tensor:
     """The ADAPTREP source objective ``mean_t [loss_t(B w_t + v_t) + mu ||v_t||]`` (``mu = inf``: FROZENREP, V = 0)."""
-    reg = penalty_value(V, torch.as_tensor(penalty, dtype=V.dtype, device=V.device), constrained=math.isinf(penalty))
-    return (mse(G, c, q, predictor(B.unsqueeze(-3), W, V)) + reg).mean(-1)
+    return task_objective(B.unsqueeze(-3), W, V, G, c, q, penalty).mean(-1)
 
 
 def source_gradient(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penalty: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -288,9 +295,10 @@ def fit_source(
     2. ``B`` by exact least squares given heads and perturbations (one ``dk x dk`` solve), then
        re-orthonormalised by QR with the heads transformed so that the objective is unchanged.
 
-    Each step cannot increase F. It stops when the norm of the (sub)gradient falls below ``gtol``
-    (checked every 5 iterations) or the relative decrease of F below ``tol``. Restarts start from :func:`moment_inits` (plus any ``inits``)
-    and run together for ``select_after`` iterations; then only the one with the lowest
+    No step increases F (a task's FISTA update is kept only if it lowers its objective). It stops
+    when the norm of the (sub)gradient falls below ``gtol`` (checked every 5 iterations) or the
+    relative decrease of F below ``tol``. Restarts start from :func:`moment_inits` (plus any
+    ``inits``) and run together for ``select_after`` iterations; then only the one with the lowest
     objective goes on (``restart_objectives`` records their values at that point).
     """
     T, d = c.shape
@@ -312,19 +320,31 @@ def fit_source(
         weight = penalty
     objective = torch.full((S,), math.inf, dtype=G.dtype, device=G.device)
     restart_objectives: list[float] = []
-    converged, iterations = False, 0
-    for iterations in range(1, max_iter + 1):  # noqa: B007 - used after the loop
+    history: list[float] = []
+
+    def heads_and_perturbations(B: Tensor, V: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """Step 1 for every task: exact heads, then warm-started FISTA on the perturbations.
+
+        FISTA is not monotone, so per task the new perturbation is kept only if it is no worse.
+        """
         heads = HeadSolver.build(B.unsqueeze(-3), G)
         if frozen:
-            W = heads(c)
-        else:
-            W, V = fit_perturbation(heads, c, L, V, prox, strength, inner_steps)
+            return heads(c), V
+        W_old = heads(c, V)
+        W_new, V_new = fit_perturbation(heads, c, L, V, prox, strength, steps)
+        better = task_objective(B.unsqueeze(-3), W_new, V_new, G, c, q, weight) <= task_objective(B.unsqueeze(-3), W_old, V, G, c, q, weight)
+        return torch.where(better.unsqueeze(-1), W_new, W_old), torch.where(better.unsqueeze(-1), V_new, V)
+
+    converged, iterations = False, 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 - used after the loop
+        W, V = heads_and_perturbations(B, V, inner_steps)
         B_new, Rr = torch.linalg.qr(solve_representation(W, G, c - matvec(G, V)))
         W = matvec(Rr.unsqueeze(-3), W)
         B = B_new
         new_objective = source_objective(B, W, V, G, c, q, weight)
         change = (objective - new_objective).abs().max() / new_objective.abs().max().clamp_min(1e-30)
         objective = new_objective
+        history.append(float(objective.min()))
         if iterations == select_after and B.shape[0] > 1:
             restart_objectives = [float(o) for o in objective]
             keep = torch.argmin(objective).reshape(1)
@@ -332,12 +352,8 @@ def fit_source(
         if change < tol or (iterations % 5 == 0 and stationarity(B, W, V, G, c, weight, radius).max() < gtol):
             converged = True
             break
-    # final exact heads for the returned representation
-    heads = HeadSolver.build(B.unsqueeze(-3), G)
-    if frozen:
-        W = heads(c)
-    else:
-        W, V = fit_perturbation(heads, c, L, V, prox, strength, 10 * inner_steps)
+    # final exact heads (and more perturbation steps) for the returned representation
+    W, V = heads_and_perturbations(B, V, 10 * inner_steps)
     objective = source_objective(B, W, V, G, c, q, weight)
     best = int(torch.argmin(objective))
     grad = stationarity(B[best], W[best], V[best], G, c, weight, radius)
@@ -350,25 +366,36 @@ def fit_source(
         iterations=iterations,
         converged=converged,
         restart_objectives=restart_objectives or [float(o) for o in objective],
+        history=history,
     )
 
 
-def estimate_noise(G: Tensor, c: Tensor, q: Tensor, num_samples: int, rank: int) -> float:
-    """Estimate the noise level ``sigma`` from source statistics.
+def ols_noise_variance(G: Tensor, c: Tensor, q: Tensor, num_samples: int) -> Tensor | None:
+    """Per-task unbiased noise variance from least-squares residuals (``n - d`` degrees of freedom).
+
+    ``None`` when ``n <= d + 2`` (too few residual degrees of freedom).
+    """
+    d = c.shape[-1]
+    if num_samples <= d + 2:
+        return None
+    rss = (mse(G, c, q, spd_solve(G, c)) * num_samples).clamp_min(0)
+    return rss / (num_samples - d)
+
+
+def estimate_noise(G: Tensor, c: Tensor, q: Tensor, num_samples: int, rank: int) -> tuple[float, int]:
+    """Estimate the noise level ``sigma`` from source statistics; returns ``(sigma_hat, dof)``.
 
     With ``n > d + 2`` samples per task, the pooled residual variance of per-task least squares
-    (``n - d`` degrees of freedom each, unbiased). Otherwise the residual of the top-``k`` moment
-    representation with ``n - k`` degrees of freedom, which also counts the unexplained task
-    signal and so errs on the large side (a stronger, safer penalty).
+    (``T (n - d)`` degrees of freedom, unbiased). Otherwise the residual of the top-``k`` moment
+    representation with ``n - k`` degrees of freedom each, which also counts the unexplained task
+    signal and so errs on the large side; it is returned with ``dof = 0`` so that users of the
+    estimate (target fine-tuning) prefer any unbiased estimate they have.
     """
-    T, d = c.shape
+    T = c.shape[0]
     n = num_samples
-    if n > d + 2:
-        beta = spd_solve(G, c)
-        dof = n - d
-    else:
-        B = moment_inits(G, c, rank)[0]
-        beta = predictor(B, HeadSolver.build(B, G)(c))
-        dof = max(n - rank, 1)
-    rss = (mse(G, c, q, beta) * n).clamp_min(0)
-    return float(math.sqrt(rss.sum() / (T * dof)))
+    variance = ols_noise_variance(G, c, q, n)
+    if variance is not None:
+        return float(variance.mean().sqrt()), T * (n - c.shape[-1])
+    B = moment_inits(G, c, rank)[0]
+    rss = (mse(G, c, q, predictor(B, HeadSolver.build(B, G)(c))) * n).clamp_min(0)
+    return float(math.sqrt(rss.sum() / (T * max(n - rank, 1)))), 0
