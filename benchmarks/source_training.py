@@ -228,10 +228,11 @@ def iteration_cost(T: int, S: int, frozen: bool, d: int = DIM, k: int = RANK) ->
     """Bytes and flops of one ``fit_source`` iteration with S restarts, counted from the code.
 
     ADAPTREP: 2 ``G @ v`` per FISTA step (the head's ``c - G z`` and the gradient's ``G beta``), the
-    final ``heads(c, v)``, the right-hand side ``c - G V`` and the objective's ``G beta``.
+    heads before and after FISTA, the two per-task objectives of the monotone safeguard, the
+    right-hand side ``c - G V`` and the objective's ``G beta``.
     FROZENREP: ``heads(c)`` needs no ``G @ v``; the right-hand side (V = 0) and the objective do.
     """
-    matvecs = 2 if frozen else 2 * INNER_STEPS + 3
+    matvecs = 2 if frozen else 2 * INNER_STEPS + 6
     return IterationCost(
         bytes_read=S * T * d * d * FLOAT,
         matvecs=matvecs,

@@ -39,6 +39,14 @@ def _bad_cases(tmp_path: Path):
     unknown_key.write_text("setting: linear\ndimension: 5\n")
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
+    empty_list = tmp_path / "empty.yaml"
+    empty_list.write_text("experiments: []\n")
+    boolean = tmp_path / "boolean.yaml"
+    boolean.write_text("setting: linear\ndim: true\n")
+    null = tmp_path / "null.yaml"
+    null.write_text("setting: linear\ndim:\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
     full = tmp_path / "full"
     full.mkdir()
     (full / "old.csv").write_text("keep me")
@@ -57,6 +65,14 @@ def _bad_cases(tmp_path: Path):
         "malformed config": (["run", "--config", str(malformed)], "malformed"),
         "unknown config key": (["run", "--config", str(unknown_key)], "dimension"),
         "unwritable out": (["run", *TINY, "--out", str(blocker / "sub")], "out"),
+        "unusable device": (["run", *TINY, "--device", "meta"], "device"),
+        "unknown device": (["run", *TINY, "--device", "tpu9"], "device"),
+        "empty experiment list": (["run", "--config", str(empty_list)], "experiments"),
+        "boolean size": (["run", "--config", str(boolean)], "dim"),
+        "null size": (["run", "--config", str(null)], "dim"),
+        "binary config": (["run", "--config", str(binary)], "config"),
+        "empty m entry": (["run", "--setting", "linear", "--target-samples", "10,,20"], "target_samples"),
+        "sizes too large": (["run", "--setting", "linear", "--dim", "100000", "--tasks", "100000"], "too large"),
         "non-empty out": (["run", *TINY, "--out", str(full)], "not empty"),
     }
 
@@ -79,6 +95,14 @@ def _bad_cases(tmp_path: Path):
         "unknown config key",
         "unwritable out",
         "non-empty out",
+        "unusable device",
+        "unknown device",
+        "empty experiment list",
+        "boolean size",
+        "null size",
+        "binary config",
+        "empty m entry",
+        "sizes too large",
     ],
 )
 def test_bad_input_gives_one_line_and_status_2(case, tmp_path):
@@ -111,3 +135,15 @@ def test_tiny_end_to_end_run(tmp_path):
     again = adaptrep("run", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr
     pd.testing.assert_series_equal(pd.read_csv(tmp_path / "again" / "results.csv")["excess_risk"], results["excess_risk"])
+
+
+def test_two_experiments_of_one_setting_are_kept_apart(tmp_path):
+    config = tmp_path / "two.yaml"
+    tiny = "{setting: linear, dim: 5, rank: 1, tasks: 10, samples: 9, target_samples: [6], target_tasks: 2, seeds: 1, methods: [frozenrep, oracle-head]"
+    config.write_text(f"experiments:\n  - {tiny}, delta: 0.0}}\n  - {tiny}, delta: 2.0}}\n")
+    result = adaptrep("run", "--config", str(config), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    results = pd.read_csv(tmp_path / "out" / "results.csv")
+    means = results.groupby("experiment").excess_risk.mean()
+    assert list(means.index) == [0, 1] and means[1] > 10 * means[0]  # delta^2 (d - k) / d dominates
+    assert {p.name for p in (tmp_path / "out" / "figures").iterdir()} == {"0-linear_risk.png", "1-linear_risk.png"}

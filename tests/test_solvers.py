@@ -146,7 +146,15 @@ def test_ball_constrained_finetune_stays_in_the_ball_and_is_optimal():
     tangential = grad - (grad * u).sum(-1, keepdim=True) * u
     assert (v.norm(dim=-1) > 0.05 - 1e-9).all() and tangential.norm(dim=-1).max() < 1e-6
     assert ((grad * u).sum(-1) < 0).all()
-    beta_cv, radii = FineTune(constraint="ball").adapt(B, target.X, target.y)
+    # the radius grid reaches the norm of the weakest penalised solution (and starts at 0: head only)
+    tuner = FineTune(constraint="ball")
+    noise = torch.full((6,), 0.2, dtype=torch.float64)
+    grid = tuner.strength_grid(B, G, c, 40, noise)
+    penalised = FineTune().strength_grid(B, G, c, 40, noise)
+    _, v_weak = FineTune().solve(B, G, c, penalised[:, -1])
+    torch.testing.assert_close(grid[:, -1], v_weak.norm(dim=-1))
+    assert (grid[:, 0] == 0).all() and (grid.diff(dim=-1) > 0).all()
+    beta_cv, radii = tuner.adapt(B, target.X, target.y)
     assert beta_cv.shape == (6, 10) and (radii >= 0).all()
 
 

@@ -55,13 +55,15 @@ def _load_config_file(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise UserError(f"malformed config file {path}: {str(error).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read config file {path}: {error}") from None
     if isinstance(data, dict) and "experiments" in data:
         data = data["experiments"]
-        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
-            raise UserError(f"malformed config file {path}: 'experiments' must be a list of mappings")
+        if not isinstance(data, list) or not data or not all(isinstance(item, dict) for item in data):
+            raise UserError(f"malformed config file {path}: 'experiments' must be a non-empty list of mappings")
         return data
     if not isinstance(data, dict):
         raise UserError(f"malformed config file {path}: expected a mapping of run keys")
@@ -154,9 +156,9 @@ def _run_all(configs: list[RunConfig], out_dir: Path) -> pd.DataFrame:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("adaptrep run", total=sum(steps_per_experiment(c) for c in configs))
-        for config in configs:
+        for index, config in enumerate(configs):
             try:
-                frame = run_experiment(config, on_step=lambda text: progress.update(bar, advance=1, description=text), on_seed=save)
+                frame = run_experiment(config, on_step=lambda text: progress.update(bar, advance=1, description=text), on_seed=save, experiment=index)
             except KeyboardInterrupt:
                 console.print(f"interrupted; results so far are in {partial}")
                 raise typer.Exit(130) from None
@@ -171,7 +173,7 @@ def _finish(results: pd.DataFrame, configs: list[RunConfig], out_dir: Path) -> N
     report = write_report(results, [c.model_dump() for c in configs], out_dir)
     summary = summarise(results)
     out = Console()
-    for setting, part in summary.groupby("setting", sort=False):
+    for (_, setting), part in summary.groupby(["experiment", "setting"], sort=False):
         table = Table(title=f"{setting}: mean excess risk on target tasks")
         table.add_column("method")
         ms = sorted(part["m"].unique())

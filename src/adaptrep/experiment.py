@@ -9,6 +9,7 @@ and returns one row per method x m x seed x target task.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .environments import SETTINGS, Environment, LinearHardEnvironment, Tasks, make_environment
-from .methods import METHODS, Method, make_method
+from .methods import METHODS, Method, make_method, synchronize
 from .metrics import block_share, subspace_distance
 
 __all__ = ["RunConfig", "ConfigError", "PRESETS", "DEFAULT_EXPERIMENTS", "resolve_config", "run_experiment", "library_versions"]
@@ -66,11 +67,25 @@ class RunConfig(BaseModel):
     device: str = "cpu"
     dtype: Literal["float32", "float64"] = "float64"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_or_nulls(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if value is None:
+                    raise ValueError(f"{key}: needs a value")
+                if isinstance(value, bool) and key in cls.model_fields:
+                    raise ValueError(f"{key}: expected a number or a name, got {value}")
+        return values
+
     @field_validator("target_samples", "methods", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
+            parts = [part.strip() for part in value.split(",")]
+            if value.strip() and not all(parts):
+                raise ValueError(f"empty entry in {value!r}")
+            value = [part for part in parts if part]
         return value
 
     @field_validator("target_samples")
@@ -99,8 +114,14 @@ class RunConfig(BaseModel):
             device = torch.device(value)
         except (RuntimeError, ValueError) as error:
             raise ValueError(f"not a torch device: {value!r}") from error
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {value!r}: only cpu, cuda and mps devices compute here")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {value!r} requested but CUDA is not available")
+        try:
+            torch.empty(1, device=device)
+        except Exception as error:  # noqa: BLE001 - any backend failure means the device is unusable
+            raise ValueError(f"device {value!r} is not usable here: {str(error).splitlines()[0]}") from None
         return value
 
     @model_validator(mode="after")
@@ -109,7 +130,19 @@ class RunConfig(BaseModel):
             raise ValueError(f"rank ({self.rank}) must not exceed dim ({self.dim})")
         if self.setting == "linear-hard" and self.dim < 2 * self.rank:
             raise ValueError(f"linear-hard needs dim >= 2 * rank; got dim={self.dim}, rank={self.rank}")
+        need, have = self.memory_estimate(), _physical_memory()
+        if have and need > have / 2:
+            raise ValueError(f"sizes too large: about {need / 2**30:.1f} GiB needed, this machine has {have / 2**30:.1f} GiB")
         return self
+
+    def memory_estimate(self) -> int:
+        """Rough peak bytes: source data and Gram matrices (4 restarts), the k d x k d normal
+        matrices, and the target cross-validation batch (5 folds x 13 strengths)."""
+        size = torch.finfo(self.torch_dtype).bits // 8
+        d, k, m = self.dim, self.rank, max(self.target_samples)
+        source = self.tasks * (self.samples * d + 6 * d * d) + 4 * (d * k) ** 2
+        target = self.target_tasks * (m * d + 5 * 13 * (d * d + 4 * d))
+        return int(size * (source + target))
 
     @property
     def adversarial_targets(self) -> bool:
@@ -126,13 +159,20 @@ class RunConfig(BaseModel):
         )
 
 
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "config"
+    where = ".".join(str(part) for part in first["loc"])
     message = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
-    return f"invalid config: {where}: {message}"
+    return f"invalid config: {where}: {message}" if where else f"invalid config: {message}"
 
 
 def resolve_config(overrides: dict[str, Any]) -> RunConfig:
@@ -143,7 +183,7 @@ def resolve_config(overrides: dict[str, Any]) -> RunConfig:
     setting = overrides.get("setting", "linear")
     if setting not in SETTINGS:
         raise ConfigError(f"invalid config: setting: unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
-    values = {**PRESETS[setting], **{key: value for key, value in overrides.items() if value is not None}}
+    values = {**PRESETS[setting], **overrides}
     try:
         return RunConfig(**values)
     except ValidationError as error:
@@ -173,11 +213,17 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def run_experiment(config: RunConfig, on_step: Callable[[str], None] | None = None, on_seed: Callable[[pd.DataFrame], None] | None = None) -> pd.DataFrame:
+def run_experiment(
+    config: RunConfig,
+    on_step: Callable[[str], None] | None = None,
+    on_seed: Callable[[pd.DataFrame], None] | None = None,
+    experiment: int = 0,
+) -> pd.DataFrame:
     """Run one experiment; returns the tidy results table (see the README for the columns).
 
     ``on_step`` is called after every source fit and every adaptation (for progress bars);
-    ``on_seed`` with the rows so far after every seed (to save partial results).
+    ``on_seed`` with the rows so far after every seed (to save partial results); ``experiment``
+    is the index written in the ``experiment`` column (runs of several experiments).
     """
     step = on_step or (lambda _: None)
     rows: list[dict[str, Any]] = []
@@ -194,7 +240,7 @@ def run_experiment(config: RunConfig, on_step: Callable[[str], None] | None = No
         needs_fallback = config.adversarial_targets and any(method.representation is None for method in methods.values())
         fallback = _reference_representation(methods, source) if needs_fallback else None
         for m in config.target_samples:
-            rows.extend(_evaluate_targets(config, env, methods, fallback, seed, m, step))
+            rows.extend({**row, "experiment": experiment} for row in _evaluate_targets(config, env, methods, fallback, seed, m, step))
         if on_seed is not None:
             on_seed(pd.DataFrame(rows))
     return pd.DataFrame(rows)
@@ -237,6 +283,7 @@ def _evaluate_targets(
         target = env.make_tasks(beta, Z, xi)
         start = time.perf_counter()
         beta_hat = method.adapt(target, _generator(seed, 3, m))
+        synchronize(beta_hat.device)
         adapt_time = (time.perf_counter() - start) / R
         risk = env.excess_risk(beta_hat, target.beta).cpu().numpy()
         rep = method.representation
@@ -253,7 +300,7 @@ def _evaluate_targets(
         }
         if isinstance(env, LinearHardEnvironment):
             common["opt_block_share"] = block_share(rep, env.opt_block) if rep is not None else math.nan
-        strength = getattr(method, "last_strength", None) if getattr(method, "finetune", None) is not None else None
+        strength = method.last_strength
         for r in range(R):
             row = {**common, "target_task": r, "excess_risk": float(risk[r])}
             row["finetune_strength"] = float(strength[r]) if strength is not None else math.nan

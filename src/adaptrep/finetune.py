@@ -83,6 +83,10 @@ class FineTune:
             raise ValueError(f"FineTune.constraint must be 'penalty' or 'ball'; got {self.constraint!r}")
         if self.strength != "cv" and not (isinstance(self.strength, (int, float)) and self.strength >= 0):
             raise ValueError(f"FineTune.strength must be 'cv' or a non-negative number; got {self.strength!r}")
+        if self.rule not in ("min", "paired"):
+            raise ValueError(f"FineTune.rule must be 'min' or 'paired'; got {self.rule!r}")
+        if not self.floor >= 0:
+            raise ValueError(f"FineTune.floor must be non-negative; got {self.floor!r}")
         if self.folds < 2 or self.grid < 2 or not 0 < self.grid_ratio < 1 or self.steps < 1:
             raise ValueError("FineTune needs folds >= 2, grid >= 2, 0 < grid_ratio < 1 and steps >= 1")
 
@@ -104,15 +108,15 @@ class FineTune:
         grad0 = 2 * (matvec(G, predictor(B, w0)) - c)
         top = grad0.norm(dim=-1, keepdim=True)  # smallest lambda with v = 0
         if noise is not None and self.floor > 0:
-            low = (self.floor * noise.unsqueeze(-1) * (G.shape[-1] / num_samples) ** 0.5) / top
+            low = (self.floor * noise.unsqueeze(-1) * (G.shape[-1] / num_samples) ** 0.5) / top.clamp_min(torch.finfo(G.dtype).tiny)
             low = low.clamp(max=1.0)
         else:
             low = torch.full_like(top, self.grid_ratio)
         ratios = low ** torch.linspace(0, 1, self.grid, dtype=G.dtype, device=G.device)
         if self.constraint == "penalty":
             return top * ratios
-        # radii: from the norm of the weakly penalised solution down, plus r = 0 (head only)
-        _, v_weak = self.solve(B, G, c, (top * low).squeeze(-1))
+        # radii: from the norm of the weakest penalised solution down, plus r = 0 (head only)
+        _, v_weak = fit_perturbation(heads, c, lipschitz(G), torch.zeros_like(c), penalty_prox, (top * low).squeeze(-1), self.steps)
         top = v_weak.norm(dim=-1, keepdim=True)
         return torch.cat([torch.zeros_like(top), top * ratios.flip(-1)[..., 1:]], dim=-1)
 
@@ -157,6 +161,8 @@ class FineTune:
         G = X.transpose(-1, -2) @ X / m
         c = matvec(X.transpose(-1, -2), y) / m
         sigma = self.noise_level(G, c, (y * y).sum(-1) / m, m, noise, noise_dof)
+        if m < 2:  # nothing to cross-validate on: keep the head-only fit
+            return fit_head(B, G, c), torch.full((R,), float("inf"), dtype=X.dtype, device=X.device)
         if self.strength != "cv":
             strength = torch.full((R,), float(self.strength), dtype=X.dtype, device=X.device)
         else:

@@ -24,7 +24,13 @@ from .environments import Tasks
 from .finetune import FineTune, fit_head
 from .solvers import SourceFit, estimate_noise, fit_source, spd_solve
 
-__all__ = ["Method", "AdaptRep", "FrozenRep", "TargetOnly", "Oracle", "METHODS", "make_method", "theory_penalty"]
+__all__ = ["synchronize", "Method", "AdaptRep", "FrozenRep", "TargetOnly", "Oracle", "METHODS", "make_method", "theory_penalty"]
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued kernels on ``device`` (CUDA) so that wall times include them."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Method(ABC):
@@ -33,6 +39,8 @@ class Method(ABC):
     representation: Tensor | None = None
     noise_estimate: float | None = None
     noise_dof: int = 0
+    #: fine-tuning strengths chosen for the last targets (``(R,)``), ``None`` without fine-tuning
+    last_strength: Tensor | None = None
     info: dict[str, Any]
 
     def fit(self, source: Tasks) -> Method:  # noqa: D102 - documented in subclasses
@@ -99,12 +107,14 @@ class _RepresentationMethod(_AdaptsRepresentation):
         fit: SourceFit = fit_source(G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol)
         self.source_fit = fit
         self.representation = fit.B
+        synchronize(fit.B.device)
         self.info = {
             "source_time": time.perf_counter() - start,
             "source_objective": fit.objective,
             "source_grad_norm": fit.grad_norm,
             "source_iterations": fit.iterations,
             "source_converged": fit.converged,
+            "source_stop_reason": fit.stop_reason,
             "source_penalty": penalty,
             "noise_estimate": self.noise_estimate,
         }
@@ -119,7 +129,9 @@ class AdaptRep(_RepresentationMethod):
 
         min_B mean_t min_{w_t, v_t} (1/n) ||y_t - X_t (B w_t + v_t)||^2 + mu ||v_t||_2
 
-    ``mu`` is ``penalty``; or ``sqrt(lam * gamma)`` when the paper's ``lam``, ``gamma`` are given;
+    ``mu`` is ``penalty``; or ``2 sqrt(lam * gamma)`` when the paper's ``lam``, ``gamma`` are given
+    (its objective uses ``1/(2n) ||r||^2``, half our mean squared error, and its stated equivalent
+    penalty ``sqrt(lam gamma) ||Delta_t w_t||``);
     or by default the theory-shaped :func:`theory_penalty` with the noise level estimated from
     the source data. ``radius`` switches to the constrained form ``||v_t|| <= radius``.
     Target adaptation: :class:`FineTune` (cross-validated strength) by default.
@@ -140,7 +152,7 @@ class AdaptRep(_RepresentationMethod):
         if self.penalty is not None:
             mu = float(self.penalty)
         elif self.lam is not None and self.gamma is not None:
-            mu = math.sqrt(self.lam * self.gamma)
+            mu = 2 * math.sqrt(self.lam * self.gamma)
         else:
             sigma = self.noise if self.noise is not None else noise
             mu = theory_penalty(sigma, source.dim, rank, source.num_tasks, source.num_samples)

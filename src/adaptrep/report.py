@@ -25,18 +25,27 @@ STYLE = {
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean excess risk and its 95% interval per setting x method x m.
+    """Mean excess risk and its 95% interval per (experiment x) setting x method x m.
 
-    The interval is ``mean +- 1.96 SE`` with the standard error over seeds of the per-seed means
-    (targets within a seed share a learned representation, so they are not independent).
+    The interval is Student's ``mean +- t_{0.975, s-1} SE`` over the ``s`` per-seed means (targets
+    within a seed share a learned representation, so they are not independent).
     """
-    per_seed = results.groupby(["setting", "method", "m", "seed"], sort=False)["excess_risk"].mean().reset_index()
-    grouped = per_seed.groupby(["setting", "method", "m"], sort=False)["excess_risk"]
-    out = grouped.agg(mean="mean", std="std", seeds="count").reset_index()
-    se = (out["std"] / np.sqrt(out["seeds"])).fillna(0.0)
-    out["ci_low"] = out["mean"] - 1.96 * se
-    out["ci_high"] = out["mean"] + 1.96 * se
+    keys = [key for key in ("experiment", "setting") if key in results] + ["method", "m"]
+    per_seed = results.groupby([*keys, "seed"], sort=False)["excess_risk"].mean().reset_index()
+    out = per_seed.groupby(keys, sort=False)["excess_risk"].agg(mean="mean", std="std", seeds="count").reset_index()
+    half = (t_quantile_975(out["seeds"] - 1) * out["std"] / np.sqrt(out["seeds"])).fillna(0.0)
+    out["ci_low"] = out["mean"] - half
+    out["ci_high"] = out["mean"] + half
     return out.drop(columns="std")
+
+
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+
+
+def t_quantile_975(dof: pd.Series) -> pd.Series:
+    """0.975 quantile of Student's t with ``dof`` degrees of freedom (normal 1.96 beyond 30)."""
+    table = {i + 1: q for i, q in enumerate(_T975)}
+    return dof.map(lambda n: table.get(int(n), 2.042 if n <= 30 else 1.96) if n >= 1 else np.nan)
 
 
 def risk_figure(results: pd.DataFrame, config: dict[str, Any], path: Path) -> Path:
@@ -95,13 +104,15 @@ def write_report(results: pd.DataFrame, configs: list[dict[str, Any]], out: Path
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     lines = ["# adaptrep run report", "", "Mean excess risk on target tasks (95% interval over seeds in the figures).", ""]
-    for config in configs:
+    unique = len({config["setting"] for config in configs}) == len(configs)
+    for index, config in enumerate(configs):
         setting = config["setting"]
-        part = results[results["setting"] == setting]
+        part = results[results["experiment"] == index] if "experiment" in results else results[results["setting"] == setting]
         if part.empty:
             continue
+        stem = setting if unique else f"{index}-{setting}"
         lines += [
-            f"## {setting}",
+            f"## {setting}" if unique else f"## experiment {index}: {setting}",
             "",
             "```",
             " ".join(
@@ -128,10 +139,10 @@ def write_report(results: pd.DataFrame, configs: list[dict[str, Any]], out: Path
         rep = part.groupby("method", sort=False)[[c for c in ("subspace_distance", "opt_block_share") if c in part]].mean().dropna(how="all")
         if not rep.empty:
             lines += ["Learned representation (mean over seeds):", "", _markdown(rep, "{:.3f}"), ""]
-        name = risk_figure(part, config, figures / f"{setting}_risk.png").name
+        name = risk_figure(part, config, figures / f"{stem}_risk.png").name
         lines += [f"![excess risk vs m, {setting}](figures/{name})", ""]
         if "opt_block_share" in part and part["opt_block_share"].notna().any():
-            name = representation_figure(part, figures / f"{setting}_representation.png").name
+            name = representation_figure(part, figures / f"{stem}_representation.png").name
             lines += [f"![representation diagnostic, {setting}](figures/{name})", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))

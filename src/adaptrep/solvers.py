@@ -13,9 +13,10 @@ the ADAPTREP source objective is::
     or           mean_t   loss_t(B w_t + v_t)  s.t. ||v_t||_2 <= r        (constrained form)
 
 and ``mu = inf`` (or ``r = 0``) is FROZENREP, a representation shared exactly by all tasks.
-The paper's ``lambda/2 ||Delta_t||_F^2 + gamma/2 ||w_t||^2`` regulariser becomes
-``sqrt(lambda gamma) ||Delta_t w_t||`` after the per-task balancing rescaling of ``Delta_t`` and
-``w_t`` (AM-GM), which is the ``mu ||v_t||`` above; the smallest perturbation that realises
+The paper states that its ``lambda/2 ||Delta_t||_F^2 + gamma/2 ||w_t||^2`` regulariser (with the
+loss ``1/(2n) ||r||^2``) is equivalent to a penalty ``sqrt(lambda gamma) ||Delta_t w_t||`` (by AM-GM
+after rescaling ``Delta_t`` against ``w_t``; exact only if that rescaling could be done per task),
+which is ``mu ||v_t||`` above with ``mu = 2 sqrt(lambda gamma)`` for our mean squared error; the smallest perturbation that realises
 ``v_t`` is ``Delta_t = v_t w_t^T / ||w_t||^2``.
 
 The objective depends on ``B`` only through its span, because the heads ``w_t`` are free, so
@@ -170,6 +171,9 @@ class SourceFit:
     ``objective`` is the final value of F, ``grad_norm`` the norm of its (minimum-norm sub-)gradient
     at the solution (0 at a stationary point), ``iterations`` the alternating-minimisation steps,
     ``history`` the value of F after each of them (the best restart's; never increasing).
+    ``stop_reason`` is ``"gradient"`` (the gradient norm fell below ``gtol``: ``converged``),
+    ``"objective"`` (F stopped decreasing to the relative tolerance ``tol`` before that) or
+    ``"max_iter"``.
     """
 
     B: Tensor
@@ -179,6 +183,7 @@ class SourceFit:
     grad_norm: float
     iterations: int
     converged: bool
+    stop_reason: str
     restart_objectives: list[float]
     history: list[float]
 
@@ -218,7 +223,7 @@ def stationarity(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penalty:
     norm = V.norm(dim=-1, keepdim=True)
     if radius is not None:
         # normal cone of the ball: remove the outward radial component on the boundary
-        on_boundary = norm >= radius * (1 - 1e-8)
+        on_boundary = norm >= radius * (1 - 100 * torch.finfo(V.dtype).eps)
         u = V / norm.clamp_min(torch.finfo(V.dtype).tiny)
         radial = (gv * u).sum(-1, keepdim=True)
         gv = torch.where(on_boundary & (radial < 0), gv - radial * u, gv)
@@ -251,13 +256,12 @@ def moment_inits(G: Tensor, c: Tensor, rank: int) -> Tensor:
     return torch.stack(inits)
 
 
-def solve_representation(B_heads: Tensor, G: Tensor, rhs: Tensor) -> Tensor:
+def solve_representation(W: Tensor, G: Tensor, rhs: Tensor) -> Tensor:
     """Least squares in ``B`` for fixed heads: solve ``sum_t G_t B w_t w_t^T = sum_t rhs_t w_t^T``.
 
-    ``B_heads`` holds the heads ``W`` (``(..., T, k)``); ``rhs`` is ``c_t - G_t v_t`` (``(..., T, d)``).
+    ``W`` holds the heads (``(..., T, k)``); ``rhs`` is ``c_t - G_t v_t`` (``(..., T, d)``).
     The ``dk x dk`` normal matrix is built with one matrix product over tasks.
     """
-    W = B_heads
     T, d = G.shape[-3], G.shape[-1]
     k = W.shape[-1]
     WW = (W.unsqueeze(-1) * W.unsqueeze(-2)).reshape(*W.shape[:-2], T, k * k)
@@ -282,7 +286,7 @@ def fit_source(
     inits: Tensor | None = None,
     max_iter: int = 2000,
     inner_steps: int = 10,
-    tol: float = 1e-11,
+    tol: float = 1e-14,
     gtol: float = 1e-6,
     select_after: int = 25,
 ) -> SourceFit:
@@ -335,9 +339,14 @@ def fit_source(
         better = task_objective(B.unsqueeze(-3), W_new, V_new, G, c, q, weight) <= task_objective(B.unsqueeze(-3), W_old, V, G, c, q, weight)
         return torch.where(better.unsqueeze(-1), W_new, W_old), torch.where(better.unsqueeze(-1), V_new, V)
 
-    converged, iterations = False, 0
+    stop_reason, iterations = "max_iter", 0
+    gtol = max(gtol, math.sqrt(torch.finfo(G.dtype).eps))  # float32 cannot resolve smaller gradients
     for iterations in range(1, max_iter + 1):  # noqa: B007 - used after the loop
         W, V = heads_and_perturbations(B, V, inner_steps)
+        # heads and perturbations are (nearly) optimal for B here, so this measures B's residual
+        if iterations % 5 == 0 and stationarity(B, W, V, G, c, weight, radius).max() < gtol:
+            stop_reason = "gradient"
+            break
         B_new, Rr = torch.linalg.qr(solve_representation(W, G, c - matvec(G, V)))
         W = matvec(Rr.unsqueeze(-3), W)
         B = B_new
@@ -349,8 +358,8 @@ def fit_source(
             restart_objectives = [float(o) for o in objective]
             keep = torch.argmin(objective).reshape(1)
             B, W, V, objective = B[keep], W[keep], V[keep], objective[keep]
-        if change < tol or (iterations % 5 == 0 and stationarity(B, W, V, G, c, weight, radius).max() < gtol):
-            converged = True
+        if change < tol:
+            stop_reason = "objective"
             break
     # final exact heads (and more perturbation steps) for the returned representation
     W, V = heads_and_perturbations(B, V, 10 * inner_steps)
@@ -363,8 +372,9 @@ def fit_source(
         V=V[best],
         objective=float(objective[best]),
         grad_norm=float(grad),
-        iterations=iterations,
-        converged=converged,
+        iterations=len(history),
+        converged=float(grad) < gtol,
+        stop_reason=stop_reason,
         restart_objectives=restart_objectives or [float(o) for o in objective],
         history=history,
     )
