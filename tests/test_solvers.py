@@ -189,3 +189,18 @@ def test_noise_estimates_are_unbiased_and_pooled():
     torch.testing.assert_close(pooled, own / math.sqrt(2))
     fallback = FineTune.noise_level(G[:, :5, :5], c[:, :5], q, 6, 0.3, 10)  # m <= d + 2: the given estimate
     torch.testing.assert_close(fallback, torch.full((3,), 0.3, dtype=torch.float64))
+
+
+def test_early_stopped_finetune_follows_gradient_descent_and_cross_validates():
+    env = LinearEnvironment(dim=8, rank=2, delta=0.6, noise=0.3, seed=17)
+    target = env.sample_tasks(4, 30, torch.Generator().manual_seed(18))
+    G, c, _ = target.gram()
+    B = env.representation
+    tuner = FineTune(constraint="early-stop", steps=64)
+    w0, v0 = tuner.solve(B, G, c, torch.zeros(4, dtype=torch.float64))
+    assert v0.abs().max() == 0  # zero steps: head only
+    # many steps of gradient descent reach the unpenalised least-squares fit of B w + v
+    w, v = tuner.solve(B, G, c, torch.full((4,), 20000.0, dtype=torch.float64))
+    torch.testing.assert_close(predictor(B, w, v), torch.linalg.solve(G, c.unsqueeze(-1)).squeeze(-1), rtol=1e-6, atol=1e-8)
+    beta, counts = tuner.adapt(B, target.X, target.y)
+    assert beta.shape == (4, 8) and ((counts >= 0) & (counts <= 64)).all()

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,8 +59,10 @@ class FineTune:
     Args:
         strength: the penalty ``lambda_t`` (or the radius ``r`` for ``constraint="ball"``), or
             ``"cv"`` to choose it per target by cross-validation (default).
-        constraint: ``"penalty"`` for ``lambda_t ||v||_2`` (regularised) or ``"ball"`` for
-            ``||v||_2 <= r`` (constrained, a norm-ball projection after each gradient step).
+        constraint: ``"penalty"`` for ``lambda_t ||v||_2`` (regularised), ``"ball"`` for
+            ``||v||_2 <= r`` (constrained, a norm-ball projection after each gradient step), or
+            ``"early-stop"``: plain gradient descent on ``v`` from ``v = 0`` (heads exact), stopped
+            after a number of steps that plays the role of the strength (fewer is stronger).
         folds: number of cross-validation folds (at most the number of target samples).
         grid: number of strengths on the cross-validation grid, geometric from the strength
             that keeps ``v = 0`` (head-only) down to the floor.
@@ -70,7 +73,7 @@ class FineTune:
     """
 
     strength: float | Literal["cv"] = "cv"
-    constraint: Literal["penalty", "ball"] = "penalty"
+    constraint: Literal["penalty", "ball", "early-stop"] = "penalty"
     folds: int = 5
     grid: int = 13
     grid_ratio: float = 1e-3
@@ -79,8 +82,8 @@ class FineTune:
     floor: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.constraint not in ("penalty", "ball"):
-            raise ValueError(f"FineTune.constraint must be 'penalty' or 'ball'; got {self.constraint!r}")
+        if self.constraint not in ("penalty", "ball", "early-stop"):
+            raise ValueError(f"FineTune.constraint must be 'penalty', 'ball' or 'early-stop'; got {self.constraint!r}")
         if self.strength != "cv" and not (isinstance(self.strength, (int, float)) and self.strength >= 0):
             raise ValueError(f"FineTune.strength must be 'cv' or a non-negative number; got {self.strength!r}")
         if self.rule not in ("min", "paired"):
@@ -98,8 +101,13 @@ class FineTune:
         """Fine-tuned ``(w, v)`` for a fixed strength per problem (leading dims of ``G`` and ``strength`` broadcast)."""
         heads = HeadSolver.build(B, G)
         L = lipschitz(G)
-        v0 = torch.zeros(torch.broadcast_shapes(c.shape, strength.shape + (1,)), dtype=G.dtype, device=G.device)
-        return fit_perturbation(heads, c, L, v0, self._prox, strength, self.steps)
+        v = torch.zeros(torch.broadcast_shapes(c.shape, strength.shape + (1,)), dtype=G.dtype, device=G.device)
+        if self.constraint != "early-stop":
+            return fit_perturbation(heads, c, L, v, self._prox, strength, self.steps)
+        for step in range(1, int(strength.max().item()) + 1 if strength.numel() else 1):
+            grad = 2 * (matvec(G, predictor(B, heads(c, v), v)) - c)
+            v = torch.where((strength >= step).unsqueeze(-1), v - grad / L.unsqueeze(-1), v)
+        return heads(c, v), v
 
     def strength_grid(self, B: Tensor, G: Tensor, c: Tensor, num_samples: int, noise: Tensor | None) -> Tensor:
         """Per-target grid ``(R, S)``: from no fine-tuning (``v = 0``) to weak regularisation."""
@@ -112,6 +120,9 @@ class FineTune:
             low = low.clamp(max=1.0)
         else:
             low = torch.full_like(top, self.grid_ratio)
+        if self.constraint == "early-stop":  # step counts 0 (head only), then geometric up to `steps`
+            counts = torch.logspace(0, math.log10(self.steps), self.grid - 1, dtype=G.dtype, device=G.device).round()
+            return torch.cat([torch.zeros(1, dtype=G.dtype, device=G.device), counts]).expand(c.shape[0], -1)
         ratios = low ** torch.linspace(0, 1, self.grid, dtype=G.dtype, device=G.device)
         if self.constraint == "penalty":
             return top * ratios
