@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -32,82 +31,52 @@ def adaptrep(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "adaptrep.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def _bad_cases(tmp_path: Path):
-    malformed = tmp_path / "malformed.yaml"
-    malformed.write_text("dim: [1, 2\n")
-    unknown_key = tmp_path / "unknown.yaml"
-    unknown_key.write_text("setting: linear\ndimension: 5\n")
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    empty_list = tmp_path / "empty.yaml"
-    empty_list.write_text("experiments: []\n")
-    boolean = tmp_path / "boolean.yaml"
-    boolean.write_text("setting: linear\ndim: true\n")
-    null = tmp_path / "null.yaml"
-    null.write_text("setting: linear\ndim:\n")
-    binary = tmp_path / "binary.yaml"
-    binary.write_bytes(b"\xff\xfe\x00bad")
-    full = tmp_path / "full"
-    full.mkdir()
-    (full / "old.csv").write_text("keep me")
-    return {
-        "unknown setting": (["run", "--setting", "cubic"], "setting"),
-        "unknown method": (["run", "--setting", "linear", "--methods", "adaptrep,mamll"], "mamll"),
-        "zero dim": (["run", "--setting", "linear", "--dim", "0"], "dim"),
-        "negative tasks": (["run", "--setting", "linear", "--tasks", "-3"], "tasks"),
-        "rank above dim": (["run", "--setting", "linear", "--dim", "4", "--rank", "6"], "rank"),
-        "empty m list": (["run", "--setting", "linear", "--target-samples", ""], "target_samples"),
-        "non-numeric m": (["run", "--setting", "linear", "--target-samples", "10,abc"], "target_samples"),
-        "negative delta": (["run", "--setting", "linear", "--delta", "-0.1"], "delta"),
-        "nan noise": (["run", "--setting", "linear", "--noise", "nan"], "noise"),
-        "non-numeric dim": (["run", "--dim", "twenty"], "dim"),
-        "missing config": (["run", "--config", str(tmp_path / "nope.yaml")], "not found"),
-        "malformed config": (["run", "--config", str(malformed)], "malformed"),
-        "unknown config key": (["run", "--config", str(unknown_key)], "dimension"),
-        "unwritable out": (["run", *TINY, "--out", str(blocker / "sub")], "out"),
-        "unusable device": (["run", *TINY, "--device", "meta"], "device"),
-        "unknown device": (["run", *TINY, "--device", "tpu9"], "device"),
-        "empty experiment list": (["run", "--config", str(empty_list)], "experiments"),
-        "boolean size": (["run", "--config", str(boolean)], "dim"),
-        "null size": (["run", "--config", str(null)], "dim"),
-        "binary config": (["run", "--config", str(binary)], "config"),
-        "empty m entry": (["run", "--setting", "linear", "--target-samples", "10,,20"], "target_samples"),
-        "sizes too large": (["run", "--setting", "linear", "--dim", "100000", "--tasks", "100000"], "too large"),
-        "non-empty out": (["run", *TINY, "--out", str(full)], "not empty"),
-    }
+CONFIG_FILES = {
+    "malformed.yaml": b"dim: [1, 2\n",
+    "unknown.yaml": b"setting: linear\ndimension: 5\n",
+    "empty.yaml": b"experiments: []\n",
+    "boolean.yaml": b"setting: linear\ndim: true\n",
+    "null.yaml": b"setting: linear\ndim:\n",
+    "binary.yaml": b"\xff\xfe\x00bad",
+    "a-file": b"x",
+}
+
+# name: (arguments, with {tmp} for the test's folder; a word the one-line message must contain)
+BAD_INPUT = {
+    "unknown setting": (["run", "--setting", "cubic"], "setting"),
+    "unknown method": (["run", "--setting", "linear", "--methods", "adaptrep,mamll"], "mamll"),
+    "zero dim": (["run", "--setting", "linear", "--dim", "0"], "dim"),
+    "negative tasks": (["run", "--setting", "linear", "--tasks", "-3"], "tasks"),
+    "rank above dim": (["run", "--setting", "linear", "--dim", "4", "--rank", "6"], "rank"),
+    "empty m list": (["run", "--setting", "linear", "--target-samples", ""], "target_samples"),
+    "non-numeric m": (["run", "--setting", "linear", "--target-samples", "10,abc"], "target_samples"),
+    "empty m entry": (["run", "--setting", "linear", "--target-samples", "10,,20"], "target_samples"),
+    "negative delta": (["run", "--setting", "linear", "--delta", "-0.1"], "delta"),
+    "nan noise": (["run", "--setting", "linear", "--noise", "nan"], "noise"),
+    "non-numeric dim": (["run", "--dim", "twenty"], "dim"),
+    "sizes too large": (["run", "--setting", "linear", "--dim", "100000", "--tasks", "100000"], "too large"),
+    "unusable device": (["run", *TINY, "--device", "meta"], "device"),
+    "unknown device": (["run", *TINY, "--device", "tpu9"], "device"),
+    "missing config": (["run", "--config", "{tmp}/nope.yaml"], "not found"),
+    "malformed config": (["run", "--config", "{tmp}/malformed.yaml"], "malformed"),
+    "unknown config key": (["run", "--config", "{tmp}/unknown.yaml"], "dimension"),
+    "empty experiment list": (["run", "--config", "{tmp}/empty.yaml"], "experiments"),
+    "boolean size": (["run", "--config", "{tmp}/boolean.yaml"], "dim"),
+    "null size": (["run", "--config", "{tmp}/null.yaml"], "dim"),
+    "binary config": (["run", "--config", "{tmp}/binary.yaml"], "config"),
+    "unwritable out": (["run", *TINY, "--out", "{tmp}/a-file/sub"], "out"),
+    "non-empty out": (["run", *TINY, "--out", "{tmp}/full"], "not empty"),
+}
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "unknown setting",
-        "unknown method",
-        "zero dim",
-        "negative tasks",
-        "rank above dim",
-        "empty m list",
-        "non-numeric m",
-        "negative delta",
-        "nan noise",
-        "non-numeric dim",
-        "missing config",
-        "malformed config",
-        "unknown config key",
-        "unwritable out",
-        "non-empty out",
-        "unusable device",
-        "unknown device",
-        "empty experiment list",
-        "boolean size",
-        "null size",
-        "binary config",
-        "empty m entry",
-        "sizes too large",
-    ],
-)
+@pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_gives_one_line_and_status_2(case, tmp_path):
-    args, culprit = _bad_cases(tmp_path)[case]
-    result = adaptrep(*args)
+    for name, content in CONFIG_FILES.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.csv").write_text("keep me")
+    args, culprit = BAD_INPUT[case]
+    result = adaptrep(*(arg.format(tmp=tmp_path) for arg in args))
     assert result.returncode == 2, (case, result.stdout, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
