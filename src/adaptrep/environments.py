@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .solvers import sufficient_statistics
+
 __all__ = [
     "Tasks",
     "Environment",
@@ -74,11 +76,7 @@ class Tasks:
 
         The mean squared error of a predictor ``beta`` is ``beta^T G beta - 2 c^T beta + y^T y / n``.
         """
-        n = self.num_samples
-        G = self.X.transpose(-1, -2) @ self.X / n
-        c = (self.X.transpose(-1, -2) @ self.y.unsqueeze(-1)).squeeze(-1) / n
-        yy = (self.y * self.y).sum(-1) / n
-        return G, c, yy
+        return sufficient_statistics(self.X, self.y)
 
 
 def haar_orthogonal(dim: int, generator: torch.Generator) -> Tensor:

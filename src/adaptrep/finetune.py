@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .solvers import HeadSolver, Prox, ball_prox, fit_perturbation, lipschitz, matvec, mse, ols_noise_variance, penalty_prox, predictor
+from .solvers import HeadSolver, Prox, ball_prox, fit_perturbation, lipschitz, matvec, mse, ols_noise_variance, penalty_prox, predictor, sufficient_statistics
 
 
 def fit_head(B: Tensor, G: Tensor, c: Tensor) -> Tensor:
@@ -169,9 +169,8 @@ class FineTune:
         rough); when ``m > d + 2`` it is pooled with each target's own least-squares estimate.
         """
         R, m, _ = X.shape
-        G = X.transpose(-1, -2) @ X / m
-        c = matvec(X.transpose(-1, -2), y) / m
-        sigma = self.noise_level(G, c, (y * y).sum(-1) / m, m, noise, noise_dof)
+        G, c, q = sufficient_statistics(X, y)
+        sigma = self.noise_level(G, c, q, m, noise, noise_dof)
         if m < 2:  # nothing to cross-validate on: keep the head-only fit
             return fit_head(B, G, c), torch.full((R,), float("inf"), dtype=X.dtype, device=X.device)
         if self.strength != "cv":

@@ -98,6 +98,12 @@ def ball_prox(v: Tensor, strength: Tensor, step: Tensor) -> Tensor:
 # the squared loss and the per-task problem for a fixed representation
 
 
+def sufficient_statistics(X: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``G = X^T X / n``, ``c = X^T y / n``, ``q = y^T y / n`` for ``X (..., n, d)``, ``y (..., n)``."""
+    n = X.shape[-2]
+    return X.transpose(-1, -2) @ X / n, matvec(X.transpose(-1, -2), y) / n, (y * y).sum(-1) / n
+
+
 def mse(G: Tensor, c: Tensor, q: Tensor, beta: Tensor) -> Tensor:
     """Mean squared error ``beta^T G beta - 2 c^T beta + q`` (batched)."""
     Gb = matvec(G, beta)
@@ -216,10 +222,8 @@ def source_gradient(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penal
 def stationarity(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penalty: float, radius: float | None) -> Tensor:
     """Norm of the minimum-norm element of the (Riemannian in B) subdifferential of F."""
     T = W.shape[-2]
-    gB, gW, _ = source_gradient(B, W, V, G, c, math.inf)
+    gB, gW, gv = source_gradient(B, W, V, G, c, math.inf)  # gv: the loss part only
     gB = gB - B @ (B.transpose(-1, -2) @ gB)  # tangent to the span (F depends on span(B) only)
-    beta = predictor(B.unsqueeze(-3), W, V)
-    gv = 2 * (matvec(G, beta) - c) / T
     norm = V.norm(dim=-1, keepdim=True)
     if radius is not None:
         # normal cone of the ball: remove the outward radial component on the boundary
