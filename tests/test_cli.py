@@ -1,5 +1,6 @@
 """The ``adaptrep run`` contract: bad input -> one line and exit status 2; a tiny end-to-end run."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -66,6 +67,12 @@ BAD_INPUT = {
     "binary config": (["run", "--config", "{tmp}/binary.yaml"], "config"),
     "unwritable out": (["run", *TINY, "--out", "{tmp}/a-file/sub"], "out"),
     "non-empty out": (["run", *TINY, "--out", "{tmp}/full"], "not empty"),
+    "zero workers": (["run", *TINY, "--workers", "0", "--out", "{tmp}/w"], "workers"),
+    "unknown backend": (["run", *TINY, "--backend", "slurm", "--out", "{tmp}/b"], "backend"),
+    "address without ray": (["run", *TINY, "--address", "auto", "--out", "{tmp}/a"], "address"),
+    "missing spec": (["sweep", "{tmp}/nope.yaml"], "not found"),
+    "malformed spec": (["sweep", "{tmp}/malformed.yaml"], "malformed"),
+    "report without store": (["report", "{tmp}/full"], "sweep.db"),
 }
 
 
@@ -92,6 +99,8 @@ def test_tiny_end_to_end_run(tmp_path):
     assert result.returncode == 0, result.stderr
     results = pd.read_csv(out / "results.csv")
     assert len(results) == 6 * 2 * 2 * 3
+    if importlib.util.find_spec("pyarrow"):
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet"), results, check_dtype=False)
     assert list(results.columns[:7]) == ["setting", "method", "m", "seed", "target_task", "excess_risk", "subspace_distance"]
     assert results["excess_risk"].notna().all() and (results["excess_risk"] >= 0).all()
     config = yaml.safe_load((out / "config.yaml").read_text())

@@ -1,13 +1,14 @@
-"""The ``adaptrep`` command line: ``adaptrep run`` (a layer on top of :mod:`adaptrep.experiment`)."""
+"""The ``adaptrep`` command line: ``run``, ``sweep`` and ``report`` (a layer on top of
+:mod:`adaptrep.sweep`, :mod:`adaptrep.store` and :mod:`adaptrep.report`)."""
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import pandas as pd
 import typer
 import yaml
 from rich.console import Console
@@ -19,27 +20,13 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer on click
     from click import ClickException as CommandLineError  # type: ignore[no-redef,assignment]
 
-from .experiment import DEFAULT_EXPERIMENTS, ConfigError, RunConfig, library_versions, resolve_config, run_experiment, steps_per_experiment
+from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, resolve_config
 from .report import summarise, write_report
+from .store import Store, StoreError
+from .sweep import Run, SweepOutcome, SweepSpec, check_backend, execute, expand, load_spec, make_backend, steps
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Fine-tuning-based meta-learning of representations (ADAPTREP vs FROZENREP).")
 console = Console(stderr=True)
-
-COLUMNS = [
-    "setting",
-    "method",
-    "m",
-    "seed",
-    "target_task",
-    "excess_risk",
-    "subspace_distance",
-    "opt_block_share",
-    "finetune_strength",
-    "source_objective",
-    "source_grad_norm",
-    "source_time",
-    "adapt_time",
-]
 
 
 class UserError(Exception):
@@ -71,12 +58,14 @@ def _load_config_file(path: Path) -> list[dict[str, Any]]:
     return [data]
 
 
-def _prepare_out(out: Optional[Path], force: bool) -> Path:
-    if out is None:
-        out = Path("adaptrep-runs") / time.strftime("run-%Y%m%d-%H%M%S")
+STORE = "sweep.db"
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """The output folder: new, empty, a sweep folder (resumed), or any folder with ``--force``."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if out.is_dir() and any(out.iterdir()) and not (out / STORE).is_file() and not force:
         raise UserError(f"--out {out} is not empty; choose another directory or pass --force to write into it")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -88,8 +77,25 @@ def _prepare_out(out: Optional[Path], force: bool) -> Path:
     return out
 
 
-def _order(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame[[c for c in COLUMNS if c in frame] + [c for c in frame if c not in COLUMNS]]
+BACKEND = typer.Option("local", "--backend", help="local (a process pool on this machine) | ray")
+WORKERS = typer.Option(None, "--workers", help="parallel runs (default: the number of cores; 1 runs in this process)")
+ADDRESS = typer.Option(None, "--address", help="Ray cluster to join: auto | HOST:PORT (default: start a local one)")
+RETRY = typer.Option(False, "--retry-failed", help="run again the runs that failed before")
+FAIL_FAST = typer.Option(False, "--fail-fast", help="stop at the first failing run")
+
+
+@dataclass
+class Execution:
+    """How to execute runs: the backend options of ``run`` and ``sweep``."""
+
+    backend: str = "local"
+    workers: Optional[int] = None
+    address: Optional[str] = None
+    retry_failed: bool = False
+    fail_fast: bool = False
+
+    def __post_init__(self) -> None:
+        check_backend(self.backend, self.workers, self.address)
 
 
 @app.command()
@@ -110,8 +116,13 @@ def run(
     device: Optional[str] = typer.Option(None, help="torch device, e.g. cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, help="float64 (default) | float32"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with the same keys (underscores)"),
-    out: Optional[Path] = typer.Option(None, help="output directory (default: adaptrep-runs/run-<time>)"),
+    out: Optional[Path] = typer.Option(None, help="output directory (default: adaptrep-runs/run-<time>); rerunning into it resumes"),
     force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    backend: str = BACKEND,
+    workers: Optional[int] = WORKERS,
+    address: Optional[str] = ADDRESS,
+    retry_failed: bool = RETRY,
+    fail_fast: bool = FAIL_FAST,
 ) -> None:
     """Run an experiment; with no flags, the default one (hard-case separation + benign sweep)."""
     flags = dict(
@@ -139,42 +150,104 @@ def run(
     else:
         bases = [{"setting": name} for name in DEFAULT_EXPERIMENTS]
     configs = [resolve_config({**base, **flags}) for base in bases]
-    out_dir = _prepare_out(out, force)
+    runs = expand(SweepSpec(runs=[{**base, **flags} for base in bases]))
+    how = Execution(backend, workers, address, retry_failed, fail_fast)
+    out_dir = _prepare_out(out or Path("adaptrep-runs") / time.strftime("run-%Y%m%d-%H%M%S"), force)
     resolved = {"experiments": [c.model_dump() for c in configs], "versions": library_versions()}
     (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    results = _run_all(configs, out_dir)
-    _finish(results, configs, out_dir)
+    _execute(runs, out_dir, how, "adaptrep run")
 
 
-def _run_all(configs: list[RunConfig], out_dir: Path) -> pd.DataFrame:
-    done: list[pd.DataFrame] = []
-    partial = out_dir / "results.csv"
+@app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="sweep spec (YAML): base, grid, runs, seeds"),
+    out: Optional[Path] = typer.Option(None, help="sweep folder (default: adaptrep-runs/<spec name>); rerunning into it resumes"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty folder that holds no sweep"),
+    backend: str = BACKEND,
+    workers: Optional[int] = WORKERS,
+    address: Optional[str] = ADDRESS,
+    retry_failed: bool = RETRY,
+    fail_fast: bool = FAIL_FAST,
+) -> None:
+    """Run every config x seed of a spec; finished runs are kept in DIR/sweep.db and skipped on a rerun."""
+    parsed = load_spec(spec)
+    runs = expand(parsed)
+    how = Execution(backend, workers, address, retry_failed, fail_fast)
+    out_dir = _prepare_out(out or Path("adaptrep-runs") / spec.stem, force)
+    record = {"spec": parsed.model_dump(), "runs": len(runs), "versions": library_versions()}
+    (out_dir / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+    _execute(runs, out_dir, how, f"sweep {spec.stem}")
 
-    def save(current: pd.DataFrame) -> None:
-        _order(pd.concat([*done, current], ignore_index=True)).to_csv(partial, index=False)
 
+@app.command()
+def report(directory: Path = typer.Argument(..., help="a run or sweep folder (holding sweep.db)")) -> None:
+    """Regenerate results.csv, figures and report.md from a folder's store (also mid-sweep)."""
+    if not (directory / STORE).is_file():
+        raise UserError(f"{directory} holds no {STORE}; give a folder written by adaptrep run or adaptrep sweep")
+    with Store(directory / STORE) as store:
+        _publish(store, directory)
+
+
+def _execute(runs: list[Run], out_dir: Path, how: Execution, title: str) -> None:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("adaptrep run", total=sum(steps_per_experiment(c) for c in configs))
-        for index, config in enumerate(configs):
-            try:
-                frame = run_experiment(config, on_step=lambda text: progress.update(bar, advance=1, description=text), on_seed=save, experiment=index)
-            except KeyboardInterrupt:
-                console.print(f"interrupted; results so far are in {partial}")
-                raise typer.Exit(130) from None
-            done.append(frame)
-        progress.update(bar, description="adaptrep run: done")
-    results = _order(pd.concat(done, ignore_index=True))
-    results.to_csv(partial, index=False)
-    return results
+    progress = Progress(*columns, console=console, transient=False)
+    bar = progress.add_task(title, total=None)
+
+    def describe(outcome: SweepOutcome) -> str:
+        parts = [f"{title}: {outcome.done} done", f"{outcome.failed} failed", f"{outcome.skipped} skipped"]
+        parts += [f"{outcome.busy} busy elsewhere"] * bool(outcome.busy)
+        return " · ".join(parts)
+
+    def on_event(kind: str, outcome: SweepOutcome) -> None:
+        if kind == "start":
+            progress.update(bar, total=outcome.total - outcome.skipped - outcome.earlier_failures, completed=0)
+        else:
+            progress.update(bar, completed=outcome.done + outcome.failed)
+        progress.update(bar, description=describe(outcome))
+
+    def on_step(run: Run, text: str) -> None:
+        progress.update(bar, advance=1 / steps(run))
+
+    engine = make_backend(how.backend, how.workers, how.address, on_step)
+    with Store(out_dir / STORE) as store:
+        with progress:
+            outcome = execute(runs, store, engine, retry_failed=how.retry_failed, fail_fast=how.fail_fast, on_event=on_event)
+        if outcome.done + outcome.skipped:
+            _publish(store, out_dir)
+    for run, message in outcome.errors[:5]:
+        console.print(f"run {run.id} (seed {run.seed}{''.join(f', {k}={v}' for k, v in run.labels.items())}) failed: {message}")
+    if outcome.busy:
+        console.print(f"{outcome.busy} runs are being computed by another adaptrep process on this folder; rerun later to include them")
+    if outcome.earlier_failures:
+        console.print(f"{outcome.earlier_failures} runs failed in an earlier sweep; pass --retry-failed to run them again")
+    if outcome.interrupted:
+        console.print(f"interrupted; the {outcome.done + outcome.skipped} finished runs are kept in {out_dir / STORE}; rerun the same command to resume")
+        raise typer.Exit(130)
+    if outcome.failed:
+        console.print(f"{outcome.failed} of {outcome.total} runs failed; their messages are in {out_dir / 'report.md'} and {out_dir / STORE}")
+        raise typer.Exit(1)
 
 
-def _finish(results: pd.DataFrame, configs: list[RunConfig], out_dir: Path) -> None:
-    report = write_report(results, [c.model_dump() for c in configs], out_dir)
+def _publish(store: Store, out_dir: Path) -> None:
+    """results.csv (and .parquet with pyarrow), figures and report.md from the store; a summary."""
+    results = store.results()
+    failed = store.runs().query("status == 'failed'")
+    if results.empty:
+        console.print(f"no finished runs in {out_dir / STORE} yet")
+        return
+    results.to_csv(out_dir / "results.csv", index=False)
+    try:
+        results.to_parquet(out_dir / "results.parquet", index=False)
+    except ImportError:
+        pass
+    experiments = store.experiments()
+    report_path = write_report(results, [config for config, _ in experiments], out_dir, labels=[labels for _, labels in experiments], failed=failed)
     summary = summarise(results)
     out = Console()
-    for (_, setting), part in summary.groupby(["experiment", "setting"], sort=False):
-        table = Table(title=f"{setting}: mean excess risk on target tasks")
+    for (number, setting), part in summary.groupby(["experiment", "setting"], sort=False):
+        labels = experiments[int(number)][1]
+        title = f"{setting}{''.join(f', {k}={v}' for k, v in labels.items() if k != 'setting')}: mean excess risk on target tasks"
+        table = Table(title=title)
         table.add_column("method")
         ms = sorted(part["m"].unique())
         for m in ms:
@@ -183,14 +256,14 @@ def _finish(results: pd.DataFrame, configs: list[RunConfig], out_dir: Path) -> N
             values = dict(zip(rows["m"], rows["mean"], strict=True))
             table.add_row(str(method), *[f"{values[m]:.4f}" if m in values else "" for m in ms])
         out.print(table)
-    out.print(f"results: {out_dir / 'results.csv'}\nreport:  {report}\nfigures: {out_dir / 'figures'}\nconfig:  {out_dir / 'config.yaml'}")
+    out.print(f"results: {out_dir / 'results.csv'}\nreport:  {report_path}\nfigures: {out_dir / 'figures'}\nstore:   {out_dir / STORE}")
 
 
 def entry() -> None:
     """Console-script entry point: bad input gives one line on stderr and exit status 2."""
     try:
         code = app(standalone_mode=False)
-    except (UserError, ConfigError) as error:
+    except (UserError, ConfigError, StoreError) as error:
         print(f"adaptrep: error: {error}", file=sys.stderr)
         sys.exit(2)
     except CommandLineError as error:

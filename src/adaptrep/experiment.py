@@ -24,7 +24,7 @@ from .environments import SETTINGS, Environment, LinearHardEnvironment, Tasks, m
 from .methods import METHODS, Method, make_method, synchronize
 from .metrics import block_share, subspace_distance
 
-__all__ = ["RunConfig", "ConfigError", "PRESETS", "DEFAULT_EXPERIMENTS", "resolve_config", "run_experiment", "library_versions"]
+__all__ = ["RunConfig", "ConfigError", "PRESETS", "DEFAULT_EXPERIMENTS", "resolve_config", "run_seed", "run_experiment", "library_versions"]
 
 DEFAULT_METHODS = ["adaptrep", "frozenrep", "frozenrep-ft", "target-only", "oracle-head", "oracle-ft"]
 
@@ -213,42 +213,42 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def run_experiment(
-    config: RunConfig,
-    on_step: Callable[[str], None] | None = None,
-    on_seed: Callable[[pd.DataFrame], None] | None = None,
-    experiment: int = 0,
-) -> pd.DataFrame:
-    """Run one experiment; returns the tidy results table (see the README for the columns).
+def run_seed(config: RunConfig, seed: int, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """One unit of work: every method of ``config`` fitted on seed ``seed``'s source tasks and
+    adapted to its target tasks for every ``m``; one row per method x m x target task.
 
-    ``on_step`` is called after every source fit and every adaptation (for progress bars);
-    ``on_seed`` with the rows so far after every seed (to save partial results); ``experiment``
-    is the index written in the ``experiment`` column (runs of several experiments).
+    ``on_step`` is called after every source fit and every adaptation (for progress bars).
     """
     step = on_step or (lambda _: None)
+    env = config.environment(seed)
+    source = env.sample_tasks(config.tasks, config.samples, _generator(seed, 1))
+    methods: dict[str, Method] = {}
+    for name in config.methods:
+        methods[name] = make_method(name)
+        start = time.perf_counter()
+        methods[name].fit(source)
+        methods[name].info.setdefault("source_time", time.perf_counter() - start)
+        step(f"{config.setting} seed {seed}: fit {name}")
+    needs_fallback = config.adversarial_targets and any(method.representation is None for method in methods.values())
+    fallback = _reference_representation(methods, source) if needs_fallback else None
     rows: list[dict[str, Any]] = []
-    for seed in range(config.seeds):
-        env = config.environment(seed)
-        source = env.sample_tasks(config.tasks, config.samples, _generator(seed, 1))
-        methods: dict[str, Method] = {}
-        for name in config.methods:
-            methods[name] = make_method(name)
-            start = time.perf_counter()
-            methods[name].fit(source)
-            methods[name].info.setdefault("source_time", time.perf_counter() - start)
-            step(f"{config.setting} seed {seed}: fit {name}")
-        needs_fallback = config.adversarial_targets and any(method.representation is None for method in methods.values())
-        fallback = _reference_representation(methods, source) if needs_fallback else None
-        for m in config.target_samples:
-            rows.extend({**row, "experiment": experiment} for row in _evaluate_targets(config, env, methods, fallback, seed, m, step))
-        if on_seed is not None:
-            on_seed(pd.DataFrame(rows))
+    for m in config.target_samples:
+        rows.extend(_evaluate_targets(config, env, methods, fallback, seed, m, step))
     return pd.DataFrame(rows)
 
 
-def steps_per_experiment(config: RunConfig) -> int:
-    """Number of ``on_step`` calls :func:`run_experiment` makes."""
-    return config.seeds * len(config.methods) * (1 + len(config.target_samples))
+def run_experiment(config: RunConfig, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """All seeds ``0 .. config.seeds - 1`` of one experiment in this process (see :func:`run_seed`).
+
+    ``adaptrep run`` and ``adaptrep sweep`` run the same units through :mod:`adaptrep.sweep`,
+    which adds a crash-safe store and parallel workers.
+    """
+    return pd.concat([run_seed(config, seed, on_step) for seed in range(config.seeds)], ignore_index=True)
+
+
+def steps_per_seed(config: RunConfig) -> int:
+    """Number of ``on_step`` calls :func:`run_seed` makes."""
+    return len(config.methods) * (1 + len(config.target_samples))
 
 
 def _reference_representation(methods: dict[str, Method], source: Tasks) -> torch.Tensor:

@@ -99,11 +99,17 @@ def representation_figure(results: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def write_report(results: pd.DataFrame, configs: list[dict[str, Any]], out: Path) -> Path:
-    """Figures under ``out/figures`` and ``out/report.md`` with tables that link them."""
+def write_report(
+    results: pd.DataFrame, configs: list[dict[str, Any]], out: Path, labels: list[dict[str, Any]] | None = None, failed: pd.DataFrame | None = None
+) -> Path:
+    """Figures under ``out/figures`` and ``out/report.md`` with tables that link them.
+
+    ``configs[i]`` is experiment ``i``'s config and ``labels[i]`` its sweep values (shown in its
+    heading); ``failed`` lists failed runs (``id``, ``seed``, ``labels``, ``error``) to report.
+    """
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    lines = ["# adaptrep run report", "", "Mean excess risk on target tasks (95% interval over seeds in the figures).", ""]
+    lines = ["# adaptrep report", "", "Mean excess risk on target tasks (95% interval over seeds in the figures).", ""]
     unique = len({config["setting"] for config in configs}) == len(configs)
     for index, config in enumerate(configs):
         setting = config["setting"]
@@ -111,13 +117,15 @@ def write_report(results: pd.DataFrame, configs: list[dict[str, Any]], out: Path
         if part.empty:
             continue
         stem = setting if unique else f"{index}-{setting}"
+        varied = ", ".join(f"{k}={v}" for k, v in (labels[index] if labels else {}).items() if k != "setting")
+        heading = f"## {setting}" if unique else f"## experiment {index}: {setting}"
         lines += [
-            f"## {setting}" if unique else f"## experiment {index}: {setting}",
+            f"{heading} ({varied})" if varied else heading,
             "",
             "```",
             " ".join(
-                f"{key}={config[key]}"
-                for key in ("dim", "rank", "tasks", "samples", "target_tasks", "seeds", "noise", "delta" if setting == "linear" else "eps")
+                [f"{key}={config[key]}" for key in ("dim", "rank", "tasks", "samples", "target_tasks", "noise", "delta" if setting == "linear" else "eps")]
+                + [f"seeds={part['seed'].nunique()}"]
             ),
             "```",
             "",
@@ -144,6 +152,12 @@ def write_report(results: pd.DataFrame, configs: list[dict[str, Any]], out: Path
         if "opt_block_share" in part and part["opt_block_share"].notna().any():
             name = representation_figure(part, figures / f"{stem}_representation.png").name
             lines += [f"![representation diagnostic, {setting}](figures/{name})", ""]
+    if failed is not None and not failed.empty:
+        lines += ["## Failed runs", "", "| run | seed | values | error |", "|---|---|---|---|"]
+        for row in failed.itertuples():
+            values = ", ".join(f"{k}={v}" for k, v in row.labels.items())
+            lines.append(f"| {row.id} | {row.seed} | {values} | {str(row.error).replace('|', '/')} |")
+        lines.append("")
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
