@@ -1,8 +1,9 @@
 """adaptrep: fine-tuning-based meta-learning of representations (Chua, Lei & Lee, NeurIPS 2021)."""
 
-from .environments import Environment, LinearEnvironment, LinearHardEnvironment, Tasks, make_environment
+from .environments import Environment, LinearEnvironment, LinearHardEnvironment, LogisticEnvironment, Tasks, make_environment
 from .finetune import FineTune, fit_head
 from .methods import METHODS, AdaptRep, FrozenRep, Method, Oracle, TargetOnly, make_method
+from .models import Model, linear_model, relu_model
 
 __version__ = "0.1.0"
 
@@ -10,6 +11,7 @@ __all__ = [
     "Environment",
     "LinearEnvironment",
     "LinearHardEnvironment",
+    "LogisticEnvironment",
     "Tasks",
     "make_environment",
     "FineTune",
@@ -21,4 +23,7 @@ __all__ = [
     "TargetOnly",
     "METHODS",
     "make_method",
+    "Model",
+    "linear_model",
+    "relu_model",
 ]

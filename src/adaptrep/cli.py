@@ -100,7 +100,7 @@ class Execution:
 
 @app.command()
 def run(
-    setting: Optional[str] = typer.Option(None, help="linear | linear-hard"),
+    setting: Optional[str] = typer.Option(None, help="linear | linear-hard | logistic"),
     dim: Optional[int] = typer.Option(None, help="input dimension d"),
     rank: Optional[int] = typer.Option(None, help="representation dimension k"),
     tasks: Optional[int] = typer.Option(None, help="number of source tasks T"),
@@ -111,6 +111,7 @@ def run(
     delta: Optional[float] = typer.Option(None, help="perturbation size delta (linear)"),
     noise: Optional[float] = typer.Option(None, help="noise standard deviation sigma"),
     eps: Optional[float] = typer.Option(None, help="low input variance eps (linear-hard)"),
+    scale: Optional[float] = typer.Option(None, help="signal scale s of the logits (logistic)"),
     seeds: Optional[int] = typer.Option(None, help="number of seeds"),
     methods: Optional[str] = typer.Option(None, help="comma-separated: adaptrep,frozenrep,frozenrep-ft,target-only,oracle-head,oracle-ft"),
     device: Optional[str] = typer.Option(None, help="torch device, e.g. cpu or cuda"),
@@ -137,6 +138,7 @@ def run(
         delta=delta,
         noise=noise,
         eps=eps,
+        scale=scale,
         seeds=seeds,
         methods=methods,
         device=device,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .logistic import logistic_excess_error01, logistic_excess_risk
 from .solvers import sufficient_statistics
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Environment",
     "LinearEnvironment",
     "LinearHardEnvironment",
+    "LogisticEnvironment",
     "make_environment",
     "SETTINGS",
 ]
@@ -46,12 +48,15 @@ class Tasks:
         beta: true task parameters ``beta_t``, shape ``(T, d)`` (used only for scoring).
         representation: the environment's true representation ``B*`` (``(d, k)``), used only by
             the oracle methods and the metrics.
+        loss: ``"squared"`` (regression) or ``"logistic"`` (labels in {0, 1}; ``beta`` is the
+            true logit vector).
     """
 
     X: Tensor
     y: Tensor
     beta: Tensor
     representation: Tensor
+    loss: str = "squared"
 
     def __post_init__(self) -> None:
         if self.X.ndim != 3 or self.y.shape != self.X.shape[:2]:
@@ -100,6 +105,7 @@ class Environment:
     """
 
     name: str = ""
+    loss: str = "squared"
     input_scale: Tensor
     _representation: Tensor
 
@@ -139,9 +145,11 @@ class Environment:
         """Tasks with parameters ``beta`` from standard normal draws: ``x = Sigma^{1/2} z``, ``y = <x, beta> + sigma xi``."""
         beta = beta.to("cpu", torch.float64)
         X = Z * self.input_scale
-        y = (X @ beta.unsqueeze(-1)).squeeze(-1) + self.noise * xi
         device, dtype = self.device, self.dtype
-        return Tasks(X.to(device, dtype), y.to(device, dtype), beta.to(device, dtype), self.representation)
+        return Tasks(X.to(device, dtype), self._labels(X, beta, xi).to(device, dtype), beta.to(device, dtype), self.representation, self.loss)
+
+    def _labels(self, X: Tensor, beta: Tensor, xi: Tensor) -> Tensor:
+        return (X @ beta.unsqueeze(-1)).squeeze(-1) + self.noise * xi
 
     def sample_tasks(self, num_tasks: int, num_samples: int, generator: torch.Generator, beta: Tensor | None = None) -> Tasks:
         """Draw ``num_tasks`` tasks (new parameters unless ``beta`` is given) with ``num_samples`` samples each."""
@@ -157,6 +165,10 @@ class Environment:
         """Exact excess risk ``(beta_hat - beta)^T Sigma (beta_hat - beta)``, one value per task."""
         diff = beta_hat.to(self.device, self.dtype) - beta.to(self.device, self.dtype)
         return (diff * diff * self.covariance_diagonal).sum(-1)
+
+    def metrics(self, beta_hat: Tensor, beta: Tensor) -> dict[str, Tensor]:
+        """Further exact per-task scores beside :meth:`excess_risk` (none here)."""
+        return {}
 
     def adversarial_parameters(self, representation: Tensor, num_tasks: int) -> Tensor:
         """Target parameters chosen against a learned representation (only ``linear-hard`` has them)."""
@@ -255,7 +267,48 @@ class LinearHardEnvironment(Environment):
         return theta.expand(num_tasks, -1).clone()
 
 
-SETTINGS = ("linear", "linear-hard")
+class LogisticEnvironment(LinearEnvironment):
+    """The benign environment ``logistic``: ``linear``'s ``B*``, ``Delta_t``, ``w_t`` and inputs,
+    with labels ``y ~ Bernoulli(sigmoid(s <x, beta_t>))`` for a signal scale ``s``.
+
+    ``beta`` of its tasks is the true logit vector ``s beta_t``. The excess risk is the excess
+    logistic loss over the Bayes predictor, and :meth:`metrics` adds the excess 0-1 error, both
+    exact (one-dimensional quadrature, :mod:`adaptrep.logistic`).
+    """
+
+    name = "logistic"
+    loss = "logistic"
+
+    def __init__(
+        self, dim: int, rank: int, delta: float = 0.4, scale: float = 3.0, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
+    ) -> None:
+        super().__init__(dim, rank, delta=delta, noise=0.0, seed=seed, device=device, dtype=dtype)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be a finite positive number; got {scale}")
+        self.scale = float(scale)
+
+    def sample_parameters(self, num_tasks: int, generator: torch.Generator) -> Tensor:
+        return self.scale * super().sample_parameters(num_tasks, generator)
+
+    def sample_inputs(self, num_tasks: int, num_samples: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Standard normal inputs and uniform draws that decide the labels."""
+        Z = torch.randn(num_tasks, num_samples, self.dim, generator=generator, dtype=torch.float64)
+        return Z, torch.rand(num_tasks, num_samples, generator=generator, dtype=torch.float64)
+
+    def _labels(self, X: Tensor, beta: Tensor, xi: Tensor) -> Tensor:
+        return (xi < torch.sigmoid((X @ beta.unsqueeze(-1)).squeeze(-1))).to(torch.float64)
+
+    def excess_risk(self, beta_hat: Tensor, beta: Tensor) -> Tensor:
+        """Exact excess logistic loss of the logit vectors ``beta_hat`` over the Bayes predictor."""
+        scale = self.input_scale.to(self.device, self.dtype)
+        return logistic_excess_risk(beta_hat.to(self.device, self.dtype), beta.to(self.device, self.dtype), scale)
+
+    def metrics(self, beta_hat: Tensor, beta: Tensor) -> dict[str, Tensor]:
+        scale = self.input_scale.to(self.device, self.dtype)
+        return {"excess_error01": logistic_excess_error01(beta_hat.to(self.device, self.dtype), beta.to(self.device, self.dtype), scale)}
+
+
+SETTINGS = ("linear", "linear-hard", "logistic")
 
 
 def make_environment(
@@ -266,13 +319,16 @@ def make_environment(
     noise: float,
     delta: float = 0.4,
     eps: float = 0.1,
+    scale: float = 3.0,
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
 ) -> Environment:
-    """Build a standard environment by name (``linear`` or ``linear-hard``)."""
+    """Build a standard environment by name (``linear``, ``linear-hard`` or ``logistic``)."""
     if setting == "linear":
         return LinearEnvironment(dim, rank, delta=delta, noise=noise, seed=seed, device=device, dtype=dtype)
     if setting == "linear-hard":
         return LinearHardEnvironment(dim, rank, eps=eps, noise=noise, seed=seed, device=device, dtype=dtype)
+    if setting == "logistic":
+        return LogisticEnvironment(dim, rank, delta=delta, scale=scale, seed=seed, device=device, dtype=dtype)
     raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")

@@ -33,6 +33,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "linear": dict(
         setting="linear", dim=20, rank=3, tasks=100, samples=25, target_samples=[10, 20, 40, 80, 160], target_tasks=20, delta=0.4, noise=0.5, seeds=5
     ),
+    "logistic": dict(
+        setting="logistic", dim=20, rank=3, tasks=200, samples=50, target_samples=[20, 40, 80, 160, 320], target_tasks=20, delta=0.4, scale=3.0, seeds=5
+    ),
     "linear-hard": dict(
         setting="linear-hard", dim=20, rank=2, tasks=50, samples=100, target_samples=[10, 25, 50, 100], target_tasks=20, eps=0.1, noise=0.5, seeds=5
     ),
@@ -51,7 +54,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    setting: Literal["linear", "linear-hard"] = "linear"
+    setting: Literal["linear", "linear-hard", "logistic"] = "linear"
     dim: int = Field(20, gt=0, description="input dimension d")
     rank: int = Field(3, gt=0, description="representation dimension k")
     tasks: int = Field(100, gt=0, description="number of source tasks T")
@@ -62,6 +65,7 @@ class RunConfig(BaseModel):
     delta: float = Field(0.4, ge=0, allow_inf_nan=False, description="perturbation size (linear)")
     noise: float = Field(0.5, ge=0, allow_inf_nan=False, description="noise standard deviation sigma")
     eps: float = Field(0.1, gt=0, allow_inf_nan=False, description="input variance of the low-variance block (linear-hard)")
+    scale: float = Field(3.0, gt=0, allow_inf_nan=False, description="signal scale s of the logits (logistic)")
     seeds: int = Field(5, gt=0, description="number of seeds (0 .. seeds-1)")
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
     device: str = "cpu"
@@ -155,7 +159,16 @@ class RunConfig(BaseModel):
 
     def environment(self, seed: int) -> Environment:
         return make_environment(
-            self.setting, dim=self.dim, rank=self.rank, noise=self.noise, delta=self.delta, eps=self.eps, seed=seed, device=self.device, dtype=self.torch_dtype
+            self.setting,
+            dim=self.dim,
+            rank=self.rank,
+            noise=self.noise,
+            delta=self.delta,
+            eps=self.eps,
+            scale=self.scale,
+            seed=seed,
+            device=self.device,
+            dtype=self.torch_dtype,
         )
 
 
@@ -286,6 +299,7 @@ def _evaluate_targets(
         synchronize(beta_hat.device)
         adapt_time = (time.perf_counter() - start) / R
         risk = env.excess_risk(beta_hat, target.beta).cpu().numpy()
+        extra = {name: values.cpu().numpy() for name, values in env.metrics(beta_hat, target.beta).items()}
         rep = method.representation
         common: dict[str, Any] = {
             "setting": config.setting,
@@ -302,7 +316,7 @@ def _evaluate_targets(
             common["opt_block_share"] = block_share(rep, env.opt_block) if rep is not None else math.nan
         strength = method.last_strength
         for r in range(R):
-            row = {**common, "target_task": r, "excess_risk": float(risk[r])}
+            row = {**common, "target_task": r, "excess_risk": float(risk[r]), **{name: float(values[r]) for name, values in extra.items()}}
             row["finetune_strength"] = float(strength[r]) if strength is not None else math.nan
             rows.append(row)
         step(f"{config.setting} seed {seed}: adapt {name} (m={m})")

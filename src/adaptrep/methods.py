@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .environments import Tasks
 from .finetune import FineTune, fit_head
-from .solvers import SourceFit, estimate_noise, fit_source, spd_solve
+from .models import cv_heads, describe, finetune, fit_heads, fit_shared, linear_model
+from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, spd_solve, sufficient_statistics
 
 __all__ = ["synchronize", "Method", "AdaptRep", "FrozenRep", "TargetOnly", "Oracle", "METHODS", "make_method", "theory_penalty"]
 
@@ -74,11 +75,24 @@ class _AdaptsRepresentation(Method):
         if self.representation is None:
             raise RuntimeError(f"{type(self).__name__}.adapt called before fit")
         B = self.representation.to(target.X)
+        if target.loss != "squared":
+            return self._adapt_generic(B, target, generator)
         if self.finetune is None:
             G, c, _ = target.gram()
             return fit_head(B, G, c)
         beta, self.last_strength = self.finetune.adapt(B, target.X, target.y, generator, noise=self.noise_estimate, noise_dof=self.noise_dof)
         return beta
+
+    def _adapt_generic(self, B: Tensor, target: Tasks, generator: torch.Generator | None) -> Tensor:
+        """Other losses (:mod:`adaptrep.models`): heads with a cross-validated ridge, then
+        fine-tuning by gradient descent with a cross-validated number of steps."""
+        model, theta = linear_model(target.loss), {"B": B}  # type: ignore[arg-type]
+        w, ridge = cv_heads(model, theta, target.X, target.y, generator)
+        if self.finetune is None:
+            return w @ B.T
+        delta, w, steps = finetune(model, theta, target.X, target.y, generator, ridge=ridge)
+        self.last_strength = steps.to(target.X.dtype)
+        return ((B + delta["B"]) @ w.unsqueeze(-1)).squeeze(-1)
 
     def _estimate_noise(self, stats: tuple[Tensor, Tensor, Tensor], source: Tasks, rank: int) -> float:
         self.noise_estimate, self.noise_dof = estimate_noise(*stats, source.num_samples, rank)
@@ -97,10 +111,16 @@ class _RepresentationMethod(_AdaptsRepresentation):
     def _penalty(self, source: Tasks, rank: int, noise: float) -> tuple[float, float | None]:
         raise NotImplementedError
 
+    def _generic_penalty(self, source: Tasks, rank: int) -> tuple[float | None, float]:
+        """``(lam, gamma)`` of the generic objective (``lam=None``: no perturbations)."""
+        raise NotImplementedError
+
     def fit(self, source: Tasks) -> Method:
         rank = self.rank if self.rank is not None else source.representation.shape[1]
         if not 1 <= rank <= source.dim:
             raise ValueError(f"rank must be between 1 and the input dimension {source.dim}; got {rank}")
+        if source.loss != "squared":
+            return self._fit_generic(source, rank)
         start = time.perf_counter()
         G, c, q = source.gram()
         penalty, radius = self._penalty(source, rank, self._estimate_noise((G, c, q), source, rank))
@@ -118,6 +138,19 @@ class _RepresentationMethod(_AdaptsRepresentation):
             "source_penalty": penalty,
             "noise_estimate": self.noise_estimate,
         }
+        return self
+
+    def _fit_generic(self, source: Tasks, rank: int) -> Method:
+        """Other losses: the generic objective of :mod:`adaptrep.models` for the linear model,
+        from the moment start of the centred labels (for logistic tasks ``E[(y - 1/2) x]`` is a
+        multiple of ``Sigma beta_t``)."""
+        start = time.perf_counter()
+        G, c, _ = sufficient_statistics(source.X, source.y - 0.5)
+        lam, gamma = self._generic_penalty(source, rank)
+        fit = fit_shared(linear_model(source.loss), {"B": moment_inits(G, c, rank)[0]}, source.X, source.y, lam=lam, gamma=gamma)  # type: ignore[arg-type]
+        self.representation = fit.theta["B"]
+        synchronize(self.representation.device)
+        self.info = {"source_time": time.perf_counter() - start, **describe(fit), "source_penalty": lam if lam is not None else math.inf}
         return self
 
 
@@ -160,6 +193,19 @@ class AdaptRep(_RepresentationMethod):
             raise ValueError(f"the ADAPTREP penalty must be non-negative; got {mu}")
         return mu, None
 
+    def _generic_penalty(self, source: Tasks, rank: int) -> tuple[float | None, float]:
+        """The paper's ``lam, gamma`` if given; else ``lam = penalty`` (default: twice the theory
+        weights at the noise level 1/2, the largest standard deviation of a Bernoulli label) and
+        a weak ``gamma = 1e-4`` on the heads. (With ``B`` kept orthonormal the heads cannot trade
+        scale with ``Delta``, so the folded equivalence ``mu = 2 sqrt(lam gamma)`` does not
+        apply; ``lam`` is the perturbations' ridge.)"""
+        if self.radius is not None:
+            raise ValueError("the constrained form (radius) is implemented for the squared loss only; use penalty, or lam and gamma")
+        if self.lam is not None and self.gamma is not None:
+            return float(self.lam), float(self.gamma)
+        lam = float(self.penalty) if self.penalty is not None else 2 * theory_penalty(0.5, source.dim, rank, source.num_tasks, source.num_samples)
+        return lam, 1e-4
+
 
 @dataclass
 class FrozenRep(_RepresentationMethod):
@@ -172,6 +218,9 @@ class FrozenRep(_RepresentationMethod):
     def _penalty(self, source: Tasks, rank: int, noise: float) -> tuple[float, float | None]:
         return math.inf, None
 
+    def _generic_penalty(self, source: Tasks, rank: int) -> tuple[float | None, float]:
+        return None, 1e-4
+
 
 @dataclass
 class Oracle(_AdaptsRepresentation):
@@ -179,7 +228,8 @@ class Oracle(_AdaptsRepresentation):
 
     def fit(self, source: Tasks) -> Method:
         self.representation = source.representation
-        self._estimate_noise(source.gram(), source, self.representation.shape[1])
+        if source.loss == "squared":
+            self._estimate_noise(source.gram(), source, self.representation.shape[1])
         self.info = {"noise_estimate": self.noise_estimate}
         return self
 
@@ -188,12 +238,19 @@ class Oracle(_AdaptsRepresentation):
 class TargetOnly(Method):
     """Least squares on the target alone: minimum-norm when ``m <= d``, or ridge with ``ridge > 0``.
 
-    Ridge minimises ``(1/m) ||y - X beta||^2 + ridge ||beta||^2``.
+    Ridge minimises ``(1/m) ||y - X beta||^2 + ridge ||beta||^2``. For logistic tasks: logistic
+    regression with the penalty ``ridge ||beta||^2``, its strength chosen by 5-fold
+    cross-validation (:func:`adaptrep.models.cv_heads`) unless ``ridge > 0`` is given.
     """
 
     ridge: float = 0.0
 
     def adapt(self, target: Tasks, generator: torch.Generator | None = None) -> Tensor:
+        if target.loss != "squared":
+            model, identity = linear_model(target.loss), {"B": torch.eye(target.dim, dtype=target.X.dtype, device=target.X.device)}  # type: ignore[arg-type]
+            if self.ridge > 0:
+                return fit_heads(model, identity, target.X, target.y, ridge=self.ridge)
+            return cv_heads(model, identity, target.X, target.y, generator)[0]
         if self.ridge > 0:
             G, c, _ = target.gram()
             eye = torch.eye(target.dim, dtype=G.dtype, device=G.device)

@@ -58,8 +58,9 @@ def risk_figure(results: pd.DataFrame, config: dict[str, Any], path: Path) -> Pa
         ax.fill_between(part["m"], part["ci_low"].clip(lower=1e-6), part["ci_high"], color=color, alpha=0.15)
     ms = np.unique(np.geomspace(min(summary["m"]), max(summary["m"]), 200).round().astype(int))
     d, k, sigma = config["dim"], config["rank"], config["noise"]
-    closed = [target_only_risk(d, int(m), sigma) for m in ms]
-    ax.plot(ms, closed, "k--", lw=1, label=r"theory: target-only $\sigma^2 d/(m-d-1)$")
+    if config["setting"] in ("linear", "linear-hard"):
+        closed = [target_only_risk(d, int(m), sigma) for m in ms]
+        ax.plot(ms, closed, "k--", lw=1, label=r"theory: target-only $\sigma^2 d/(m-d-1)$")
     if config["setting"] == "linear":
         ax.plot(ms, [oracle_head_risk(d, k, int(m), sigma, config["delta"]) for m in ms], ":", color="tab:green", lw=1.2, label="theory: head-only on $B^*$")
     ax.set_xscale("log")
@@ -99,6 +100,10 @@ def representation_figure(results: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+#: The config keys that matter for each setting, beside the sizes.
+SETTING_KEYS = {"linear": ("noise", "delta"), "linear-hard": ("noise", "eps"), "logistic": ("delta", "scale")}
+
+
 def write_report(
     results: pd.DataFrame, configs: list[dict[str, Any]], out: Path, labels: list[dict[str, Any]] | None = None, failed: pd.DataFrame | None = None
 ) -> Path:
@@ -124,7 +129,7 @@ def write_report(
             "",
             "```",
             " ".join(
-                [f"{key}={config[key]}" for key in ("dim", "rank", "tasks", "samples", "target_tasks", "noise", "delta" if setting == "linear" else "eps")]
+                [f"{key}={config[key]}" for key in ("dim", "rank", "tasks", "samples", "target_tasks", *SETTING_KEYS[setting])]
                 + [f"seeds={part['seed'].nunique()}"]
             ),
             "```",

@@ -68,9 +68,12 @@ class Run:
 
     @property
     def id(self) -> str:
-        """A hash of the resolved config (without its seed count) and the seed: the same sweep
-        always has the same runs, and a run shared by two sweeps is computed once."""
-        text = json.dumps({"config": self.stored_config(), "seed": self.seed}, sort_keys=True)
+        """A hash of the resolved config (without its seed count), the seed and the adaptrep
+        version: the same sweep always has the same runs, a run shared by two sweeps is computed
+        once, and a new version of the library never reuses an older version's results."""
+        from . import __version__
+
+        text = json.dumps({"config": self.stored_config(), "seed": self.seed, "adaptrep": __version__}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def stored_config(self) -> dict[str, Any]:

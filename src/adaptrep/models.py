@@ -1,0 +1,319 @@
+"""The generic model interface: any representation ``phi_theta`` with a linear head and a loss.
+
+A :class:`Model` is ``f(x) = <phi_theta(x), w>`` with ``theta`` a dict of tensors (``features``
+is a pure function of ``theta`` and the inputs; a user's ``torch.nn.Module`` is used the same way
+through :func:`torch.func.functional_call`, see :meth:`Model.from_module`) and a loss
+(``"squared"``: mean squared error; ``"logistic"``: mean log-loss with labels in {0, 1}).
+
+ADAPTREP's task ``t`` uses the perturbed representation ``theta + Delta_t`` and its own head:
+
+    min_theta mean_t min_{Delta_t, w_t} L_t(theta + Delta_t, w_t) + lam ||Delta_t||^2 + gamma ||w_t||^2
+
+(the paper's regularised form, with our loss twice its ``1/(2n)`` one); FROZENREP fixes
+``Delta_t = 0``. For the linear model ``phi_B(x) = B^T x`` the task's predictor is
+``(B + Delta_t) w_t = B w_t + v_t`` with ``v_t = Delta_t w_t``, and minimising the penalty over
+the ``(Delta_t, w_t)`` that give the same ``v_t`` (and ``B w_t``) yields ``2 sqrt(lam gamma) ||v_t||``:
+the folded objective that :func:`adaptrep.solvers.fit_source` solves exactly for the squared
+loss. Other models and losses are trained here by full-batch Adam on all tasks at once: the
+per-task objective is :func:`torch.func.vmap`-ed over tasks, with no Python loop over tasks.
+
+Target adaptation (:func:`finetune`): gradient descent (Adam) on ``(Delta, w)`` from the learned
+``theta`` and the refitted head, stopped early after a number of steps chosen per target by
+K-fold cross-validation of the held-out loss (0 steps is head-only adaptation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from .logistic import fit_logistic
+from .solvers import matmul, spd_solve
+
+__all__ = ["Model", "Params", "Loss", "linear_model", "relu_model", "task_loss", "fit_shared", "SharedFit", "fit_heads", "cv_heads", "finetune"]
+
+Params = dict[str, Tensor]
+Loss = Literal["squared", "logistic"]
+
+
+def _identity(theta: Params) -> Params:
+    return theta
+
+
+@dataclass(frozen=True)
+class Model:
+    """``f(x) = <phi_theta(x), w>``: ``features(theta, X)`` maps ``(n, d)`` inputs to ``(n, k)``
+    features; ``retract`` maps ``theta`` back to a normal form after each optimisation step
+    (e.g. orthonormal columns) where the objective does not depend on it."""
+
+    features: Callable[[Params, Tensor], Tensor]
+    loss: Loss = "squared"
+    retract: Callable[[Params], Params] = _identity
+
+    @staticmethod
+    def from_module(module: torch.nn.Module, loss: Loss = "squared") -> tuple[Model, Params]:
+        """A model from a ``torch.nn.Module`` mapping ``(n, d)`` to ``(n, k)`` features, and its
+        current parameters as ``theta`` (the module itself is not modified)."""
+        theta = {name: p.detach().clone() for name, p in module.named_parameters()}
+        return Model(lambda params, X: functional_call(module, params, (X,)), loss), theta
+
+
+def linear_model(loss: Loss = "squared") -> Model:
+    """``phi_B(x) = B^T x`` with ``theta = {"B": (d, k)}``, kept orthonormal (QR)."""
+
+    def retract(theta: Params) -> Params:
+        Q, R = torch.linalg.qr(theta["B"])
+        return {"B": Q * torch.sign(torch.diagonal(R)).unsqueeze(0)}
+
+    return Model(lambda theta, X: X @ theta["B"], loss, retract)
+
+
+def relu_model(loss: Loss = "squared") -> Model:
+    """The first layer of a two-layer ReLU network, ``phi_W(x) = ReLU(W^T x) / sqrt(k)`` with
+    ``theta = {"W": (d, k)}``, kept with unit-norm columns (ReLU is positively homogeneous, so
+    the head absorbs the scale)."""
+
+    def features(theta: Params, X: Tensor) -> Tensor:
+        W = theta["W"]
+        return torch.relu(X @ W) / math.sqrt(W.shape[-1])
+
+    def retract(theta: Params) -> Params:
+        W = theta["W"]
+        return {"W": W / W.norm(dim=0, keepdim=True).clamp_min(1e-12)}
+
+    return Model(features, loss, retract)
+
+
+def pointwise_loss(loss: Loss, prediction: Tensor, y: Tensor) -> Tensor:
+    """Per-sample loss: squared error, or log-loss ``softplus(f) - y f`` for labels in {0, 1}."""
+    if loss == "squared":
+        return (prediction - y) ** 2
+    return torch.nn.functional.softplus(prediction) - y * prediction
+
+
+def task_loss(model: Model, theta: Params, delta: Params | None, w: Tensor, X: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
+    """One task's mean loss ``L_t(theta + Delta, w)`` (weighted by ``weight`` when given)."""
+    params = theta if delta is None else {name: value + delta[name] for name, value in theta.items()}
+    values = pointwise_loss(model.loss, model.features(params, X) @ w, y)
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() / weight.sum()
+
+
+def fit_heads(model: Model, theta: Params, X: Tensor, y: Tensor, weight: Tensor | None = None, ridge: float | Tensor = 1e-6) -> Tensor:
+    """Per-task heads on fixed features (``(T, k)``): ridge least squares, or L2-regularised
+    logistic regression (Newton), with penalty ``ridge ||w||^2`` (a number or ``(T,)``) on the
+    mean (weighted) loss."""
+    Phi = vmap(model.features, in_dims=(None, 0))(theta, X)
+    n = Phi.shape[1]
+    if weight is None:
+        weight = torch.ones(Phi.shape[:2], dtype=Phi.dtype, device=Phi.device)
+    Phi, y, count = Phi * weight.unsqueeze(-1), y * weight, weight.sum(-1)
+    ridge = torch.as_tensor(ridge, dtype=Phi.dtype, device=Phi.device).expand(Phi.shape[0])
+    if model.loss == "squared":
+        G = matmul(Phi.transpose(-1, -2), Phi) / count[:, None, None]
+        c = (Phi.transpose(-1, -2) @ y.unsqueeze(-1)).squeeze(-1) / count[:, None]
+        eye = torch.eye(Phi.shape[-1], dtype=Phi.dtype, device=Phi.device)
+        return spd_solve(G + ridge[:, None, None] * eye, c)
+    # rows zeroed by the weight add a constant to fit_logistic's loss (a mean over all n rows) and
+    # nothing to its gradient; its penalty (lambda / 2) ||w||^2 is rescaled to match ours
+    return fit_logistic(Phi, y, 2 * ridge * count / n)
+
+
+#: Ridge strengths that :func:`cv_heads` chooses from.
+RIDGES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+def _fold_masks(R: int, m: int, folds: int, generator: torch.Generator, like: Tensor) -> Tensor:
+    """Held-out masks ``(R, F, m)``: a random balanced split of each target into ``folds`` folds."""
+    order = torch.stack([torch.randperm(m, generator=generator) for _ in range(R)])
+    fold_of = torch.empty(R, m, dtype=torch.long)
+    fold_of.scatter_(1, order, (torch.arange(m) % folds).expand(R, m).contiguous())
+    return (fold_of.unsqueeze(1) == torch.arange(folds).view(1, folds, 1)).to(like.device, like.dtype)
+
+
+def _repeat(tensor: Tensor, times: int) -> Tensor:
+    """``(R, ...)`` -> ``(R * times, ...)``, each row repeated ``times`` times in a row."""
+    return tensor.unsqueeze(1).expand(tensor.shape[0], times, *tensor.shape[1:]).reshape(tensor.shape[0] * times, *tensor.shape[1:])
+
+
+def cv_heads(
+    model: Model, theta: Params, X: Tensor, y: Tensor, generator: torch.Generator | None = None, folds: int = 5, ridges: tuple[float, ...] = RIDGES
+) -> tuple[Tensor, Tensor]:
+    """Heads on fixed features with the ridge strength chosen per target by ``folds``-fold
+    cross-validation of the held-out loss (all targets x folds x strengths in one batch).
+    Returns the heads ``(R, k)`` refitted on all the data and the chosen strengths ``(R,)``."""
+    R, m, _ = X.shape
+    folds = max(2, min(folds, m))
+    valid = _fold_masks(R, m, folds, generator or torch.Generator().manual_seed(0), X)  # (R, F, m)
+    L = len(ridges)
+    grid = torch.tensor(ridges, dtype=X.dtype, device=X.device)
+    XF, yF = _repeat(X, folds * L), _repeat(y, folds * L)
+    validF = _repeat(valid, L).reshape(R * folds * L, m)
+    w = fit_heads(model, theta, XF, yF, weight=1 - validF, ridge=grid.repeat(R * folds))
+    held_out = vmap(lambda w, X, y, weight: task_loss(model, theta, None, w, X, y, weight))(w, XF, yF, validF)
+    best = held_out.reshape(R, folds, L).mean(1).argmin(-1)
+    chosen = grid[best]
+    return fit_heads(model, theta, X, y, ridge=chosen), chosen
+
+
+@dataclass
+class SharedFit:
+    """Result of :func:`fit_shared`: the shared ``theta``, per-task ``delta`` and heads ``w``."""
+
+    theta: Params
+    delta: Params | None
+    w: Tensor
+    objective: float
+    grad_norm: float
+    history: list[float] = field(default_factory=list)
+
+
+def _objective(model: Model, lam: float | None, gamma: float) -> Callable[..., Tensor]:
+    def one(theta: Params, delta: Params | None, w: Tensor, X: Tensor, y: Tensor) -> Tensor:
+        value = task_loss(model, theta, delta, w, X, y) + gamma * (w * w).sum()
+        if delta is not None and lam is not None:
+            value = value + lam * sum((d * d).sum() for d in delta.values())
+        return value
+
+    return vmap(one, in_dims=(None, None if lam is None else 0, 0, 0, 0))
+
+
+def fit_shared(model: Model, theta0: Params, X: Tensor, y: Tensor, *, lam: float | None, gamma: float = 0.0, steps: int = 300, lr: float = 0.005) -> SharedFit:
+    """Source training of the generic objective (module docstring) by full-batch Adam.
+
+    ``lam=None`` is FROZENREP (no perturbations). Heads start from their fit on ``theta0``'s
+    features, perturbations from 0; the learning rate decays on a cosine from ``lr`` to
+    ``lr / 100``; ``theta`` is retracted to its normal form after every step.
+    """
+    theta = {name: value.detach().clone().requires_grad_() for name, value in model.retract(theta0).items()}
+    T = X.shape[0]
+    delta = (
+        None
+        if lam is None
+        else {name: torch.zeros(T, *value.shape, dtype=value.dtype, device=value.device, requires_grad=True) for name, value in theta.items()}
+    )
+    w = fit_heads(model, {n: v.detach() for n, v in theta.items()}, X, y, ridge=max(gamma, 1e-6)).requires_grad_()
+    objective = _objective(model, lam, gamma)
+    leaves = [*theta.values(), *(delta.values() if delta else []), w]
+    optimiser = torch.optim.Adam(leaves, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps, eta_min=lr / 100)
+    history = []
+    for _ in range(steps):
+        optimiser.zero_grad()
+        value = objective(theta, delta, w, X, y).mean()
+        value.backward()
+        optimiser.step()
+        schedule.step()
+        with torch.no_grad():
+            for name, new in model.retract({n: v.detach() for n, v in theta.items()}).items():
+                theta[name].copy_(new)
+        history.append(float(value.detach()))
+    optimiser.zero_grad()
+    value = objective(theta, delta, w, X, y).mean()
+    value.backward()
+    grad_norm = math.sqrt(sum(float((leaf.grad**2).sum()) for leaf in leaves if leaf.grad is not None))
+    detach = lambda params: {n: v.detach() for n, v in params.items()}  # noqa: E731
+    return SharedFit(detach(theta), None if delta is None else detach(delta), w.detach(), float(value.detach()), grad_norm, history)
+
+
+def finetune(
+    model: Model,
+    theta: Params,
+    X: Tensor,
+    y: Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    folds: int = 5,
+    max_steps: int = 256,
+    lr: float = 1.0,
+    ridge: float | Tensor = 1e-6,
+) -> tuple[Params, Tensor, Tensor]:
+    """Fine-tune ``(Delta, w)`` on each target from ``(0, fitted head)`` by gradient descent (step
+    ``lr`` over a curvature bound), stopped after the number of steps (0, 1, 2, 4, ... up to
+    ``max_steps``) with the lowest ``folds``-fold cross-validated held-out loss. All targets and
+    folds are one batch.
+
+    The heads carry the penalty ``ridge ||w||^2`` (a number or ``(R,)``, e.g. from :func:`cv_heads`).
+    Returns the perturbations (per target), heads ``(R, k)`` and chosen step counts ``(R,)``.
+    """
+    R, m, _ = X.shape
+    folds = max(2, min(folds, m))
+    valid = _fold_masks(R, m, folds, generator or torch.Generator().manual_seed(0), X).reshape(R * folds, m)
+    ridge = torch.as_tensor(ridge, dtype=X.dtype, device=X.device).expand(R)
+    checkpoints = [0, *(2**i for i in range(max(0, max_steps).bit_length()) if 2**i <= max_steps)]
+    curves = _descend(model, theta, _repeat(X, folds), _repeat(y, folds), 1 - valid, valid, _repeat(ridge, folds), checkpoints, lr)[2]
+    best = one_standard_error(curves.reshape(R, folds, -1))
+    ones = torch.ones(R, m, dtype=X.dtype, device=X.device)
+    deltas, heads, _ = _descend(model, theta, X, y, ones, None, ridge, checkpoints, lr)
+    pick = torch.arange(R, device=X.device)
+    return {n: v[best, pick] for n, v in deltas.items()}, heads[best, pick], torch.tensor(checkpoints, device=X.device)[best]
+
+
+def one_standard_error(losses: Tensor, tolerance: float = 1.0) -> Tensor:
+    """The one-standard-error rule on held-out losses ``(R, F, C)`` (folds ``F``, candidates ``C``
+    ordered from the most to the least regularised): per target, the first candidate whose mean
+    loss is within one standard error (over folds) of the lowest mean."""
+    mean = losses.mean(1)
+    error = losses.std(1) / math.sqrt(losses.shape[1])
+    best = mean.argmin(-1, keepdim=True)
+    threshold = mean.gather(-1, best) + tolerance * error.gather(-1, best)
+    return (mean <= threshold).to(torch.int64).argmax(-1)
+
+
+def _descend(
+    model: Model, theta: Params, X: Tensor, y: Tensor, train: Tensor, valid: Tensor | None, ridge: Tensor, checkpoints: list[int], lr: float
+) -> tuple[Params, Tensor, Tensor]:
+    """Gradient descent on ``(Delta, w)`` per task (weighted by ``train``) from ``(0, head)``, with
+    the step ``lr / L_t`` for a curvature bound ``L_t``; snapshots after each number of steps in
+    ``checkpoints`` (``(C, T, ...)``) and, with ``valid``, the held-out loss there (``(T, C)``)."""
+    T = X.shape[0]
+    w = fit_heads(model, theta, X, y, weight=train, ridge=ridge).requires_grad_()
+    step_size = lr / _curvature(model, X, train, w.detach())
+    delta = {name: torch.zeros(T, *value.shape, dtype=value.dtype, device=value.device, requires_grad=True) for name, value in theta.items()}
+    loss = vmap(lambda d, w, X, y, weight: task_loss(model, theta, d, w, X, y, weight), in_dims=(0, 0, 0, 0, 0))
+    snapshots_delta: dict[str, list[Tensor]] = {name: [] for name in delta}
+    snapshots_w: list[Tensor] = []
+    held_out: list[Tensor] = []
+    for step in range(checkpoints[-1] + 1):
+        if step in checkpoints:
+            with torch.no_grad():
+                for name, value in delta.items():
+                    snapshots_delta[name].append(value.detach().clone())
+                snapshots_w.append(w.detach().clone())
+                if valid is not None:
+                    held_out.append(loss(delta, w, X, y, valid))
+        if step == checkpoints[-1]:
+            break
+        leaves = [*delta.values(), w]
+        grads = torch.autograd.grad((loss(delta, w, X, y, train) + ridge * (w * w).sum(-1)).sum(), leaves)
+        with torch.no_grad():
+            for leaf, grad in zip(leaves, grads, strict=True):
+                leaf -= step_size.view(-1, *[1] * (leaf.ndim - 1)) * grad
+    curves = torch.stack(held_out, -1) if held_out else torch.empty(0)
+    return {n: torch.stack(v) for n, v in snapshots_delta.items()}, torch.stack(snapshots_w), curves
+
+
+#: Upper bounds on the second derivative of each loss in the prediction.
+CURVATURE = {"squared": 2.0, "logistic": 0.25}
+
+
+def _curvature(model: Model, X: Tensor, weight: Tensor, w: Tensor) -> Tensor:
+    """A per-task bound ``L_t`` on the curvature of the loss in ``(Delta, w)`` near the start:
+    ``c * lambda_max(X^T diag(weight) X / sum(weight)) * (||w||^2 + 1)`` (exact for the linear
+    model with orthonormal ``B``; a heuristic scale for others)."""
+    Xw = X * weight.unsqueeze(-1)
+    gram = matmul(Xw.transpose(-1, -2), Xw) / weight.sum(-1)[:, None, None]
+    top = torch.linalg.eigvalsh(gram)[..., -1]
+    return CURVATURE[model.loss] * top * ((w * w).sum(-1) + 1)
+
+
+def describe(fit: SharedFit) -> dict[str, Any]:
+    """Diagnostics of a source fit for ``Method.info``."""
+    return {"source_objective": fit.objective, "source_grad_norm": fit.grad_norm, "source_iterations": len(fit.history)}

@@ -1,0 +1,136 @@
+"""The generic model interface: gradients, batching, the reduction to the linear case, the logistic setting."""
+
+import math
+
+import pytest
+import torch
+from torch.func import vmap
+
+from adaptrep.environments import LinearEnvironment, LogisticEnvironment
+from adaptrep.methods import TargetOnly, make_method
+from adaptrep.models import Model, _objective, cv_heads, fit_heads, fit_shared, linear_model, one_standard_error, relu_model, task_loss
+from adaptrep.solvers import fit_source, moment_inits
+
+F64 = torch.float64
+
+
+def _problem(loss, T=4, n=7, d=5, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, n, d, generator=g, dtype=F64)
+    y = (torch.rand(T, n, generator=g, dtype=F64) < 0.5).to(F64) if loss == "logistic" else torch.randn(T, n, generator=g, dtype=F64)
+    theta = {"B": torch.linalg.qr(torch.randn(d, k, generator=g, dtype=F64))[0]}
+    delta = {"B": 0.1 * torch.randn(T, d, k, generator=g, dtype=F64)}
+    w = torch.randn(T, k, generator=g, dtype=F64)
+    return X, y, theta, delta, w
+
+
+MODELS = {"linear-logistic": (linear_model, "logistic", "B"), "linear-squared": (linear_model, "squared", "B"), "relu-squared": (relu_model, "squared", "W")}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_objective_gradient_matches_finite_differences(name):
+    factory, loss, key = MODELS[name]
+    X, y, theta, delta, w = _problem(loss)
+    model = factory(loss)
+    theta, delta = {key: theta["B"] + 0.3}, {key: delta["B"]}  # generic position (ReLU kinks avoided a.s.)
+    objective = _objective(model, lam=0.3, gamma=0.05)
+
+    def total(t, d, w):
+        return objective({key: t}, {key: d}, w, X, y).mean()
+
+    inputs = tuple(x.clone().requires_grad_() for x in (theta[key], delta[key], w))
+    assert torch.autograd.gradcheck(total, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_batched_objective_and_heads_equal_a_per_task_loop(name):
+    factory, loss, key = MODELS[name]
+    X, y, theta, delta, w = _problem(loss)
+    model = factory(loss)
+    theta, delta = {key: theta["B"]}, {key: delta["B"]}
+    batched = vmap(lambda d, w, X, y: task_loss(model, theta, d, w, X, y), in_dims=(0, 0, 0, 0))(delta, w, X, y)
+    looped = torch.stack([task_loss(model, theta, {key: delta[key][t]}, w[t], X[t], y[t]) for t in range(X.shape[0])])
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-12)
+    heads = fit_heads(model, theta, X, y, ridge=0.01)
+    one_by_one = torch.cat([fit_heads(model, theta, X[t : t + 1], y[t : t + 1], ridge=0.01) for t in range(X.shape[0])])
+    torch.testing.assert_close(heads, one_by_one, rtol=1e-8, atol=1e-10)
+
+
+def test_user_module_through_functional_call_equals_the_built_in_model():
+    X, y, theta, delta, w = _problem("squared")
+    layer = torch.nn.Linear(5, 2, bias=False, dtype=F64)
+    with torch.no_grad():
+        layer.weight.copy_(theta["B"].T)
+    model, params = Model.from_module(layer)
+    torch.testing.assert_close(fit_heads(model, params, X, y), fit_heads(linear_model(), theta, X, y))
+
+
+def test_generic_frozen_objective_reaches_the_exact_linear_solver():
+    """For the linear model and squared loss the generic Adam path solves the same FROZENREP
+    problem that fit_source solves exactly (the reduction in the models docstring)."""
+    env = LinearEnvironment(dim=8, rank=2, delta=0.2, noise=0.3, seed=1)
+    source = env.sample_tasks(30, 20, torch.Generator().manual_seed(0))
+    G, c, q = source.gram()
+    exact = fit_source(G, c, q, 2)
+    generic = fit_shared(linear_model(), {"B": moment_inits(G, c, 2)[0]}, source.X, source.y, lam=None, gamma=0.0, steps=600, lr=0.01)
+    assert generic.objective == pytest.approx(exact.objective, rel=1e-4)
+    from adaptrep.metrics import subspace_distance
+
+    assert subspace_distance(generic.theta["B"], exact.B) < 1e-2
+
+
+def test_target_only_logistic_equals_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    env = LogisticEnvironment(dim=6, rank=2, delta=0.3, scale=2.0, seed=0)
+    target = env.sample_tasks(3, 60, torch.Generator().manual_seed(3))
+    ridge = 0.02
+    ours = TargetOnly(ridge=ridge).adapt(target)
+    for t in range(3):
+        X, y = target.X[t].numpy(), target.y[t].numpy()
+        # ours: mean log-loss + ridge ||beta||^2; scikit-learn: C sum log-loss + ||beta||^2 / 2
+        peer = sklearn.LogisticRegression(C=1 / (2 * ridge * len(y)), fit_intercept=False, solver="lbfgs", tol=1e-12, max_iter=10_000).fit(X, y)
+        reference = torch.tensor(peer.coef_[0], dtype=F64)
+        assert ((ours[t] - reference).norm() / reference.norm()).item() < 1e-4
+
+
+def test_logistic_environment_labels_and_exact_risk():
+    env = LogisticEnvironment(dim=4, rank=2, delta=0.3, scale=3.0, seed=0)
+    tasks = env.sample_tasks(2, 200_000, torch.Generator().manual_seed(1))
+    assert tasks.loss == "logistic" and set(tasks.y.unique().tolist()) == {0.0, 1.0}
+    # labels follow sigmoid(<x, beta>): the empirical log-loss of the truth is its Bayes risk
+    margin = (tasks.X @ tasks.beta.unsqueeze(-1)).squeeze(-1)
+    empirical = (torch.nn.functional.softplus(margin) - tasks.y * margin).mean(-1)
+    from adaptrep.logistic import bayes_logistic_risk
+
+    exact = bayes_logistic_risk(tasks.beta, env.input_scale)
+    torch.testing.assert_close(empirical, exact, rtol=0.02, atol=0.0)
+    assert env.excess_risk(tasks.beta, tasks.beta).abs().max() < 1e-12
+    assert (env.excess_risk(0.5 * tasks.beta, tasks.beta) > 0).all() and (env.metrics(-tasks.beta, tasks.beta)["excess_error01"] > 0).all()
+
+
+def test_cross_validated_heads_pick_a_strong_ridge_for_pure_noise():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 40, 10, generator=g, dtype=F64)
+    y = (torch.rand(6, 40, generator=g, dtype=F64) < 0.5).to(F64)  # labels independent of x
+    _, chosen = cv_heads(linear_model("logistic"), {"B": torch.eye(10, dtype=F64)}, X, y, g)
+    assert chosen.median() >= 0.1
+
+
+def test_one_standard_error_rule():
+    losses = torch.tensor([[[1.0, 0.9, 0.5], [1.0, 0.9, 0.5], [1.0, 0.9, 0.5]]])  # no spread: the minimum
+    assert one_standard_error(losses).tolist() == [2]
+    noisy = torch.tensor([[[1.0, 0.95], [0.6, 0.55], [1.4, 1.35]]])  # a gain far below the spread: the first
+    assert one_standard_error(noisy).tolist() == [0]
+
+
+def test_logistic_methods_run_and_fine_tuning_helps_with_many_samples():
+    env = LogisticEnvironment(dim=10, rank=2, delta=0.5, scale=3.0, seed=0)
+    source = env.sample_tasks(60, 40, torch.Generator().manual_seed(0))
+    target = env.sample_tasks(10, 400, torch.Generator().manual_seed(1))
+    risks = {}
+    for name in ("adaptrep", "frozenrep", "target-only"):
+        beta = make_method(name).fit(source).adapt(target, torch.Generator().manual_seed(2))
+        assert beta.shape == (10, 10) and torch.isfinite(beta).all()
+        risks[name] = env.excess_risk(beta, target.beta).mean().item()
+    assert risks["adaptrep"] < risks["frozenrep"], risks
+    assert all(math.isfinite(value) for value in risks.values())
