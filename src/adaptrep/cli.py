@@ -20,7 +20,7 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer on click
     from click import ClickException as CommandLineError  # type: ignore[no-redef,assignment]
 
-from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, resolve_config
+from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, read_yaml, resolve_config
 from .report import summarise, write_report
 from .store import Store, StoreError
 from .sweep import Run, SweepOutcome, SweepSpec, check_backend, execute, expand, load_spec, make_backend, steps
@@ -39,14 +39,7 @@ def main() -> None:
 
 
 def _load_config_file(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise UserError(f"malformed config file {path}: {str(error).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read config file {path}: {error}") from None
+    data = read_yaml(path, "config file")
     if isinstance(data, dict) and "experiments" in data:
         data = data["experiments"]
         if not isinstance(data, list) or not data or not all(isinstance(item, dict) for item in data):

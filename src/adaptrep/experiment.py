@@ -13,11 +13,13 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .environments import SETTINGS, Environment, LinearHardEnvironment, Tasks, make_environment
@@ -186,6 +188,19 @@ def _one_line(error: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     return f"invalid config: {where}: {message}" if where else f"invalid config: {message}"
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The parsed YAML file ``path`` (a ``what``: "config file", "spec", ...); :class:`ConfigError`
+    with one line when it is missing, unreadable or malformed."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"malformed {what} {path}: {str(error).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read {what} {path}: {error}") from None
 
 
 def resolve_config(overrides: dict[str, Any]) -> RunConfig:

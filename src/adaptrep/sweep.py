@@ -30,10 +30,9 @@ from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from .experiment import ConfigError, RunConfig, library_versions, resolve_config, run_seed, steps_per_seed
+from .experiment import ConfigError, RunConfig, library_versions, read_yaml, resolve_config, run_seed, steps_per_seed
 from .store import Store
 
 __all__ = [
@@ -116,16 +115,9 @@ class SweepSpec(BaseModel):
 
 def load_spec(path: Path) -> SweepSpec:
     """Read and validate a spec file; :class:`ConfigError` (one line) when it is unusable."""
-    if not path.is_file():
-        raise ConfigError(f"spec file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"malformed spec {path}: {str(error).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read spec {path}: {error}") from None
+    data = read_yaml(path, "spec file")
     if not isinstance(data, dict):
-        raise ConfigError(f"malformed spec {path}: expected a mapping with base, grid, runs and seeds")
+        raise ConfigError(f"malformed spec file {path}: expected a mapping with base, grid, runs and seeds")
     try:
         return SweepSpec(**data)
     except ValidationError as error:
