@@ -134,3 +134,21 @@ def test_logistic_methods_run_and_fine_tuning_helps_with_many_samples():
         risks[name] = env.excess_risk(beta, target.beta).mean().item()
     assert risks["adaptrep"] < risks["frozenrep"], risks
     assert all(math.isfinite(value) for value in risks.values())
+
+
+def test_subspace_ridge_solves_its_penalised_objective():
+    from adaptrep.models import _subspace_ridge
+
+    X, y, theta, _, _ = _problem("logistic", T=3, n=40, d=5, k=2)
+    B = theta["B"]
+    ridge = torch.tensor([0.01, 0.05, 0.2], dtype=F64)
+    penalty = torch.tensor([0.0, 0.3, 1e6], dtype=F64)
+    beta = _subspace_ridge(B, X, y, ridge, penalty).requires_grad_()
+    perp = beta - (beta @ B) @ B.T
+    margin = (X @ beta.unsqueeze(-1)).squeeze(-1)
+    objective = (torch.nn.functional.softplus(margin) - y * margin).mean(-1) + ridge * (beta**2).sum(-1) + penalty * (perp**2).sum(-1)
+    (gradient,) = torch.autograd.grad(objective.sum(), beta)
+    assert gradient.norm(dim=-1).max() < 1e-7
+    # a huge penalty is head-only adaptation on span(B)
+    head = fit_heads(linear_model("logistic"), {"B": B}, X[2:], y[2:], ridge=0.2)
+    torch.testing.assert_close(beta[2].detach(), (B @ head[0]), atol=1e-5, rtol=0)

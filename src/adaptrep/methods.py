@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .environments import Tasks
 from .finetune import FineTune, fit_head
-from .models import cv_heads, describe, finetune, fit_heads, fit_shared, linear_model
+from .models import cv_heads, describe, fit_heads, fit_shared, linear_model, logistic_finetune
 from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, spd_solve, sufficient_statistics
 
 __all__ = ["synchronize", "Method", "AdaptRep", "FrozenRep", "TargetOnly", "Oracle", "METHODS", "make_method", "theory_penalty"]
@@ -90,9 +90,8 @@ class _AdaptsRepresentation(Method):
         w, ridge = cv_heads(model, theta, target.X, target.y, generator)
         if self.finetune is None:
             return w @ B.T
-        delta, w, steps = finetune(model, theta, target.X, target.y, generator, ridge=ridge)
-        self.last_strength = steps.to(target.X.dtype)
-        return ((B + delta["B"]) @ w.unsqueeze(-1)).squeeze(-1)
+        beta, self.last_strength = logistic_finetune(B, target.X, target.y, ridge, generator)
+        return beta
 
     def _estimate_noise(self, stats: tuple[Tensor, Tensor, Tensor], source: Tasks, rank: int) -> float:
         self.noise_estimate, self.noise_dof = estimate_noise(*stats, source.num_samples, rank)

@@ -55,6 +55,8 @@ class Model:
     features: Callable[[Params, Tensor], Tensor]
     loss: Loss = "squared"
     retract: Callable[[Params], Params] = _identity
+    #: a bound on ``||d f / d theta|| / (||w|| ||x||)`` at ``theta`` (for step sizes)
+    lipschitz: Callable[[Params], float] = lambda theta: 1.0
 
     @staticmethod
     def from_module(module: torch.nn.Module, loss: Loss = "squared") -> tuple[Model, Params]:
@@ -87,7 +89,7 @@ def relu_model(loss: Loss = "squared") -> Model:
         W = theta["W"]
         return {"W": W / W.norm(dim=0, keepdim=True).clamp_min(1e-12)}
 
-    return Model(features, loss, retract)
+    return Model(features, loss, retract, lambda theta: 1 / math.sqrt(theta["W"].shape[-1]))
 
 
 def pointwise_loss(loss: Loss, prediction: Tensor, y: Tensor) -> Tensor:
@@ -256,6 +258,51 @@ def finetune(
     return {n: v[best, pick] for n, v in deltas.items()}, heads[best, pick], torch.tensor(checkpoints, device=X.device)[best]
 
 
+#: Penalties on the part of a logistic predictor outside the learned span, in units of ``d / m``,
+#: strongest first (``1e6`` is head-only adaptation).
+SUBSPACE_PENALTIES = (1e6, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1)
+
+
+def _subspace_ridge(B: Tensor, X: Tensor, y: Tensor, ridge: Tensor, penalty: Tensor) -> Tensor:
+    """``argmin_beta mean log-loss + ridge ||beta||^2 + penalty ||(I - B B^T) beta||^2`` per task
+    (``B`` orthonormal), by rescaling the complement of ``span(B)`` so that the penalty becomes
+    an isotropic ridge for :func:`fit_logistic`."""
+    d, k = B.shape
+    Q = torch.linalg.qr(B, mode="complete")[0]  # [B, B_perp]
+    stretch = torch.ones(X.shape[0], d, dtype=X.dtype, device=X.device)
+    stretch[:, k:] = torch.sqrt(ridge / (ridge + penalty)).unsqueeze(-1)
+    basis = Q.unsqueeze(0) * stretch.unsqueeze(1)  # beta = basis @ u with ridge ||u||^2
+    u = fit_logistic(matmul(X, basis), y, 2 * ridge)
+    return (basis @ u.unsqueeze(-1)).squeeze(-1)
+
+
+def logistic_finetune(
+    B: Tensor, X: Tensor, y: Tensor, ridge: Tensor, generator: torch.Generator | None = None, folds: int = 5, penalties: tuple[float, ...] = SUBSPACE_PENALTIES
+) -> tuple[Tensor, Tensor]:
+    """Fine-tuning of a linear representation for logistic targets, in its penalised form: the
+    predictor ``beta = (B + Delta) w`` may leave ``span(B)`` at the price ``penalty ||beta_perp||^2``
+    (``beta_perp = Delta w`` projected off the span; the heads keep their ``ridge``), with the
+    penalty chosen per target from ``penalties x d / m`` by ``folds``-fold cross-validation of the
+    held-out log-loss (all targets x folds x penalties in one batched Newton solve). The grid's
+    floor ``0.1 d / m`` keeps a noisy choice at small ``m`` from reaching the full-dimensional fit. Returns ``beta`` ``(R, d)`` and
+    the chosen penalties ``(R,)``."""
+    R, m, _ = X.shape
+    folds = max(2, min(folds, m))
+    valid = _fold_masks(R, m, folds, generator or torch.Generator().manual_seed(0), X)
+    L = len(penalties)
+    grid = torch.tensor(penalties, dtype=X.dtype, device=X.device) * X.shape[-1] / m
+    XF, yF, ridgeF = _repeat(X, folds * L), _repeat(y, folds * L), _repeat(ridge, folds * L)
+    validF = _repeat(valid, L).reshape(R * folds * L, m)
+    train = 1 - validF
+    # held-out rows are zeroed: they add a constant to the mean loss and nothing to its gradient
+    beta = _subspace_ridge(B, XF * train.unsqueeze(-1), yF * train, ridgeF * train.sum(-1) / m, grid.repeat(R * folds) * train.sum(-1) / m)
+    margin = (XF @ beta.unsqueeze(-1)).squeeze(-1)
+    held_out = ((torch.nn.functional.softplus(margin) - yF * margin) * validF).sum(-1) / validF.sum(-1)
+    best = held_out.reshape(R, folds, L).mean(1).argmin(-1)  # ties: the stronger penalty
+    chosen = grid[best]
+    return _subspace_ridge(B, X, y, ridge, chosen), chosen
+
+
 def one_standard_error(losses: Tensor, tolerance: float = 1.0) -> Tensor:
     """The one-standard-error rule on held-out losses ``(R, F, C)`` (folds ``F``, candidates ``C``
     ordered from the most to the least regularised): per target, the first candidate whose mean
@@ -275,7 +322,7 @@ def _descend(
     ``checkpoints`` (``(C, T, ...)``) and, with ``valid``, the held-out loss there (``(T, C)``)."""
     T = X.shape[0]
     w = fit_heads(model, theta, X, y, weight=train, ridge=ridge).requires_grad_()
-    step_size = lr / _curvature(model, X, train, w.detach())
+    delta_step, head_step = (lr / bound for bound in _curvature(model, theta, X, train, w.detach()))
     delta = {name: torch.zeros(T, *value.shape, dtype=value.dtype, device=value.device, requires_grad=True) for name, value in theta.items()}
     loss = vmap(lambda d, w, X, y, weight: task_loss(model, theta, d, w, X, y, weight), in_dims=(0, 0, 0, 0, 0))
     snapshots_delta: dict[str, list[Tensor]] = {name: [] for name in delta}
@@ -293,9 +340,10 @@ def _descend(
             break
         leaves = [*delta.values(), w]
         grads = torch.autograd.grad((loss(delta, w, X, y, train) + ridge * (w * w).sum(-1)).sum(), leaves)
+        steps = [delta_step] * len(delta) + [head_step]
         with torch.no_grad():
-            for leaf, grad in zip(leaves, grads, strict=True):
-                leaf -= step_size.view(-1, *[1] * (leaf.ndim - 1)) * grad
+            for leaf, grad, size in zip(leaves, grads, steps, strict=True):
+                leaf -= size.view(-1, *[1] * (leaf.ndim - 1)) * grad
     curves = torch.stack(held_out, -1) if held_out else torch.empty(0)
     return {n: torch.stack(v) for n, v in snapshots_delta.items()}, torch.stack(snapshots_w), curves
 
@@ -304,14 +352,19 @@ def _descend(
 CURVATURE = {"squared": 2.0, "logistic": 0.25}
 
 
-def _curvature(model: Model, X: Tensor, weight: Tensor, w: Tensor) -> Tensor:
-    """A per-task bound ``L_t`` on the curvature of the loss in ``(Delta, w)`` near the start:
-    ``c * lambda_max(X^T diag(weight) X / sum(weight)) * (||w||^2 + 1)`` (exact for the linear
-    model with orthonormal ``B``; a heuristic scale for others)."""
+def _curvature(model: Model, theta: Params, X: Tensor, weight: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-task bounds on the curvature of the loss near the start, for the perturbations and the
+    head separately (``(T,)`` each; one step size for both would be ill-conditioned):
+    ``c lambda_max(X^T W X / sum W) ||w||^2 l^2`` for ``Delta`` (``l`` the features' Lipschitz
+    constant in ``theta``: exact for the linear model) and ``c lambda_max(Phi^T W Phi / sum W)``
+    for ``w``, with ``c`` the loss's largest second derivative."""
+    count = weight.sum(-1)[:, None, None]
     Xw = X * weight.unsqueeze(-1)
-    gram = matmul(Xw.transpose(-1, -2), Xw) / weight.sum(-1)[:, None, None]
-    top = torch.linalg.eigvalsh(gram)[..., -1]
-    return CURVATURE[model.loss] * top * ((w * w).sum(-1) + 1)
+    inputs = torch.linalg.eigvalsh(matmul(Xw.transpose(-1, -2), Xw) / count)[..., -1]
+    Phi = vmap(model.features, in_dims=(None, 0))(theta, X) * weight.unsqueeze(-1)
+    features = torch.linalg.eigvalsh(matmul(Phi.transpose(-1, -2), Phi) / count)[..., -1]
+    c = CURVATURE[model.loss]
+    return c * inputs * (w * w).sum(-1) * model.lipschitz(theta) ** 2 + 1e-12, c * features + 1e-12
 
 
 def describe(fit: SharedFit) -> dict[str, Any]:
