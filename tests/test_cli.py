@@ -125,3 +125,13 @@ def test_two_experiments_of_one_setting_are_kept_apart(tmp_path):
     means = results.groupby("experiment").excess_risk.mean()
     assert list(means.index) == [0, 1] and means[1] > 10 * means[0]  # delta^2 (d - k) / d dominates
     assert {p.name for p in (tmp_path / "out" / "figures").iterdir()} == {"0-linear_risk.png", "1-linear_risk.png"}
+
+
+@pytest.mark.parametrize("setting, column", [("logistic", "excess_error01"), ("relu-net", "excess_risk_se")])
+def test_other_settings_run_from_the_command_line(tmp_path, setting, column):
+    sizes = ["--dim", "6", "--rank", "2", "--tasks", "20", "--samples", "20", "--target-samples", "10,40", "--target-tasks", "3", "--seeds", "1"]
+    result = adaptrep("run", "--setting", setting, *sizes, "--out", str(tmp_path / "out"), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    results = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert len(results) == 6 * 2 * 3 and results["excess_risk"].notna().all() and (results[column] >= 0).all()
+    assert "adaptrep run --setting linear-hard" in (tmp_path / "out" / "report.md").read_text()

@@ -152,3 +152,38 @@ def test_subspace_ridge_solves_its_penalised_objective():
     # a huge penalty is head-only adaptation on span(B)
     head = fit_heads(linear_model("logistic"), {"B": B}, X[2:], y[2:], ridge=0.2)
     torch.testing.assert_close(beta[2].detach(), (B @ head[0]), atol=1e-5, rtol=0)
+
+
+def test_relu_network_environment():
+    from adaptrep.environments import ReluNetEnvironment, relu_network
+
+    env = ReluNetEnvironment(dim=6, rank=3, delta=0.3, noise=0.1, seed=0, test_points=100_000)
+    tasks = env.sample_tasks(4, 50, torch.Generator().manual_seed(1))
+    W = tasks.beta[:, :18].reshape(4, 6, 3)
+    w = tasks.beta[:, 18:]
+    clean = torch.stack([torch.relu(tasks.X[t] @ W[t]) @ w[t] / math.sqrt(3) for t in range(4)])
+    assert (tasks.y - clean).std() == pytest.approx(0.1, rel=0.15)  # the noise, nothing else
+    torch.testing.assert_close(relu_network(tasks.X, tasks.beta, 3), clean)
+    assert ((W - env.representation).flatten(1).norm(dim=1) - 0.3).abs().max() < 1e-12
+    assert env.excess_risk(tasks.beta, tasks.beta).abs().max() == 0
+    # the Monte Carlo excess risk agrees with an independent, larger estimate within 3 standard errors
+    other = tasks.beta.clone()
+    other[:, 18:] += 0.2
+    risk, se = env.excess_risk(other, tasks.beta), env.metrics(other, tasks.beta)["excess_risk_se"]
+    X = torch.randn(400_000, 6, generator=torch.Generator().manual_seed(99), dtype=F64)
+    independent = ((relu_network(X, other, 3) - relu_network(X, tasks.beta, 3)) ** 2).mean(-1)
+    assert ((risk - independent).abs() < 3 * se * math.sqrt(1 + 100_000 / 400_000)).all()
+
+
+def test_relu_methods_run_and_fine_tuning_helps_with_many_samples():
+    from adaptrep.environments import ReluNetEnvironment
+
+    env = ReluNetEnvironment(dim=8, rank=2, delta=0.5, noise=0.1, seed=0, test_points=20_000)
+    source = env.sample_tasks(80, 40, torch.Generator().manual_seed(0))
+    target = env.sample_tasks(6, 200, torch.Generator().manual_seed(1))
+    risks = {}
+    for name in ("adaptrep", "frozenrep", "target-only", "oracle-ft"):
+        beta = make_method(name).fit(source).adapt(target, torch.Generator().manual_seed(2))
+        assert beta.shape == (6, 8 * 2 + 2) and torch.isfinite(beta).all()
+        risks[name] = env.excess_risk(beta, target.beta).mean().item()
+    assert risks["adaptrep"] < risks["frozenrep"] and risks["oracle-ft"] < risks["frozenrep"], risks

@@ -93,7 +93,7 @@ class Execution:
 
 @app.command()
 def run(
-    setting: Optional[str] = typer.Option(None, help="linear | linear-hard | logistic"),
+    setting: Optional[str] = typer.Option(None, help="linear | linear-hard | logistic | relu-net"),
     dim: Optional[int] = typer.Option(None, help="input dimension d"),
     rank: Optional[int] = typer.Option(None, help="representation dimension k"),
     tasks: Optional[int] = typer.Option(None, help="number of source tasks T"),

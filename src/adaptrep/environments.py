@@ -33,6 +33,7 @@ __all__ = [
     "LinearEnvironment",
     "LinearHardEnvironment",
     "LogisticEnvironment",
+    "ReluNetEnvironment",
     "make_environment",
     "SETTINGS",
 ]
@@ -50,6 +51,8 @@ class Tasks:
             the oracle methods and the metrics.
         loss: ``"squared"`` (regression) or ``"logistic"`` (labels in {0, 1}; ``beta`` is the
             true logit vector).
+        model: ``"linear"`` (``beta`` in R^d) or ``"relu"`` (a two-layer ReLU network; ``beta``
+            is its flattened first layer ``W_t`` (``d x k``) followed by its head ``w_t``).
     """
 
     X: Tensor
@@ -57,6 +60,7 @@ class Tasks:
     beta: Tensor
     representation: Tensor
     loss: str = "squared"
+    model: str = "linear"
 
     def __post_init__(self) -> None:
         if self.X.ndim != 3 or self.y.shape != self.X.shape[:2]:
@@ -106,6 +110,7 @@ class Environment:
 
     name: str = ""
     loss: str = "squared"
+    model: str = "linear"
     input_scale: Tensor
     _representation: Tensor
 
@@ -146,7 +151,7 @@ class Environment:
         beta = beta.to("cpu", torch.float64)
         X = Z * self.input_scale
         device, dtype = self.device, self.dtype
-        return Tasks(X.to(device, dtype), self._labels(X, beta, xi).to(device, dtype), beta.to(device, dtype), self.representation, self.loss)
+        return Tasks(X.to(device, dtype), self._labels(X, beta, xi).to(device, dtype), beta.to(device, dtype), self.representation, self.loss, self.model)
 
     def _labels(self, X: Tensor, beta: Tensor, xi: Tensor) -> Tensor:
         return (X @ beta.unsqueeze(-1)).squeeze(-1) + self.noise * xi
@@ -308,7 +313,74 @@ class LogisticEnvironment(LinearEnvironment):
         return {"excess_error01": logistic_excess_error01(beta_hat.to(self.device, self.dtype), beta.to(self.device, self.dtype), scale)}
 
 
-SETTINGS = ("linear", "linear-hard", "logistic")
+def relu_network(X: Tensor, params: Tensor, rank: int) -> Tensor:
+    """Outputs ``w^T ReLU(W^T x) / sqrt(k)`` of two-layer networks given as flat parameter vectors
+    ``[vec(W) (d x k, row-major), w]`` (``(R, d k + k)``) on inputs ``X`` (``(N, d)`` shared, or
+    ``(R, N, d)``); returns ``(R, N)``."""
+    d = params.shape[-1] // rank - 1
+    W = params[..., : d * rank].reshape(*params.shape[:-1], d, rank)
+    w = params[..., d * rank :]
+    hidden = torch.relu(X @ W) if X.ndim == 3 else torch.relu(torch.einsum("nd,rdk->rnk", X, W))
+    return (hidden @ w.unsqueeze(-1)).squeeze(-1) / math.sqrt(rank)
+
+
+class ReluNetEnvironment(Environment):
+    """The two-layer network environment ``relu-net``: ``y = w_t^T ReLU((W* + Delta_t)^T x) / sqrt(k) + sigma xi``.
+
+    ``W*`` (``d x k``) has unit-norm columns (normalised Gaussian, drawn from ``seed``); ``Delta_t``
+    and ``w_t`` are drawn as in ``linear`` (``||Delta_t||_F = delta``, ``w_t ~ N(0, I_k)``);
+    ``x ~ N(0, I_d)``. A task's ``beta`` is ``[vec(W* + Delta_t), w_t]``. The excess risk
+    ``E (f_hat(x) - f_t(x))^2`` is a Monte Carlo mean over ``test_points`` fresh inputs shared by all
+    methods and targets (drawn from ``seed``), with its standard error in :meth:`metrics`.
+    """
+
+    name = "relu-net"
+    model = "relu"
+
+    def __init__(
+        self,
+        dim: int,
+        rank: int,
+        delta: float = 0.3,
+        noise: float = 0.1,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float64,
+        test_points: int = 100_000,
+    ) -> None:
+        super().__init__(dim, rank, noise, device, dtype)
+        if not math.isfinite(delta) or delta < 0:
+            raise ValueError(f"delta must be a finite non-negative number; got {delta}")
+        self.delta = float(delta)
+        self.input_scale = torch.ones(dim, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed)
+        W = torch.randn(dim, rank, generator=generator, dtype=torch.float64)
+        self._representation = W / W.norm(dim=0, keepdim=True)
+        self.test_inputs = torch.randn(test_points, dim, generator=torch.Generator().manual_seed(seed + 7919), dtype=torch.float64)
+
+    def sample_parameters(self, num_tasks: int, generator: torch.Generator) -> Tensor:
+        w = torch.randn(num_tasks, self.rank, generator=generator, dtype=torch.float64)
+        G = torch.randn(num_tasks, self.dim, self.rank, generator=generator, dtype=torch.float64)
+        W = self._representation + self.delta * G / G.flatten(1).norm(dim=1)[:, None, None]
+        return torch.cat([W.flatten(1), w], dim=1)
+
+    def _labels(self, X: Tensor, beta: Tensor, xi: Tensor) -> Tensor:
+        return relu_network(X, beta, self.rank) + self.noise * xi
+
+    def _squared_errors(self, beta_hat: Tensor, beta: Tensor) -> Tensor:
+        X = self.test_inputs.to(self.device, self.dtype)
+        return (relu_network(X, beta_hat.to(X), self.rank) - relu_network(X, beta.to(X), self.rank)) ** 2
+
+    def excess_risk(self, beta_hat: Tensor, beta: Tensor) -> Tensor:
+        """Monte Carlo estimate of ``E (f_hat(x) - f(x))^2`` on the shared test inputs."""
+        return self._squared_errors(beta_hat, beta).mean(-1)
+
+    def metrics(self, beta_hat: Tensor, beta: Tensor) -> dict[str, Tensor]:
+        errors = self._squared_errors(beta_hat, beta)
+        return {"excess_risk_se": errors.std(-1) / math.sqrt(errors.shape[-1])}
+
+
+SETTINGS = ("linear", "linear-hard", "logistic", "relu-net")
 
 
 def make_environment(
@@ -331,4 +403,6 @@ def make_environment(
         return LinearHardEnvironment(dim, rank, eps=eps, noise=noise, seed=seed, device=device, dtype=dtype)
     if setting == "logistic":
         return LogisticEnvironment(dim, rank, delta=delta, scale=scale, seed=seed, device=device, dtype=dtype)
+    if setting == "relu-net":
+        return ReluNetEnvironment(dim, rank, delta=delta, noise=noise, seed=seed, device=device, dtype=dtype)
     raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")

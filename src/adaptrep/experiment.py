@@ -38,6 +38,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "logistic": dict(
         setting="logistic", dim=20, rank=3, tasks=200, samples=50, target_samples=[20, 40, 80, 160, 320], target_tasks=20, delta=0.4, scale=3.0, seeds=5
     ),
+    "relu-net": dict(
+        setting="relu-net", dim=20, rank=5, tasks=200, samples=50, target_samples=[20, 40, 80, 160, 320], target_tasks=20, delta=0.3, noise=0.1, seeds=5
+    ),
     "linear-hard": dict(
         setting="linear-hard", dim=20, rank=2, tasks=50, samples=100, target_samples=[10, 25, 50, 100], target_tasks=20, eps=0.1, noise=0.5, seeds=5
     ),
@@ -56,7 +59,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    setting: Literal["linear", "linear-hard", "logistic"] = "linear"
+    setting: Literal["linear", "linear-hard", "logistic", "relu-net"] = "linear"
     dim: int = Field(20, gt=0, description="input dimension d")
     rank: int = Field(3, gt=0, description="representation dimension k")
     tasks: int = Field(100, gt=0, description="number of source tasks T")

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .environments import Tasks
 from .finetune import FineTune, fit_head
-from .models import cv_heads, describe, fit_heads, fit_shared, linear_model, logistic_finetune
+from .models import cv_heads, describe, finetune, fit_heads, fit_shared, linear_model, logistic_finetune, model_for, task_parameters
 from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, spd_solve, sufficient_statistics
 
 __all__ = ["synchronize", "Method", "AdaptRep", "FrozenRep", "TargetOnly", "Oracle", "METHODS", "make_method", "theory_penalty"]
@@ -75,7 +75,7 @@ class _AdaptsRepresentation(Method):
         if self.representation is None:
             raise RuntimeError(f"{type(self).__name__}.adapt called before fit")
         B = self.representation.to(target.X)
-        if target.loss != "squared":
+        if _generic(target):
             return self._adapt_generic(B, target, generator)
         if self.finetune is None:
             G, c, _ = target.gram()
@@ -84,13 +84,12 @@ class _AdaptsRepresentation(Method):
         return beta
 
     def _adapt_generic(self, B: Tensor, target: Tasks, generator: torch.Generator | None) -> Tensor:
-        """Other losses (:mod:`adaptrep.models`): heads with a cross-validated ridge, then
-        fine-tuning by gradient descent with a cross-validated number of steps."""
-        model, theta = linear_model(target.loss), {"B": B}  # type: ignore[arg-type]
-        w, ridge = cv_heads(model, theta, target.X, target.y, generator)
+        """Other losses and models (:mod:`adaptrep.models`): heads with a cross-validated ridge,
+        then fine-tuning: penalised for logistic tasks on a linear representation, else gradient
+        descent with a cross-validated number of steps."""
         if self.finetune is None:
-            return w @ B.T
-        beta, self.last_strength = logistic_finetune(B, target.X, target.y, ridge, generator)
+            return _head_only(B, target, generator)[0]
+        beta, self.last_strength = _finetune_generic(B, target, generator)
         return beta
 
     def _estimate_noise(self, stats: tuple[Tensor, Tensor, Tensor], source: Tasks, rank: int) -> float:
@@ -118,7 +117,7 @@ class _RepresentationMethod(_AdaptsRepresentation):
         rank = self.rank if self.rank is not None else source.representation.shape[1]
         if not 1 <= rank <= source.dim:
             raise ValueError(f"rank must be between 1 and the input dimension {source.dim}; got {rank}")
-        if source.loss != "squared":
+        if _generic(source):
             return self._fit_generic(source, rank)
         start = time.perf_counter()
         G, c, q = source.gram()
@@ -140,14 +139,15 @@ class _RepresentationMethod(_AdaptsRepresentation):
         return self
 
     def _fit_generic(self, source: Tasks, rank: int) -> Method:
-        """Other losses: the generic objective of :mod:`adaptrep.models` for the linear model,
-        from the moment start of the centred labels (for logistic tasks ``E[(y - 1/2) x]`` is a
-        multiple of ``Sigma beta_t``)."""
+        """Other losses and models: the generic objective of :mod:`adaptrep.models`, from the
+        moment start of the centred labels (``E[(y - 1/2) x]`` is a multiple of ``Sigma beta_t``
+        for logistic tasks, and ``E[y x] = W_t w_t / (2 sqrt(k))`` for ReLU networks)."""
         start = time.perf_counter()
-        G, c, _ = sufficient_statistics(source.X, source.y - 0.5)
+        model, key = model_for(source.loss, source.model)  # type: ignore[arg-type]
+        G, c, _ = sufficient_statistics(source.X, source.y - (0.5 if source.loss == "logistic" else 0.0))
         lam, gamma = self._generic_penalty(source, rank)
-        fit = fit_shared(linear_model(source.loss), {"B": moment_inits(G, c, rank)[0]}, source.X, source.y, lam=lam, gamma=gamma)  # type: ignore[arg-type]
-        self.representation = fit.theta["B"]
+        fit = fit_shared(model, {key: moment_inits(G, c, rank)[0]}, source.X, source.y, lam=lam, gamma=gamma)
+        self.representation = fit.theta[key]
         synchronize(self.representation.device)
         self.info = {"source_time": time.perf_counter() - start, **describe(fit), "source_penalty": lam if lam is not None else math.inf}
         return self
@@ -193,17 +193,22 @@ class AdaptRep(_RepresentationMethod):
         return mu, None
 
     def _generic_penalty(self, source: Tasks, rank: int) -> tuple[float | None, float]:
-        """The paper's ``lam, gamma`` if given; else ``lam = penalty`` (default: twice the theory
-        weights at the noise level 1/2, the largest standard deviation of a Bernoulli label) and
-        a weak ``gamma = 1e-4`` on the heads. (With ``B`` kept orthonormal the heads cannot trade
-        scale with ``Delta``, so the folded equivalence ``mu = 2 sqrt(lam gamma)`` does not
-        apply; ``lam`` is the perturbations' ridge.)"""
+        """The paper's ``lam, gamma`` if given; else ``lam = penalty``, by default
+        ``2 sigma (sqrt(k d / (n T)) + sqrt(d k / n))``: the theory weights with the ``d k``
+        parameters of a perturbation ``Delta_t`` in place of the ``k`` of a head, at the noise level
+        ``sigma`` (1/2 for Bernoulli labels, the source estimate otherwise); and a weak
+        ``gamma = 1e-4`` on the heads. (With ``theta`` kept in its normal form the heads cannot trade
+        scale with ``Delta``, so the folded equivalence ``mu = 2 sqrt(lam gamma)`` does not apply;
+        ``lam`` is the perturbations' ridge.)"""
         if self.radius is not None:
             raise ValueError("the constrained form (radius) is implemented for the squared loss only; use penalty, or lam and gamma")
         if self.lam is not None and self.gamma is not None:
             return float(self.lam), float(self.gamma)
-        lam = float(self.penalty) if self.penalty is not None else 2 * theory_penalty(0.5, source.dim, rank, source.num_tasks, source.num_samples)
-        return lam, 1e-4
+        if self.penalty is not None:
+            return float(self.penalty), 1e-4
+        d, n, T = source.dim, source.num_samples, source.num_tasks
+        sigma = 0.5 if source.loss == "logistic" else estimate_noise(*source.gram(), n, rank)[0]
+        return 2 * sigma * (math.sqrt(rank * d / (n * T)) + math.sqrt(d * rank / n)), 1e-4
 
 
 @dataclass
@@ -227,7 +232,7 @@ class Oracle(_AdaptsRepresentation):
 
     def fit(self, source: Tasks) -> Method:
         self.representation = source.representation
-        if source.loss == "squared":
+        if not _generic(source):
             self._estimate_noise(source.gram(), source, self.representation.shape[1])
         self.info = {"noise_estimate": self.noise_estimate}
         return self
@@ -245,6 +250,11 @@ class TargetOnly(Method):
     ridge: float = 0.0
 
     def adapt(self, target: Tasks, generator: torch.Generator | None = None) -> Tensor:
+        if target.model == "relu":
+            # the same network and fine-tuning, from a random first layer instead of a learned one
+            W = torch.randn(target.dim, target.representation.shape[1], generator=generator, dtype=torch.float64).to(target.X)
+            beta, self.last_strength = _finetune_generic(W / W.norm(dim=0, keepdim=True), target, generator)
+            return beta
         if target.loss != "squared":
             model, identity = linear_model(target.loss), {"B": torch.eye(target.dim, dtype=target.X.dtype, device=target.X.device)}  # type: ignore[arg-type]
             if self.ridge > 0:
@@ -255,6 +265,28 @@ class TargetOnly(Method):
             eye = torch.eye(target.dim, dtype=G.dtype, device=G.device)
             return spd_solve(G + self.ridge * eye, c)
         return (torch.linalg.pinv(target.X) @ target.y.unsqueeze(-1)).squeeze(-1)
+
+
+def _generic(tasks: Tasks) -> bool:
+    """Whether tasks need the generic path of :mod:`adaptrep.models` (not linear least squares)."""
+    return tasks.loss != "squared" or tasks.model != "linear"
+
+
+def _head_only(theta: Tensor, target: Tasks, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Predictors from heads with a cross-validated ridge on the features of ``theta``, and the ridges."""
+    model, key = model_for(target.loss, target.model)  # type: ignore[arg-type]
+    w, ridge = cv_heads(model, {key: theta}, target.X, target.y, generator)
+    return task_parameters(target.model, theta, w), ridge
+
+
+def _finetune_generic(theta: Tensor, target: Tasks, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Fine-tuned predictors from ``theta`` and the chosen strengths (penalty or steps)."""
+    model, key = model_for(target.loss, target.model)  # type: ignore[arg-type]
+    w, ridge = cv_heads(model, {key: theta}, target.X, target.y, generator)
+    if target.model == "linear":
+        return logistic_finetune(theta, target.X, target.y, ridge, generator)
+    delta, w, steps = finetune(model, {key: theta}, target.X, target.y, generator, ridge=ridge)
+    return task_parameters(target.model, theta + delta[key], w), steps.to(target.X.dtype)
 
 
 METHODS: dict[str, Any] = {

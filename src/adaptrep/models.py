@@ -36,7 +36,21 @@ from torch.func import functional_call, vmap
 from .logistic import fit_logistic
 from .solvers import matmul, spd_solve
 
-__all__ = ["Model", "Params", "Loss", "linear_model", "relu_model", "task_loss", "fit_shared", "SharedFit", "fit_heads", "cv_heads", "finetune"]
+__all__ = [
+    "Model",
+    "Params",
+    "Loss",
+    "linear_model",
+    "relu_model",
+    "model_for",
+    "task_parameters",
+    "task_loss",
+    "fit_shared",
+    "SharedFit",
+    "fit_heads",
+    "cv_heads",
+    "finetune",
+]
 
 Params = dict[str, Tensor]
 Loss = Literal["squared", "logistic"]
@@ -90,6 +104,23 @@ def relu_model(loss: Loss = "squared") -> Model:
         return {"W": W / W.norm(dim=0, keepdim=True).clamp_min(1e-12)}
 
     return Model(features, loss, retract, lambda theta: 1 / math.sqrt(theta["W"].shape[-1]))
+
+
+def model_for(loss: Loss, kind: str) -> tuple[Model, str]:
+    """The built-in model of a kind of task (``Tasks.model``) and the name of its parameter."""
+    if kind == "linear":
+        return linear_model(loss), "B"
+    if kind == "relu":
+        return relu_model(loss), "W"
+    raise ValueError(f"unknown model kind {kind!r}; choose linear or relu")
+
+
+def task_parameters(kind: str, theta: Tensor, w: Tensor) -> Tensor:
+    """Per-task predictors as the vectors environments score (``(R, p)``): ``theta w`` for the
+    linear model, ``[vec(W), w]`` for the ReLU network (``theta`` is ``(d, k)`` or ``(R, d, k)``)."""
+    if kind == "linear":
+        return (theta @ w.unsqueeze(-1)).squeeze(-1)
+    return torch.cat([theta.expand(w.shape[0], *theta.shape[-2:]).flatten(1), w], dim=1)
 
 
 def pointwise_loss(loss: Loss, prediction: Tensor, y: Tensor) -> Tensor:

@@ -101,7 +101,7 @@ def representation_figure(results: pd.DataFrame, path: Path) -> Path:
 
 
 #: The config keys that matter for each setting, beside the sizes.
-SETTING_KEYS = {"linear": ("noise", "delta"), "linear-hard": ("noise", "eps"), "logistic": ("delta", "scale")}
+SETTING_KEYS = {"linear": ("noise", "delta"), "linear-hard": ("noise", "eps"), "logistic": ("delta", "scale"), "relu-net": ("noise", "delta")}
 
 
 def write_report(
@@ -157,6 +157,11 @@ def write_report(
         if "opt_block_share" in part and part["opt_block_share"].notna().any():
             name = representation_figure(part, figures / f"{stem}_representation.png").name
             lines += [f"![representation diagnostic, {setting}](figures/{name})", ""]
+    shown = {config["setting"] for config in configs}
+    others = [setting for setting in SETTING_KEYS if setting not in shown]
+    if others:
+        lines += ["## Other settings", "", "Not in this run; each has a preset (the acceptance configuration) that runs with:", ""]
+        lines += [f"    adaptrep run --setting {setting}" for setting in others] + [""]
     if failed is not None and not failed.empty:
         lines += ["## Failed runs", "", "| run | seed | values | error |", "|---|---|---|---|"]
         for row in failed.itertuples():
