@@ -101,6 +101,21 @@ def unit_vectors(num: int, dim: int, generator: torch.Generator) -> Tensor:
     return z / z.norm(dim=-1, keepdim=True)
 
 
+def _check_delta(delta: float) -> float:
+    if not math.isfinite(delta) or delta < 0:
+        raise ValueError(f"delta must be a finite non-negative number; got {delta}")
+    return float(delta)
+
+
+def perturbed_representations(representation: Tensor, delta: float, num_tasks: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Task representations ``B* + Delta_t`` (``(T, d, k)``) and heads ``w_t ~ N(0, I_k)`` (``(T, k)``),
+    with ``Delta_t = delta G_t / ||G_t||_F`` for i.i.d. standard normal ``G_t`` (float64, CPU)."""
+    d, k = representation.shape
+    w = torch.randn(num_tasks, k, generator=generator, dtype=torch.float64)
+    G = torch.randn(num_tasks, d, k, generator=generator, dtype=torch.float64)
+    return representation + delta * G / G.flatten(1).norm(dim=1)[:, None, None], w
+
+
 class Environment:
     """Base class: a linear-Gaussian task environment with diagonal input covariance.
 
@@ -194,17 +209,13 @@ class LinearEnvironment(Environment):
         self, dim: int, rank: int, delta: float = 0.4, noise: float = 0.5, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
     ) -> None:
         super().__init__(dim, rank, noise, device, dtype)
-        if not math.isfinite(delta) or delta < 0:
-            raise ValueError(f"delta must be a finite non-negative number; got {delta}")
-        self.delta = float(delta)
+        self.delta = _check_delta(delta)
         self.input_scale = torch.ones(dim, dtype=torch.float64)
         self._representation = haar_orthogonal(dim, torch.Generator().manual_seed(seed))[:, :rank]
 
     def sample_parameters(self, num_tasks: int, generator: torch.Generator) -> Tensor:
-        w = torch.randn(num_tasks, self.rank, generator=generator, dtype=torch.float64)
-        G = torch.randn(num_tasks, self.dim, self.rank, generator=generator, dtype=torch.float64)
-        Delta = self.delta * G / G.flatten(1).norm(dim=1)[:, None, None]
-        return ((self._representation + Delta) @ w.unsqueeze(-1)).squeeze(-1)
+        W, w = perturbed_representations(self._representation, self.delta, num_tasks, generator)
+        return (W @ w.unsqueeze(-1)).squeeze(-1)
 
 
 class LinearHardEnvironment(Environment):
@@ -349,9 +360,7 @@ class ReluNetEnvironment(Environment):
         test_points: int = 100_000,
     ) -> None:
         super().__init__(dim, rank, noise, device, dtype)
-        if not math.isfinite(delta) or delta < 0:
-            raise ValueError(f"delta must be a finite non-negative number; got {delta}")
-        self.delta = float(delta)
+        self.delta = _check_delta(delta)
         self.input_scale = torch.ones(dim, dtype=torch.float64)
         generator = torch.Generator().manual_seed(seed)
         W = torch.randn(dim, rank, generator=generator, dtype=torch.float64)
@@ -359,9 +368,7 @@ class ReluNetEnvironment(Environment):
         self.test_inputs = torch.randn(test_points, dim, generator=torch.Generator().manual_seed(seed + 7919), dtype=torch.float64)
 
     def sample_parameters(self, num_tasks: int, generator: torch.Generator) -> Tensor:
-        w = torch.randn(num_tasks, self.rank, generator=generator, dtype=torch.float64)
-        G = torch.randn(num_tasks, self.dim, self.rank, generator=generator, dtype=torch.float64)
-        W = self._representation + self.delta * G / G.flatten(1).norm(dim=1)[:, None, None]
+        W, w = perturbed_representations(self._representation, self.delta, num_tasks, generator)
         return torch.cat([W.flatten(1), w], dim=1)
 
     def _labels(self, X: Tensor, beta: Tensor, xi: Tensor) -> Tensor:
