@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - older typer on click
 
 from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, read_yaml, resolve_config
 from .report import summarise, write_report
-from .store import Store, StoreError
+from .store import Store, StoreError, describe_labels
 from .sweep import Run, SweepOutcome, SweepSpec, check_backend, execute, expand, load_spec, make_backend, steps
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Fine-tuning-based meta-learning of representations (ADAPTREP vs FROZENREP).")
@@ -210,7 +210,7 @@ def _execute(runs: list[Run], out_dir: Path, how: Execution, title: str) -> None
         if outcome.done + outcome.skipped:
             _publish(store, out_dir)
     for run, message in outcome.errors[:5]:
-        console.print(f"run {run.id} (seed {run.seed}{''.join(f', {k}={v}' for k, v in run.labels.items())}) failed: {message}")
+        console.print(f"run {run.id} ({describe_labels({'seed': run.seed, **run.labels})}) failed: {message}")
     if outcome.busy:
         console.print(f"{outcome.busy} runs are being computed by another adaptrep process on this folder; rerun later to include them")
     if outcome.earlier_failures:
@@ -241,7 +241,8 @@ def _publish(store: Store, out_dir: Path) -> None:
     out = Console()
     for (number, setting), part in summary.groupby(["experiment", "setting"], sort=False):
         labels = experiments[int(number)][1]
-        title = f"{setting}{''.join(f', {k}={v}' for k, v in labels.items() if k != 'setting')}: mean excess risk on target tasks"
+        varied = describe_labels(labels, skip=("setting",))
+        title = f"{setting}{', ' + varied if varied else ''}: mean excess risk on target tasks"
         table = Table(title=title)
         table.add_column("method")
         ms = sorted(part["m"].unique())

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .store import describe_labels  # noqa: E402
 from .theory import oracle_head_risk, target_only_risk  # noqa: E402
 
 STYLE = {
@@ -122,7 +123,7 @@ def write_report(
         if part.empty:
             continue
         stem = setting if unique else f"{index}-{setting}"
-        varied = ", ".join(f"{k}={v}" for k, v in (labels[index] if labels else {}).items() if k != "setting")
+        varied = describe_labels(labels[index] if labels else {}, skip=("setting",))
         heading = f"## {setting}" if unique else f"## experiment {index}: {setting}"
         lines += [
             f"{heading} ({varied})" if varied else heading,
@@ -165,7 +166,7 @@ def write_report(
     if failed is not None and not failed.empty:
         lines += ["## Failed runs", "", "| run | seed | values | error |", "|---|---|---|---|"]
         for row in failed.itertuples():
-            values = ", ".join(f"{k}={v}" for k, v in row.labels.items())
+            values = describe_labels(row.labels)
             lines.append(f"| {row.id} | {row.seed} | {values} | {str(row.error).replace('|', '/')} |")
         lines.append("")
     path = out / "report.md"

@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["Store", "StoreError", "KEY_COLUMNS"]
+__all__ = ["Store", "StoreError", "KEY_COLUMNS", "describe_labels"]
 
 #: The columns that identify a result row within a run; every other column is a numeric metric.
 KEY_COLUMNS = ("method", "m", "target_task")
@@ -269,6 +269,11 @@ def _experiment_numbers(runs: pd.DataFrame) -> list[int]:
 def _cell(value: Any) -> Any:
     """A label value as a table cell: lists become comma-separated text."""
     return ",".join(str(v) for v in value) if isinstance(value, list) else value
+
+
+def describe_labels(labels: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """A run's or experiment's sweep values as ``key=value, ...`` (lists comma-separated)."""
+    return ", ".join(f"{key}={_cell(value)}" for key, value in labels.items() if key not in skip)
 
 
 def _long_records(run_id: str, rows: pd.DataFrame) -> Iterator[tuple[Any, ...]]:

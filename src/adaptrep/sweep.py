@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .experiment import ConfigError, RunConfig, library_versions, read_yaml, resolve_config, run_seed, steps_per_seed
-from .store import Store
+from .store import Store, describe_labels
 
 __all__ = [
     "Run",
@@ -142,7 +142,7 @@ def expand(spec: SweepSpec) -> list[Run]:
             try:
                 config = resolve_config({**spec.base, **entry, **point})
             except ConfigError as error:
-                where = ", ".join(f"{k}={v}" for k, v in labels.items())
+                where = describe_labels(labels)
                 raise ConfigError(f"{error} (at {where})" if where else str(error)) from None
             seeds = spec.seeds if spec.seeds is not None else config.seeds
             runs.extend(Run(config, seed, labels) for seed in (range(seeds) if isinstance(seeds, int) else seeds))
