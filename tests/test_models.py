@@ -187,3 +187,24 @@ def test_relu_methods_run_and_fine_tuning_helps_with_many_samples():
         assert beta.shape == (6, 8 * 2 + 2) and torch.isfinite(beta).all()
         risks[name] = env.excess_risk(beta, target.beta).mean().item()
     assert risks["adaptrep"] < risks["frozenrep"] and risks["oracle-ft"] < risks["frozenrep"], risks
+
+
+def test_relu_hard_environment_and_its_separation():
+    """The nonlinear hard case: ADAPTREP's source objective keeps the opt block, FROZENREP's does
+    not, and head-only adaptation of FROZENREP's representation stays far from the targets."""
+    from adaptrep.environments import ReluHardEnvironment
+    from adaptrep.metrics import block_share
+
+    env = ReluHardEnvironment(dim=10, rank=2, eps=0.1, noise=0.1, seed=0, test_points=20_000)
+    tasks = env.sample_tasks(50, 100, torch.Generator().manual_seed(1))
+    W = tasks.beta[:, :20].reshape(50, 10, 2)
+    torch.testing.assert_close(W[:, :2, :], env.opt_scale * torch.eye(2, dtype=F64).expand(50, 2, 2))
+    torch.testing.assert_close(W[:, -2:, :].norm(dim=1), torch.ones(50, 2, dtype=F64))
+    assert (tasks.X[..., :8].std() ** 2).item() == pytest.approx(0.1, rel=0.05)
+    adaptrep, frozen = make_method("adaptrep").fit(tasks), make_method("frozenrep").fit(tasks)
+    assert block_share(adaptrep.representation, env.opt_block) > 0.85
+    assert block_share(frozen.representation, env.opt_block) < 0.7
+    target = env.sample_tasks(10, 200, torch.Generator().manual_seed(2))
+    head_only = env.excess_risk(frozen.adapt(target), target.beta).mean().item()
+    fine_tuned = env.excess_risk(adaptrep.adapt(target, torch.Generator().manual_seed(3)), target.beta).mean().item()
+    assert fine_tuned < 0.5 * head_only, (fine_tuned, head_only)

@@ -93,7 +93,7 @@ class Execution:
 
 @app.command()
 def run(
-    setting: Optional[str] = typer.Option(None, help="linear | linear-hard | logistic | relu-net"),
+    setting: Optional[str] = typer.Option(None, help="linear | linear-hard | logistic | relu-net | relu-hard"),
     dim: Optional[int] = typer.Option(None, help="input dimension d"),
     rank: Optional[int] = typer.Option(None, help="representation dimension k"),
     tasks: Optional[int] = typer.Option(None, help="number of source tasks T"),
@@ -103,7 +103,7 @@ def run(
     target: Optional[str] = typer.Option(None, help="linear-hard targets: adversarial | random"),
     delta: Optional[float] = typer.Option(None, help="perturbation size delta (linear)"),
     noise: Optional[float] = typer.Option(None, help="noise standard deviation sigma"),
-    eps: Optional[float] = typer.Option(None, help="low input variance eps (linear-hard)"),
+    eps: Optional[float] = typer.Option(None, help="low input variance eps (linear-hard, relu-hard)"),
     scale: Optional[float] = typer.Option(None, help="signal scale s of the logits (logistic)"),
     seeds: Optional[int] = typer.Option(None, help="number of seeds"),
     methods: Optional[str] = typer.Option(None, help="comma-separated: adaptrep,frozenrep,frozenrep-ft,target-only,oracle-head,oracle-ft"),

@@ -34,6 +34,7 @@ __all__ = [
     "LinearHardEnvironment",
     "LogisticEnvironment",
     "ReluNetEnvironment",
+    "ReluHardEnvironment",
     "make_environment",
     "SETTINGS",
 ]
@@ -218,7 +219,40 @@ class LinearEnvironment(Environment):
         return (W @ w.unsqueeze(-1)).squeeze(-1)
 
 
-class LinearHardEnvironment(Environment):
+class TwoBlocks:
+    """The hard cases' inputs: variance ``eps`` on the first ``d - k`` coordinates (the *opt
+    block* is the first ``k`` of them) and 1 on the last ``k`` (the *delta block*)."""
+
+    dim: int
+    rank: int
+    dtype: torch.dtype
+    device: torch.device
+    name: str
+
+    def _set_blocks(self, eps: float) -> None:
+        if self.dim < 2 * self.rank:
+            raise ValueError(f"{self.name} needs dim >= 2 * rank; got dim={self.dim}, rank={self.rank}")
+        if not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"eps must be a finite positive number; got {eps}")
+        self.eps = float(eps)
+        scale = torch.ones(self.dim, dtype=torch.float64)
+        scale[: self.dim - self.rank] = math.sqrt(eps)
+        self.input_scale = scale
+        self._representation = torch.eye(self.dim, dtype=torch.float64)[:, : self.rank]
+        self.opt_scale = math.sqrt(1.0 / (2.0 * eps))
+
+    @property
+    def opt_block(self) -> Tensor:
+        """Basis ``(d, k)`` of the opt block (the first k coordinates)."""
+        return torch.eye(self.dim, dtype=self.dtype, device=self.device)[:, : self.rank]
+
+    @property
+    def delta_block(self) -> Tensor:
+        """Basis ``(d, k)`` of the delta block (the last k coordinates)."""
+        return torch.eye(self.dim, dtype=self.dtype, device=self.device)[:, self.dim - self.rank :]
+
+
+class LinearHardEnvironment(TwoBlocks, Environment):
     """The paper's linear hard case ``linear-hard`` (its appendix C.3 simulation).
 
     Inputs have variance ``eps`` on the first ``d - k`` coordinates and 1 on the last ``k``.
@@ -234,26 +268,7 @@ class LinearHardEnvironment(Environment):
         self, dim: int, rank: int, eps: float = 0.1, noise: float = 0.5, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64
     ) -> None:
         super().__init__(dim, rank, noise, device, dtype)
-        if dim < 2 * rank:
-            raise ValueError(f"linear-hard needs dim >= 2 * rank; got dim={dim}, rank={rank}")
-        if not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"eps must be a finite positive number; got {eps}")
-        self.eps = float(eps)
-        scale = torch.ones(dim, dtype=torch.float64)
-        scale[: dim - rank] = math.sqrt(eps)
-        self.input_scale = scale
-        self._representation = torch.eye(dim, dtype=torch.float64)[:, :rank]
-        self.opt_scale = math.sqrt(1.0 / (2.0 * eps))
-
-    @property
-    def opt_block(self) -> Tensor:
-        """Basis ``(d, k)`` of the opt block (the first k coordinates)."""
-        return torch.eye(self.dim, dtype=self.dtype, device=self.device)[:, : self.rank]
-
-    @property
-    def delta_block(self) -> Tensor:
-        """Basis ``(d, k)`` of the delta block (the last k coordinates)."""
-        return torch.eye(self.dim, dtype=self.dtype, device=self.device)[:, self.dim - self.rank :]
+        self._set_blocks(eps)
 
     def sample_parameters(self, num_tasks: int, generator: torch.Generator) -> Tensor:
         u = unit_vectors(num_tasks, self.rank, generator)
@@ -387,7 +402,48 @@ class ReluNetEnvironment(Environment):
         return {"excess_risk_se": errors.std(-1) / math.sqrt(errors.shape[-1])}
 
 
-SETTINGS = ("linear", "linear-hard", "logistic", "relu-net")
+class ReluHardEnvironment(TwoBlocks, ReluNetEnvironment):
+    """The nonlinear hard case ``relu-hard``: ``linear-hard``'s two blocks inside a two-layer ReLU
+    network, ``y = w_t^T ReLU(W_t^T x) / sqrt(k) + sigma xi``.
+
+    Inputs have variance ``eps`` on the first ``d - k`` coordinates and 1 on the last ``k``, as in
+    ``linear-hard``. Neuron ``j`` of task ``t`` is ``c e_j + a_tj`` with ``c = sqrt(1/(2 eps))``, ``e_j``
+    the opt block's ``j``-th coordinate and ``a_tj`` a uniform unit vector of the delta block (the
+    last ``k`` coordinates), drawn per task; ``w_t ~ N(0, I_k)``. So the opt part of a pre-activation
+    has variance ``c^2 eps = 1/2`` and the per-task delta part variance 1. The shared representation
+    that fine-tuning-aware training should find is the opt block, ``W* = [I_k; 0]`` (columns
+    normalised, as the model keeps them): relative to it, a task is a perturbation of size ``1/c``
+    per neuron. See the README for why FROZENREP's objective keeps the wrong block.
+    """
+
+    name = "relu-hard"
+
+    def __init__(
+        self,
+        dim: int,
+        rank: int,
+        eps: float = 0.1,
+        noise: float = 0.1,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float64,
+        test_points: int = 100_000,
+    ) -> None:
+        super().__init__(dim, rank, delta=0.0, noise=noise, seed=seed, device=device, dtype=dtype, test_points=test_points)
+        self._set_blocks(eps)
+        self.test_inputs = self.test_inputs * self.input_scale
+
+    def sample_parameters(self, num_tasks: int, generator: torch.Generator) -> Tensor:
+        d, k = self.dim, self.rank
+        w = torch.randn(num_tasks, k, generator=generator, dtype=torch.float64)
+        A = torch.randn(num_tasks, k, k, generator=generator, dtype=torch.float64)
+        W = torch.zeros(num_tasks, d, k, dtype=torch.float64)
+        W[:, :k, :] = self.opt_scale * torch.eye(k, dtype=torch.float64)
+        W[:, d - k :, :] = A / A.norm(dim=1, keepdim=True)
+        return torch.cat([W.flatten(1), w], dim=1)
+
+
+SETTINGS = ("linear", "linear-hard", "logistic", "relu-net", "relu-hard")
 
 
 def make_environment(
@@ -412,4 +468,6 @@ def make_environment(
         return LogisticEnvironment(dim, rank, delta=delta, scale=scale, seed=seed, device=device, dtype=dtype)
     if setting == "relu-net":
         return ReluNetEnvironment(dim, rank, delta=delta, noise=noise, seed=seed, device=device, dtype=dtype)
+    if setting == "relu-hard":
+        return ReluHardEnvironment(dim, rank, eps=eps, noise=noise, seed=seed, device=device, dtype=dtype)
     raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")

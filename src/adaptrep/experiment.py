@@ -22,7 +22,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .environments import SETTINGS, Environment, LinearHardEnvironment, Tasks, make_environment
+from .environments import SETTINGS, Environment, Tasks, TwoBlocks, make_environment
 from .methods import METHODS, Method, make_method, synchronize
 from .metrics import block_share, subspace_distance
 
@@ -40,6 +40,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "relu-net": dict(
         setting="relu-net", dim=20, rank=5, tasks=200, samples=50, target_samples=[20, 40, 80, 160, 320], target_tasks=20, delta=0.3, noise=0.1, seeds=5
+    ),
+    "relu-hard": dict(
+        setting="relu-hard", dim=20, rank=2, tasks=50, samples=100, target_samples=[25, 50, 100, 200, 400], target_tasks=20, eps=0.1, noise=0.1, seeds=5
     ),
     "linear-hard": dict(
         setting="linear-hard", dim=20, rank=2, tasks=50, samples=100, target_samples=[10, 25, 50, 100], target_tasks=20, eps=0.1, noise=0.5, seeds=5
@@ -59,7 +62,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    setting: Literal["linear", "linear-hard", "logistic", "relu-net"] = "linear"
+    setting: Literal["linear", "linear-hard", "logistic", "relu-net", "relu-hard"] = "linear"
     dim: int = Field(20, gt=0, description="input dimension d")
     rank: int = Field(3, gt=0, description="representation dimension k")
     tasks: int = Field(100, gt=0, description="number of source tasks T")
@@ -137,8 +140,8 @@ class RunConfig(BaseModel):
     def _consistent(self) -> RunConfig:
         if self.rank > self.dim:
             raise ValueError(f"rank ({self.rank}) must not exceed dim ({self.dim})")
-        if self.setting == "linear-hard" and self.dim < 2 * self.rank:
-            raise ValueError(f"linear-hard needs dim >= 2 * rank; got dim={self.dim}, rank={self.rank}")
+        if self.setting in ("linear-hard", "relu-hard") and self.dim < 2 * self.rank:
+            raise ValueError(f"{self.setting} needs dim >= 2 * rank; got dim={self.dim}, rank={self.rank}")
         need, have = self.memory_estimate(), _physical_memory()
         if have and need > have / 2:
             raise ValueError(f"sizes too large: about {need / 2**30:.1f} GiB needed, this machine has {have / 2**30:.1f} GiB")
@@ -330,7 +333,7 @@ def _evaluate_targets(
             "source_objective": method.info.get("source_objective", math.nan),
             "source_grad_norm": method.info.get("source_grad_norm", math.nan),
         }
-        if isinstance(env, LinearHardEnvironment):
+        if isinstance(env, TwoBlocks):
             common["opt_block_share"] = block_share(rep, env.opt_block) if rep is not None else math.nan
         strength = method.last_strength
         for r in range(R):

@@ -139,14 +139,16 @@ class _RepresentationMethod(_AdaptsRepresentation):
         return self
 
     def _fit_generic(self, source: Tasks, rank: int) -> Method:
-        """Other losses and models: the generic objective of :mod:`adaptrep.models`, from the
-        moment start of the centred labels (``E[(y - 1/2) x]`` is a multiple of ``Sigma beta_t``
-        for logistic tasks, and ``E[y x] = W_t w_t / (2 sqrt(k))`` for ReLU networks)."""
+        """Other losses and models: the generic objective of :mod:`adaptrep.models`, from each of
+        the four moment starts of the centred labels (``E[(y - 1/2) x]`` is a multiple of
+        ``Sigma beta_t`` for logistic tasks, and ``E[y x] = Sigma W_t w_t / (2 sqrt(k))`` for ReLU
+        networks; whitened or not, normalised per task or not), keeping the lowest objective."""
         start = time.perf_counter()
         model, key = model_for(source.loss, source.model)  # type: ignore[arg-type]
         G, c, _ = sufficient_statistics(source.X, source.y - (0.5 if source.loss == "logistic" else 0.0))
         lam, gamma = self._generic_penalty(source, rank)
-        fit = fit_shared(model, {key: moment_inits(G, c, rank)[0]}, source.X, source.y, lam=lam, gamma=gamma)
+        fits = [fit_shared(model, {key: start}, source.X, source.y, lam=lam, gamma=gamma) for start in moment_inits(G, c, rank)]
+        fit = min(fits, key=lambda candidate: candidate.objective)
         self.representation = fit.theta[key]
         synchronize(self.representation.device)
         self.info = {"source_time": time.perf_counter() - start, **describe(fit), "source_penalty": lam if lam is not None else math.inf}

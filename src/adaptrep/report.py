@@ -81,7 +81,7 @@ def risk_figure(results: pd.DataFrame, config: dict[str, Any], path: Path) -> Pa
 
 
 def representation_figure(results: pd.DataFrame, path: Path) -> Path:
-    """linear-hard: share of each method's learned span in the opt block (per seed, and mean)."""
+    """Hard cases: share of each method's learned span in the opt block (per seed, and mean)."""
     per_seed = results.dropna(subset=["opt_block_share"]).groupby(["method", "seed"], sort=False)["opt_block_share"].first().reset_index()
     methods = list(dict.fromkeys(per_seed["method"]))
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
@@ -93,7 +93,7 @@ def representation_figure(results: pd.DataFrame, path: Path) -> Path:
     ax.set_xticks(range(len(methods)), methods, rotation=20)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("opt_block_share of the learned span")
-    ax.set_title("linear-hard: which block does the representation keep?", fontsize=10)
+    ax.set_title("which block does the representation keep?", fontsize=10)
     ax.axhline(1.0, color="k", lw=0.8, ls=":")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -102,7 +102,13 @@ def representation_figure(results: pd.DataFrame, path: Path) -> Path:
 
 
 #: The config keys that matter for each setting, beside the sizes.
-SETTING_KEYS = {"linear": ("noise", "delta"), "linear-hard": ("noise", "eps"), "logistic": ("delta", "scale"), "relu-net": ("noise", "delta")}
+SETTING_KEYS = {
+    "linear": ("noise", "delta"),
+    "linear-hard": ("noise", "eps"),
+    "logistic": ("delta", "scale"),
+    "relu-net": ("noise", "delta"),
+    "relu-hard": ("noise", "eps"),
+}
 
 
 def write_report(
