@@ -218,8 +218,11 @@ def _execute(runs: list[Run], out_dir: Path, how: Execution, title: str) -> None
     if outcome.interrupted:
         console.print(f"interrupted; the {outcome.done + outcome.skipped} finished runs are kept in {out_dir / STORE}; rerun the same command to resume")
         raise typer.Exit(130)
+    if outcome.lost:
+        console.print(f"{outcome.lost} runs were lost with a worker process that died; rerun the same command to compute them")
     if outcome.failed:
-        console.print(f"{outcome.failed} of {outcome.total} runs failed; their messages are in {out_dir / 'report.md'} and {out_dir / STORE}")
+        where = f"{out_dir / 'report.md'} and {out_dir / STORE}" if outcome.done + outcome.skipped else str(out_dir / STORE)
+        console.print(f"{outcome.failed} of {outcome.total} runs failed; their messages are in {where}")
         raise typer.Exit(1)
 
 

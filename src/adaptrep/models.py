@@ -17,9 +17,11 @@ the folded objective that :func:`adaptrep.solvers.fit_source` solves exactly for
 loss. Other models and losses are trained here by full-batch Adam on all tasks at once: the
 per-task objective is :func:`torch.func.vmap`-ed over tasks, with no Python loop over tasks.
 
-Target adaptation (:func:`finetune`): gradient descent (Adam) on ``(Delta, w)`` from the learned
-``theta`` and the refitted head, stopped early after a number of steps chosen per target by
-K-fold cross-validation of the held-out loss (0 steps is head-only adaptation).
+Target adaptation (:func:`finetune`): gradient descent on ``(Delta, w)`` (per-block step sizes)
+from the learned ``theta`` and the refitted head, stopped early after a number of steps chosen per
+target by K-fold cross-validation of the held-out loss with the one-standard-error rule (0 steps is
+head-only adaptation); for logistic tasks on a linear representation, the penalised form
+(:func:`logistic_finetune`).
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def _identity(theta: Params) -> Params:
 class Model:
     """``f(x) = <phi_theta(x), w>``: ``features(theta, X)`` maps ``(n, d)`` inputs to ``(n, k)``
     features; ``retract`` maps ``theta`` back to a normal form after each optimisation step
-    (e.g. orthonormal columns) where the objective does not depend on it."""
+    (e.g. orthonormal columns: a projected optimisation, which fixes the scale and basis that the
+    heads could otherwise trade with ``theta``)."""
 
     features: Callable[[Params, Tensor], Tensor]
     loss: Loss = "squared"
@@ -163,6 +166,13 @@ def fit_heads(model: Model, theta: Params, X: Tensor, y: Tensor, weight: Tensor 
 RIDGES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 
+def _fold_count(folds: int, m: int) -> int:
+    """The number of cross-validation folds for ``m`` samples (at most ``m``, at least 2)."""
+    if m < 2:
+        raise ValueError(f"cross-validation needs at least 2 target samples; got m={m}")
+    return max(2, min(folds, m))
+
+
 def _fold_masks(R: int, m: int, folds: int, generator: torch.Generator, like: Tensor) -> Tensor:
     """Held-out masks ``(R, F, m)``: a random balanced split of each target into ``folds`` folds."""
     order = torch.stack([torch.randperm(m, generator=generator) for _ in range(R)])
@@ -183,12 +193,12 @@ def cv_heads(
     cross-validation of the held-out loss (all targets x folds x strengths in one batch).
     Returns the heads ``(R, k)`` refitted on all the data and the chosen strengths ``(R,)``."""
     R, m, _ = X.shape
-    folds = max(2, min(folds, m))
+    folds = _fold_count(folds, m)
     valid = _fold_masks(R, m, folds, generator or torch.Generator().manual_seed(0), X)  # (R, F, m)
     L = len(ridges)
     grid = torch.tensor(ridges, dtype=X.dtype, device=X.device)
     XF, yF = _repeat(X, folds * L), _repeat(y, folds * L)
-    validF = _repeat(valid, L).reshape(R * folds * L, m)
+    validF = valid.unsqueeze(2).expand(R, folds, L, m).reshape(R * folds * L, m)  # rows (target, fold, strength)
     w = fit_heads(model, theta, XF, yF, weight=1 - validF, ridge=grid.repeat(R * folds))
     held_out = vmap(lambda w, X, y, weight: task_loss(model, theta, None, w, X, y, weight))(w, XF, yF, validF)
     best = held_out.reshape(R, folds, L).mean(1).argmin(-1)
@@ -270,14 +280,15 @@ def finetune(
 ) -> tuple[Params, Tensor, Tensor]:
     """Fine-tune ``(Delta, w)`` on each target from ``(0, fitted head)`` by gradient descent (step
     ``lr`` over a curvature bound), stopped after the number of steps (0, 1, 2, 4, ... up to
-    ``max_steps``) with the lowest ``folds``-fold cross-validated held-out loss. All targets and
-    folds are one batch.
+    ``max_steps``) that the one-standard-error rule picks from the ``folds``-fold cross-validated
+    held-out loss (:func:`one_standard_error`; held-out losses of a few samples are noisy). All
+    targets and folds are one batch.
 
     The heads carry the penalty ``ridge ||w||^2`` (a number or ``(R,)``, e.g. from :func:`cv_heads`).
     Returns the perturbations (per target), heads ``(R, k)`` and chosen step counts ``(R,)``.
     """
     R, m, _ = X.shape
-    folds = max(2, min(folds, m))
+    folds = _fold_count(folds, m)
     valid = _fold_masks(R, m, folds, generator or torch.Generator().manual_seed(0), X).reshape(R * folds, m)
     ridge = torch.as_tensor(ridge, dtype=X.dtype, device=X.device).expand(R)
     checkpoints = [0, *(2**i for i in range(max(0, max_steps).bit_length()) if 2**i <= max_steps)]
@@ -318,12 +329,12 @@ def logistic_finetune(
     floor ``0.1 d / m`` keeps a noisy choice at small ``m`` from reaching the full-dimensional fit. Returns ``beta`` ``(R, d)`` and
     the chosen penalties ``(R,)``."""
     R, m, _ = X.shape
-    folds = max(2, min(folds, m))
+    folds = _fold_count(folds, m)
     valid = _fold_masks(R, m, folds, generator or torch.Generator().manual_seed(0), X)
     L = len(penalties)
     grid = torch.tensor(penalties, dtype=X.dtype, device=X.device) * X.shape[-1] / m
     XF, yF, ridgeF = _repeat(X, folds * L), _repeat(y, folds * L), _repeat(ridge, folds * L)
-    validF = _repeat(valid, L).reshape(R * folds * L, m)
+    validF = valid.unsqueeze(2).expand(R, folds, L, m).reshape(R * folds * L, m)  # rows (target, fold, strength)
     train = 1 - validF
     # held-out rows are zeroed: they add a constant to the mean loss and nothing to its gradient
     beta = _subspace_ridge(B, XF * train.unsqueeze(-1), yF * train, ridgeF * train.sum(-1) / m, grid.repeat(R * folds) * train.sum(-1) / m)
@@ -366,7 +377,7 @@ def _descend(
                     snapshots_delta[name].append(value.detach().clone())
                 snapshots_w.append(w.detach().clone())
                 if valid is not None:
-                    held_out.append(loss(delta, w, X, y, valid))
+                    held_out.append(torch.nan_to_num(loss(delta, w, X, y, valid), nan=math.inf))
         if step == checkpoints[-1]:
             break
         leaves = [*delta.values(), w]
@@ -384,11 +395,12 @@ CURVATURE = {"squared": 2.0, "logistic": 0.25}
 
 
 def _curvature(model: Model, theta: Params, X: Tensor, weight: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-task bounds on the curvature of the loss near the start, for the perturbations and the
+    """Per-task bounds on the curvature of the loss at the start, for the perturbations and the
     head separately (``(T,)`` each; one step size for both would be ill-conditioned):
     ``c lambda_max(X^T W X / sum W) ||w||^2 l^2`` for ``Delta`` (``l`` the features' Lipschitz
     constant in ``theta``: exact for the linear model) and ``c lambda_max(Phi^T W Phi / sum W)``
-    for ``w``, with ``c`` the loss's largest second derivative."""
+    for ``w``, with ``c`` the loss's largest second derivative. They are fixed at the start; a
+    path that diverges later gets an infinite held-out loss and is not chosen."""
     count = weight.sum(-1)[:, None, None]
     Xw = X * weight.unsqueeze(-1)
     inputs = torch.linalg.eigvalsh(matmul(Xw.transpose(-1, -2), Xw) / count)[..., -1]

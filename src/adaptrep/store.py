@@ -194,6 +194,11 @@ class Store:
         with self._transaction() as db:
             db.execute("UPDATE runs SET status = 'failed', owner = NULL, finished = ?, error = ? WHERE id = ?", (time.time(), message, run_id))
 
+    def unclaim(self, run_id: str) -> None:
+        """Return one run this driver claimed to ``pending`` (its worker was lost)."""
+        with self._transaction() as db:
+            db.execute("UPDATE runs SET status = 'pending', owner = NULL WHERE id = ? AND owner = ?", (run_id, self.owner))
+
     def release(self) -> int:
         """Return this driver's unfinished claims to ``pending`` (after an interruption)."""
         with self._transaction() as db:
@@ -213,9 +218,9 @@ class Store:
         return frame
 
     def experiments(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """(config, labels) of each experiment of the finished runs, by experiment number."""
+        """(config, labels) of every experiment in the store, indexed by experiment number (the
+        numbers of :meth:`results`; runs are never removed, so numbers never shift)."""
         runs = self.runs()
-        runs = runs[runs["status"] == "done"]
         first: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
         for number, config, labels in zip(_experiment_numbers(runs), runs["config"], runs["labels"], strict=True):
             first.setdefault(number, (config, labels))
@@ -229,8 +234,9 @@ class Store:
         """The finished runs' results as one wide table, one row per method x m x seed x target
         task of each run, with the run's setting, seed, labels, experiment number and id.
         """
-        runs = self.runs()
-        runs = runs[runs["status"] == "done"]
+        every = self.runs()
+        every["experiment"] = _experiment_numbers(every)  # numbered over all runs, finished or not
+        runs = every[every["status"] == "done"]
         if runs.empty:
             return pd.DataFrame()
         long = pd.read_sql_query(
@@ -244,7 +250,7 @@ class Store:
                 "run_id": runs["id"].to_numpy(),
                 "setting": [c["setting"] for c in runs["config"]],
                 "seed": runs["seed"].to_numpy(),
-                "experiment": _experiment_numbers(runs),
+                "experiment": runs["experiment"].to_numpy(),
                 "position": runs["position"].to_numpy(),
             }
         )

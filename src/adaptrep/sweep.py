@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .experiment import ConfigError, RunConfig, library_versions, read_yaml, resolve_config, run_seed, steps_per_seed
-from .store import Store, describe_labels
+from .store import Store, StoreError, describe_labels
 
 __all__ = [
     "Run",
@@ -221,6 +221,11 @@ class _Windowed:
         raise NotImplementedError
 
 
+class WorkerLost(RuntimeError):
+    """The process computing a run died (with every run in flight on the same pool): the run is
+    not at fault, so it returns to ``pending`` instead of being recorded as failed."""
+
+
 def _init_worker(threads: int) -> None:
     import signal
 
@@ -256,7 +261,7 @@ class ProcessPool(_Windowed):
         try:
             return handle.result()
         except BrokenProcessPool:
-            return RuntimeError("the worker process died (out of memory or killed)")
+            return WorkerLost("the worker process died (out of memory or killed)")
         except Exception as error:  # noqa: BLE001 - recorded as the run's failure
             return error
 
@@ -289,7 +294,8 @@ class RayBackend(_Windowed):
         self._remote = ray.remote(num_cpus=1, max_retries=0)(compute)
 
     def _submit(self, run: Run) -> Any:
-        return self._remote.remote(run.stored_config(), run.seed, 1)
+        gpus = 1 if torch.device(run.config.device).type == "cuda" else 0  # Ray hides GPUs from tasks that do not ask
+        return self._remote.options(num_gpus=gpus).remote(run.stored_config(), run.seed, 1)
 
     def _wait(self, handles: list[Any]) -> list[Any]:
         ready, _ = self._ray.wait(handles, num_returns=1)
@@ -344,6 +350,7 @@ class SweepOutcome:
     skipped: int = 0
     busy: int = 0
     earlier_failures: int = 0
+    lost: int = 0
     errors: list[tuple[Run, str]] = field(default_factory=list)
     interrupted: bool = False
 
@@ -360,8 +367,9 @@ def execute(
     """Compute the runs not finished yet, storing each as it completes.
 
     Finished runs are skipped; runs that failed before are skipped unless ``retry_failed``; a
-    run claimed by another live driver is left to it. A run that raises is stored as failed and
-    the sweep goes on (it stops at the first failure with ``fail_fast``). Ctrl-C stops cleanly:
+    run claimed by another live driver is left to it. A run that raises (or whose results cannot
+    be stored) is stored as failed and the sweep goes on (it stops at the first failure with
+    ``fail_fast``); a run whose worker process died returns to ``pending`` for the next rerun. Ctrl-C stops cleanly:
     everything finished so far is kept and the interrupted runs return to ``pending``.
     ``on_event(kind, outcome)`` is called with ``"start"``, ``"done"``, ``"failed"`` and ``"end"``.
     """
@@ -378,19 +386,27 @@ def execute(
     event("start", outcome)
     try:
         for run, result in backend.imap(_claim_each(todo, store, retry_failed, counted)):
-            if isinstance(result, BaseException):
-                message = f"{type(result).__name__}: {result}".splitlines()[0]
-                store.fail(run.id, message)
-                outcome.failed += 1
-                outcome.errors.append((run, message))
-                event("failed", outcome)
-                if fail_fast:
-                    break
-            else:
+            if isinstance(result, WorkerLost):
+                store.unclaim(run.id)
+                outcome.lost += 1
+                continue
+            if not isinstance(result, BaseException):
                 rows, seconds, versions = result
-                store.finish(run.id, rows, seconds, versions)
-                outcome.done += 1
-                event("done", outcome)
+                try:
+                    store.finish(run.id, rows, seconds, versions)
+                except StoreError as error:
+                    result = error
+                else:
+                    outcome.done += 1
+                    event("done", outcome)
+                    continue
+            message = f"{type(result).__name__}: {result}".splitlines()[0]
+            store.fail(run.id, message)
+            outcome.failed += 1
+            outcome.errors.append((run, message))
+            event("failed", outcome)
+            if fail_fast:
+                break
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
