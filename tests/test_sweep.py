@@ -34,6 +34,10 @@ def adaptrep(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "adaptrep.cli", *args], capture_output=True, text=True, timeout=600, **kwargs)
 
 
+def sweep_command(spec, out, workers):
+    return [sys.executable, "-m", "adaptrep.cli", "sweep", str(spec), "--out", str(out), "--workers", str(workers)]
+
+
 def comparable(frame: pd.DataFrame) -> pd.DataFrame:
     """The results without wall times (which differ between any two executions)."""
     frame = frame[[c for c in frame if not c.endswith("_time")]]
@@ -161,7 +165,7 @@ def wait_for_done(db_path, at_least, timeout=240.0):
 def test_kill_9_part_way_then_resume_gives_the_uninterrupted_results(tmp_path, reference):
     spec, out = write_spec(tmp_path / "spec.yaml"), tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "adaptrep.cli", "sweep", str(spec), "--out", str(out), "--workers", "2"],
+        sweep_command(spec, out, 2),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -184,7 +188,7 @@ def test_kill_9_part_way_then_resume_gives_the_uninterrupted_results(tmp_path, r
 
 def test_two_sweeps_on_one_store_leave_it_consistent(tmp_path, reference):
     spec, out = write_spec(tmp_path / "spec.yaml"), tmp_path / "out"
-    command = [sys.executable, "-m", "adaptrep.cli", "sweep", str(spec), "--out", str(out), "--workers", "1"]
+    command = sweep_command(spec, out, 1)
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # two drivers share 2 cores
     processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=one_thread) for _ in range(2)]
     for process in processes:
@@ -198,7 +202,7 @@ def test_two_sweeps_on_one_store_leave_it_consistent(tmp_path, reference):
 def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path):
     spec, out = write_spec(tmp_path / "spec.yaml"), tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "adaptrep.cli", "sweep", str(spec), "--out", str(out), "--workers", "1"],
+        sweep_command(spec, out, 1),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .environments import Tasks
 from .finetune import FineTune, fit_head
-from .models import cv_heads, describe, finetune, fit_heads, fit_shared, linear_model, logistic_finetune, model_for, task_parameters
+from .models import Model, cv_heads, describe, finetune, fit_heads, fit_shared, linear_model, logistic_finetune, model_for, task_parameters
 from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, spd_solve, sufficient_statistics
 
 __all__ = ["synchronize", "Method", "AdaptRep", "FrozenRep", "TargetOnly", "Oracle", "METHODS", "make_method", "theory_penalty"]
@@ -88,7 +88,7 @@ class _AdaptsRepresentation(Method):
         then fine-tuning: penalised for logistic tasks on a linear representation, else gradient
         descent with a cross-validated number of steps."""
         if self.finetune is None:
-            return _head_only(B, target, generator)[0]
+            return task_parameters(target.model, B, _heads(B, target, generator)[2])
         beta, self.last_strength = _finetune_generic(B, target, generator)
         return beta
 
@@ -274,17 +274,17 @@ def _generic(tasks: Tasks) -> bool:
     return tasks.loss != "squared" or tasks.model != "linear"
 
 
-def _head_only(theta: Tensor, target: Tasks, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Predictors from heads with a cross-validated ridge on the features of ``theta``, and the ridges."""
+def _heads(theta: Tensor, target: Tasks, generator: torch.Generator | None) -> tuple[Model, str, Tensor, Tensor]:
+    """The targets' model, its parameter name, and heads on the features of ``theta`` with a
+    cross-validated ridge (``(R, k)``), with the chosen ridges (``(R,)``)."""
     model, key = model_for(target.loss, target.model)  # type: ignore[arg-type]
     w, ridge = cv_heads(model, {key: theta}, target.X, target.y, generator)
-    return task_parameters(target.model, theta, w), ridge
+    return model, key, w, ridge
 
 
 def _finetune_generic(theta: Tensor, target: Tasks, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Fine-tuned predictors from ``theta`` and the chosen strengths (penalty or steps)."""
-    model, key = model_for(target.loss, target.model)  # type: ignore[arg-type]
-    w, ridge = cv_heads(model, {key: theta}, target.X, target.y, generator)
+    model, key, _, ridge = _heads(theta, target, generator)
     if target.model == "linear":
         return logistic_finetune(theta, target.X, target.y, ridge, generator)
     delta, w, steps = finetune(model, {key: theta}, target.X, target.y, generator, ridge=ridge)
