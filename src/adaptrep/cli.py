@@ -20,10 +20,10 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer on click
     from click import ClickException as CommandLineError  # type: ignore[no-redef,assignment]
 
-from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, read_yaml, resolve_config
+from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, read_yaml, resolve_config, steps_per_seed
 from .report import summarise, write_report
 from .store import Store, StoreError, describe_labels
-from .sweep import Run, SweepOutcome, SweepSpec, check_backend, execute, expand, load_spec, make_backend, steps
+from .sweep import Run, SweepOutcome, SweepSpec, check_backend, execute, expand, load_spec, make_backend
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Fine-tuning-based meta-learning of representations (ADAPTREP vs FROZENREP).")
 console = Console(stderr=True)
@@ -201,7 +201,7 @@ def _execute(runs: list[Run], out_dir: Path, how: Execution, title: str) -> None
         progress.update(bar, description=describe(outcome))
 
     def on_step(run: Run, text: str) -> None:
-        progress.update(bar, advance=1 / steps(run))
+        progress.update(bar, advance=1 / steps_per_seed(run.config))
 
     engine = make_backend(how.backend, how.workers, how.address, on_step)
     with Store(out_dir / STORE) as store:

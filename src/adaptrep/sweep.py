@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from .experiment import ConfigError, RunConfig, library_versions, read_yaml, resolve_config, run_seed, steps_per_seed
+from .experiment import ConfigError, RunConfig, library_versions, read_yaml, resolve_config, run_seed
 from .store import Store, StoreError, describe_labels
 
 __all__ = [
@@ -431,8 +431,3 @@ def _claim_each(runs: list[Run], store: Store, retry_failed: bool, counts: Sweep
             counts.earlier_failures += 1
         else:
             counts.busy += 1
-
-
-def steps(run: Run) -> int:
-    """Progress steps within one run (for the in-process backend's progress bar)."""
-    return steps_per_seed(run.config)
