@@ -44,6 +44,8 @@ __all__ = [
     "Loss",
     "linear_model",
     "relu_model",
+    "mlp_model",
+    "init_mlp",
     "model_for",
     "task_parameters",
     "task_loss",
@@ -74,6 +76,10 @@ class Model:
     retract: Callable[[Params], Params] = _identity
     #: a bound on ``||d f / d theta|| / (||w|| ||x||)`` at ``theta`` (for step sizes)
     lipschitz: Callable[[Params], float] = lambda theta: 1.0
+    #: whether ``features`` also accepts stacked parameters (every value with a leading task
+    #: dimension ``B``) with inputs ``(B, n, d)``, and shared parameters with ``(B, n, d)`` inputs,
+    #: by broadcasting (then :mod:`adaptrep.meta` calls it directly instead of through ``vmap``)
+    batched: bool = False
 
     @staticmethod
     def from_module(module: torch.nn.Module, loss: Loss = "squared") -> tuple[Model, Params]:
@@ -90,7 +96,7 @@ def linear_model(loss: Loss = "squared") -> Model:
         Q, R = torch.linalg.qr(theta["B"])
         return {"B": Q * torch.sign(torch.diagonal(R)).unsqueeze(0)}
 
-    return Model(lambda theta, X: X @ theta["B"], loss, retract)
+    return Model(lambda theta, X: X @ theta["B"], loss, retract, batched=True)
 
 
 def relu_model(loss: Loss = "squared") -> Model:
@@ -106,7 +112,45 @@ def relu_model(loss: Loss = "squared") -> Model:
         W = theta["W"]
         return {"W": W / W.norm(dim=0, keepdim=True).clamp_min(1e-12)}
 
-    return Model(features, loss, retract, lambda theta: 1 / math.sqrt(theta["W"].shape[-1]))
+    return Model(features, loss, retract, lambda theta: 1 / math.sqrt(theta["W"].shape[-1]), batched=True)
+
+
+def mlp_model(widths: tuple[int, ...] = (1, 40, 40), loss: Loss = "squared") -> Model:
+    """A ReLU MLP with widths ``(d, h_1, ..., h_L)`` and a constant feature 1:
+    ``phi_theta(x) = [h_L(x), 1]`` with ``h_0 = x``, ``h_l = ReLU(h_{l-1} W_l + b_l)`` and
+    ``theta = {"W1": (d, h_1), "b1": (h_1,), ...}``; the linear head ``w`` (``k = h_L + 1``) is then the
+    network's last layer with its bias (``(1, 40, 40)``: the 1-40-40-1 sinusoid network). Batched
+    (stacked parameters broadcast over the inputs' leading dimensions)."""
+    layers = len(widths) - 1
+
+    def features(theta: Params, X: Tensor) -> Tensor:
+        h = X
+        for layer in range(1, layers + 1):
+            h = torch.relu(h @ theta[f"W{layer}"] + theta[f"b{layer}"].unsqueeze(-2))
+        return torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
+
+    return Model(features, loss, batched=True)
+
+
+def init_mlp(
+    widths: tuple[int, ...] = (1, 40, 40),
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[Params, Tensor]:
+    """Parameters of :func:`mlp_model` and its head, initialised like ``torch.nn.Linear``: every
+    weight and bias of a layer with ``fan_in`` inputs uniform on ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``
+    (the head, ``(h_L + 1,)``, is the last layer's weights then its bias, with ``fan_in = h_L``)."""
+
+    def uniform(fan_in: int, *shape: int) -> Tensor:
+        bound = 1 / math.sqrt(fan_in)
+        return ((2 * torch.rand(*shape, generator=generator, dtype=dtype, device=device) - 1) * bound).contiguous()
+
+    theta: Params = {}
+    for layer in range(1, len(widths)):
+        theta[f"W{layer}"] = uniform(widths[layer - 1], widths[layer - 1], widths[layer])
+        theta[f"b{layer}"] = uniform(widths[layer - 1], widths[layer])
+    return theta, uniform(widths[-1], widths[-1] + 1)
 
 
 def model_for(loss: Loss, kind: str) -> tuple[Model, str]:

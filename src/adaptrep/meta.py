@@ -1,0 +1,450 @@
+"""Meta-learning of an initialisation ``(theta, w)`` over tasks, vectorised over tasks.
+
+A predictor is ``f(x) = <phi_theta(x), w>`` (:class:`adaptrep.models.Model`); task ``t`` has a
+support set ``S_t`` and a query set ``Q_t`` (the same data by default, as in the paper) and the
+loss ``L_t(theta, w; D)`` (the mean of the model's pointwise loss on ``D``). The inner loop is ``K``
+gradient steps of size ``alpha`` on the support loss,
+
+    (theta_t^0, w_t^0) = (theta, w),   (theta_t^{j+1}, w_t^{j+1}) = (theta_t^j, w_t^j) - alpha grad L_t(theta_t^j, w_t^j; S_t),
+
+and the algorithms (``MetaConfig.algorithm``) take, for a meta-batch of ``B`` tasks,
+
+- ``maml``: outer loss ``(1/B) sum_t L_t(theta_t^K, w_t^K; Q_t)`` and its exact gradient in
+  ``(theta, w)`` through the inner loop (second order);
+- ``fomaml``: the same outer loss, with the inner gradients held constant: the meta-gradient is
+  ``(1/B) sum_t grad L_t(theta_t^K, w_t^K; Q_t)``;
+- ``anil``: the inner loop adapts the head only (``theta_t^j = theta``), second order through the
+  head steps unless ``first_order``;
+- ``reptile``: the inner loop on the support, meta-"gradient" ``(theta, w) - (1/B) sum_t (theta_t^K, w_t^K)``
+  (the step an outer optimiser takes as its gradient); the reported loss is the mean support
+  loss at ``(theta, w)``;
+- ``pooled``: no inner loop; the gradient of the mean loss of ``(theta, w)`` over the query sets.
+
+:func:`meta_train` gives reptile and pooled all of each task's data (as their support, resp.
+query); ``MetaConfig.support`` splits the samples of maml, fomaml and anil only.
+
+Vectorisation: every parameter is stacked over the meta-batch (a leading task dimension ``B``),
+the features of all tasks come from one call (a :class:`~adaptrep.models.Model` with
+``batched=True`` broadcasts; others go through :func:`torch.func.vmap`), and all the per-task
+inner gradients come from ONE gradient of the SUM of the task losses in the stacked parameters
+(tasks are independent, so the gradient's slice ``t`` is task ``t``'s own gradient). The head-only
+steps of ANIL use the features, which do not change, and the closed-form head gradient
+``Phi^T l'(Phi w) / n``. There is no Python loop over tasks.
+
+Two backends compute the same numbers: eager :func:`torch.autograd.grad` (``create_graph`` for second
+order) and :mod:`torch.func` (``grad_and_value``), which :func:`torch.compile` traces into one graph;
+:func:`meta_train` compiles the whole meta-step (meta-gradient and the functional Adam/SGD update)
+when ``MetaConfig.compile`` says so (see :func:`should_compile`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from .models import Model, Params, pointwise_loss
+
+__all__ = [
+    "ALGORITHMS",
+    "COMPILE_MIN_ITERATIONS",
+    "MetaConfig",
+    "MetaFit",
+    "inner_adapt",
+    "meta_gradient",
+    "meta_train",
+    "should_compile",
+    "split_support",
+    "support_size",
+]
+
+ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "pooled")
+#: ``compile="auto"`` compiles runs of at least this many iterations: a compilation costs tens of
+#: seconds (less from the on-disk cache in a later process) and the compiled step is a few times
+#: faster than the eager one, so shorter runs do not repay it.
+COMPILE_MIN_ITERATIONS = 2000
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Settings of :func:`meta_train` (see the module docstring for the algorithms).
+
+    ``support``: ``None`` uses each task's samples both as support and query; ``0 < s < 1`` the
+    fraction ``floor(s n)`` of the samples (a fresh random split per task and iteration) as the
+    support and the rest as query; an integer ``s >= 1`` that many samples. ``first_order`` only
+    matters for anil (maml and fomaml fix it by name). ``outer_lr`` is the outer optimiser's step.
+    """
+
+    algorithm: str
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+    outer_lr: float = 0.001
+    optimizer: str = "adam"
+    meta_batch: int = 25
+    iterations: int = 1000
+    support: float | None = None
+    first_order: bool = False
+    compile: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown meta-learning algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        if not isinstance(self.inner_steps, int) or self.inner_steps < 0:
+            raise ValueError(f"inner_steps must be an integer >= 0; got {self.inner_steps!r}")
+        for name in ("inner_lr", "outer_lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unknown outer optimizer {self.optimizer!r}; choose adam or sgd")
+        if not isinstance(self.meta_batch, int) or self.meta_batch < 1:
+            raise ValueError(f"meta_batch must be an integer >= 1; got {self.meta_batch!r}")
+        if not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"iterations must be an integer >= 0; got {self.iterations!r}")
+        if self.support is not None and not (self.support > 0 and (self.support < 1 or float(self.support).is_integer())):
+            raise ValueError(f"support must be None, a fraction in (0, 1) or an integer count >= 1; got {self.support!r}")
+        if self.compile not in ("auto", "always", "never"):
+            raise ValueError(f"compile must be auto, always or never; got {self.compile!r}")
+
+    @property
+    def second_order(self) -> bool:
+        """Whether the meta-gradient differentiates through the inner gradients."""
+        return self.algorithm == "maml" or (self.algorithm == "anil" and not self.first_order)
+
+
+# ----------------------------------------------------------------------------- batched model pieces
+
+
+def _features(model: Model, theta: Params, X: Tensor, stacked: bool) -> Tensor:
+    """Features ``(B, n, k)`` of inputs ``X (B, n, d)``: with ``stacked`` parameters (every value
+    ``(B, ...)``, task ``t`` uses slice ``t``) or shared ones."""
+    if model.batched:
+        return model.features(theta, X)
+    return vmap(model.features, in_dims=(0 if stacked else None, 0))(theta, X)
+
+
+def _predict(Phi: Tensor, w: Tensor) -> Tensor:
+    """``Phi (B, n, k)`` with heads ``w (B, k)`` (or a shared ``(k,)``) -> predictions ``(B, n)``."""
+    if w.ndim == 1:
+        return Phi @ w
+    return (Phi @ w.unsqueeze(-1)).squeeze(-1)
+
+
+def _task_losses(model: Model, theta: Params, w: Tensor, X: Tensor, y: Tensor, stacked: bool) -> Tensor:
+    """Per-task mean losses ``(B,)``."""
+    return pointwise_loss(model.loss, _predict(_features(model, theta, X, stacked), w), y).mean(-1)
+
+
+def _loss_slope(loss: str, prediction: Tensor, y: Tensor) -> Tensor:
+    """Derivative of the pointwise loss in the prediction."""
+    if loss == "squared":
+        return 2 * (prediction - y)
+    return torch.sigmoid(prediction) - y
+
+
+def _stack(theta: Params, B: int) -> Params:
+    return {name: value.expand(B, *value.shape) for name, value in theta.items()}
+
+
+# ----------------------------------------------------------------------------- gradient backends
+
+Grad = Callable[..., tuple[Tensor, Any]]
+
+
+def _grad_eager(fn: Callable[..., Tensor], args: tuple[Any, ...], create_graph: bool) -> tuple[Tensor, Any]:
+    """``(fn(*args), d fn / d args)`` by :func:`torch.autograd.grad` (inputs that are not yet in a
+    graph become leaves; ``create_graph`` keeps the gradient differentiable)."""
+    leaves, spec = torch.utils._pytree.tree_flatten(args)
+    leaves = [x if x.requires_grad else x.detach().requires_grad_() for x in leaves]
+    value = fn(*torch.utils._pytree.tree_unflatten(leaves, spec))
+    grads = torch.autograd.grad(value, leaves, create_graph=create_graph)
+    if not create_graph:
+        value = value.detach()
+    return value, torch.utils._pytree.tree_unflatten(list(grads), spec)
+
+
+def _grad_func(fn: Callable[..., Tensor], args: tuple[Any, ...], create_graph: bool) -> tuple[Tensor, Any]:
+    """The same by :func:`torch.func.grad_and_value` (differentiable by outer transforms; traceable
+    by :func:`torch.compile`)."""
+    grads, value = torch.func.grad_and_value(fn, argnums=tuple(range(len(args))))(*args)
+    return value, grads
+
+
+# ----------------------------------------------------------------------------- inner loop
+
+
+def _adapt(
+    model: Model, theta: Params, w: Tensor, X: Tensor, y: Tensor, steps: int, lr: float, head_only: bool, create_graph: bool, grad: Grad
+) -> tuple[Params, Tensor, Tensor | None]:
+    """The inner loop for all tasks at once. ``theta``, ``w`` are shared (unstacked). Returns the
+    adapted parameters (``theta`` stacked unless ``head_only``, where it stays shared), the heads
+    ``(B, k)`` and the mean support loss at the start (``None`` when ``steps == 0`` or head-only)."""
+    B, n = y.shape
+    if head_only:
+        Phi = _features(model, theta, X, stacked=False)
+        heads = w.expand(B, *w.shape)
+        if not create_graph:
+            Phi = Phi.detach()
+            step_heads = heads.detach()
+        for _ in range(steps):
+            current = heads if create_graph else step_heads
+            slope = _loss_slope(model.loss, _predict(Phi, current), y)
+            g = (Phi.transpose(-1, -2) @ slope.unsqueeze(-1)).squeeze(-1) / n
+            heads = heads - lr * g
+            if not create_graph:
+                step_heads = step_heads - lr * g
+        return theta, heads, None
+    stacked, heads = _stack(theta, B), w.expand(B, *w.shape)
+    start = None
+
+    def total(theta_s: Params, w_s: Tensor) -> Tensor:
+        return _task_losses(model, theta_s, w_s, X, y, stacked=True).sum()
+
+    for step in range(steps):
+        value, (g_theta, g_w) = grad(total, (stacked, heads), create_graph)
+        if step == 0:
+            start = value.detach() / B
+        stacked = {name: value - lr * g_theta[name] for name, value in stacked.items()}
+        heads = heads - lr * g_w
+    return stacked, heads, start
+
+
+def inner_adapt(
+    model: Model, theta: Params, w: Tensor, X: Tensor, y: Tensor, *, steps: int, lr: float, head_only: bool = False, create_graph: bool = False
+) -> tuple[Params, Tensor]:
+    """Batched inner loop: ``steps`` gradient steps of size ``lr`` on each task's mean loss from
+    the shared ``(theta, w)``, on all parameters or (``head_only``) the head only.
+
+    ``X (B, n, d)``, ``y (B, n)`` -> per-task adapted ``theta`` (each value ``(B, ...)``; with
+    ``head_only`` the shared values expanded) and ``w (B, k)``. With ``create_graph`` the result is
+    differentiable through the inner gradients (second order); without, the gradients are constants
+    and the result depends on ``(theta, w)`` (if they require grad) through the identity only.
+    """
+    B = X.shape[0]
+    theta_k, w_k, _ = _adapt(model, theta, w, X, y, steps, lr, head_only, create_graph, _grad_eager)
+    return (_stack(theta_k, B) if head_only else theta_k), w_k
+
+
+# ----------------------------------------------------------------------------- meta-gradient
+
+
+def _meta_gradient(
+    model: Model, theta: Params, w: Tensor, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor, config: MetaConfig, grad: Grad
+) -> tuple[Tensor, Params, Tensor]:
+    algorithm, steps, lr = config.algorithm, config.inner_steps, config.inner_lr
+    if algorithm == "pooled":
+
+        def pooled(theta: Params, w: Tensor) -> Tensor:
+            return _task_losses(model, theta, w, Xq, yq, stacked=False).mean()
+
+        loss, (g_theta, g_w) = grad(pooled, (theta, w), False)
+        return loss.detach(), g_theta, g_w
+    if algorithm == "reptile":
+        theta_k, w_k, start = _adapt(model, _detached(theta), w.detach(), Xs, ys, steps, lr, False, False, grad)
+        if start is None:
+            start = _task_losses(model, theta, w, Xs, ys, stacked=False).mean()
+        g_theta = {name: (value - theta_k[name].mean(0)).detach() if steps else torch.zeros_like(value) for name, value in theta.items()}
+        g_w = (w - w_k.mean(0)).detach() if steps else torch.zeros_like(w)
+        return start.detach(), g_theta, g_w
+    head_only = algorithm == "anil"
+    if config.second_order:
+
+        def outer(theta: Params, w: Tensor) -> Tensor:
+            theta_k, w_k, _ = _adapt(model, theta, w, Xs, ys, steps, lr, head_only, True, grad)
+            return _task_losses(model, theta_k, w_k, Xq, yq, stacked=not head_only).mean()
+
+        loss, (g_theta, g_w) = grad(outer, (theta, w), False)
+        return loss.detach(), g_theta, g_w
+    # first order: the query gradient at the adapted parameters (inner gradients constant)
+    theta_k, w_k, _ = _adapt(model, _detached(theta), w.detach(), Xs, ys, steps, lr, head_only, False, grad)
+    theta_k, w_k = _detached(theta_k), w_k.detach()
+
+    def query(theta: Params, w: Tensor) -> Tensor:
+        return _task_losses(model, theta, w, Xq, yq, stacked=not head_only).mean()
+
+    loss, (g_theta, g_w) = grad(query, (theta_k, w_k), False)
+    if not head_only:
+        g_theta = {name: value.sum(0) for name, value in g_theta.items()}
+    return loss.detach(), g_theta, g_w.sum(0)
+
+
+def _detached(theta: Params) -> Params:
+    return {name: value.detach() for name, value in theta.items()}
+
+
+def meta_gradient(model: Model, theta: Params, w: Tensor, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor, config: MetaConfig) -> tuple[Tensor, Params, Tensor]:
+    """``(outer loss, grad wrt theta, grad wrt w)`` for one meta-batch: support ``Xs (B, ns, d)``,
+    ``ys (B, ns)`` and query ``Xq (B, nq, d)``, ``yq (B, nq)`` (eager backend; nothing is kept of the
+    graph afterwards and the results are detached)."""
+    theta = {name: value.detach().requires_grad_() for name, value in theta.items()}
+    w = w.detach().requires_grad_()
+    loss, g_theta, g_w = _meta_gradient(model, theta, w, Xs, ys, Xq, yq, config, _grad_eager)
+    return loss.detach(), _detached(g_theta), g_w.detach()
+
+
+# ----------------------------------------------------------------------------- outer optimiser and step
+
+#: Adam's defaults (as ``torch.optim.Adam``): ``betas`` and ``eps``.
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def _outer_update(
+    params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], t: Tensor, config: MetaConfig
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """One functional outer step (``t`` the step number, from 1): SGD, or Adam as ``torch.optim.Adam``
+    with its defaults."""
+    lr = config.outer_lr
+    if config.optimizer == "sgd":
+        return [p - lr * g for p, g in zip(params, grads, strict=True)], m, v
+    beta1, beta2 = ADAM_BETAS
+    m = [beta1 * a + (1 - beta1) * g for a, g in zip(m, grads, strict=True)]
+    v = [beta2 * b + (1 - beta2) * g * g for b, g in zip(v, grads, strict=True)]
+    step = lr / (1 - beta1**t)
+    root = torch.sqrt(1 - beta2**t)
+    params = [p - step * a / (torch.sqrt(b) / root + ADAM_EPS) for p, a, b in zip(params, m, v, strict=True)]
+    return params, m, v
+
+
+def _make_step(model: Model, names: list[str], config: MetaConfig, grad: Grad) -> Callable[..., tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]]:
+    """The whole meta-step as a function of tensors: ``(params, m, v, t, Xs, ys, Xq, yq) ->
+    (loss, params, m, v)`` with ``params = [*theta values in names order, w]``."""
+
+    def step(params: list[Tensor], m: list[Tensor], v: list[Tensor], t: Tensor, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor):
+        theta = dict(zip(names, params[:-1], strict=True))
+        loss, g_theta, g_w = _meta_gradient(model, theta, params[-1], Xs, ys, Xq, yq, config, grad)
+        grads = [*(g_theta[name] for name in names), g_w]
+        params, m, v = _outer_update([p.detach() for p in params], [g.detach() for g in grads], m, v, t, config)
+        return loss.detach(), params, m, v
+
+    return step
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def support_size(support: float | None, n: int) -> int | None:
+    """The number of support samples out of ``n`` (``None``: no split); a ``ValueError`` unless both
+    the support and the query get at least one sample."""
+    if support is None:
+        return None
+    size = int(support * n) if support < 1 else int(support)
+    if not 1 <= size <= n - 1:
+        raise ValueError(f"support={support!r} gives {size} of the {n} samples per task to the support; both the support and the query need at least one")
+    return size
+
+
+def split_support(X: Tensor, y: Tensor, size: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(Xs, ys, Xq, yq)``: a random split of each task's samples (a fresh permutation per task),
+    ``size`` to the support; ``size=None`` returns the data as both."""
+    if size is None:
+        return X, y, X, y
+    B, n = y.shape
+    order = torch.rand(B, n, generator=generator, device=generator.device).argsort(-1).to(X.device)
+    Xp, yp = torch.take_along_dim(X, order.unsqueeze(-1), dim=1), torch.take_along_dim(y, order, dim=1)
+    return Xp[:, :size], yp[:, :size], Xp[:, size:], yp[:, size:]
+
+
+@dataclass
+class MetaFit:
+    """Result of :func:`meta_train`: the learned initialisation, the outer loss of every iteration
+    (``(iterations,)``), whether the step was compiled, the seconds of the first (compiling) step and
+    the total seconds."""
+
+    theta: Params
+    w: Tensor
+    losses: Tensor
+    compiled: bool
+    compile_seconds: float
+    seconds: float
+
+
+def should_compile(config: MetaConfig) -> bool:
+    """``compile="always"``/``"never"``, or for ``"auto"`` whether ``iterations >= COMPILE_MIN_ITERATIONS``."""
+    if config.compile == "auto":
+        return config.iterations >= COMPILE_MIN_ITERATIONS
+    return config.compile == "always"
+
+
+def enable_compile_cache() -> str:
+    """Turn on inductor's on-disk caches (FX graph cache, AOT autograd cache) so that a later process
+    reuses compiled artefacts; ``TORCHINDUCTOR_CACHE_DIR`` defaults to ``~/.cache/adaptrep/inductor``
+    (``$XDG_CACHE_HOME`` respected) unless set. Returns the cache directory."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(base, "adaptrep", "inductor"))
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    return directory
+
+
+def compile_step(model: Model, names: list[str], config: MetaConfig) -> Callable[..., Any]:
+    """The meta-step (:func:`_make_step` on the :mod:`torch.func` backend) compiled by
+    :func:`torch.compile` with static shapes and one graph."""
+    enable_compile_cache()
+    return torch.compile(_make_step(model, names, config, _grad_func), dynamic=False, fullgraph=True)
+
+
+def _sample(X: Tensor, y: Tensor, B: int, size: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    index = torch.randperm(X.shape[0], generator=generator, device=generator.device)[:B].to(X.device)
+    return split_support(X[index], y[index], size, generator)
+
+
+def meta_train(
+    model: Model, theta0: Params, w0: Tensor, X: Tensor, y: Tensor, config: MetaConfig, generator: torch.Generator, on_step: Callable[[int], None] | None = None
+) -> MetaFit:
+    """Meta-train on ``T`` source tasks ``X (T, n, d)``, ``y (T, n)``: each iteration samples
+    ``meta_batch`` tasks (with ``generator``; without replacement within a batch), splits each
+    task's samples into support and query (``config.support``; maml, fomaml and anil only) and
+    takes one outer-optimiser step with the meta-gradient. Deterministic for a given generator.
+    ``on_step(i)`` is called after iteration ``i``.
+
+    The step is compiled when :func:`should_compile` says so; a failed compilation falls back to the
+    eager step with a warning (``MetaFit.compiled`` says which ran).
+    """
+    T, n = y.shape
+    if X.ndim != 3 or X.shape[:2] != (T, n):
+        raise ValueError(f"X must be (T, n, d) and y (T, n); got X {tuple(X.shape)} and y {tuple(y.shape)}")
+    if config.meta_batch > T:
+        raise ValueError(f"meta_batch={config.meta_batch} exceeds the number of tasks T={T} (tasks are sampled without replacement within a batch)")
+    size = support_size(config.support, n) if config.algorithm in ("maml", "fomaml", "anil") else None
+    names = list(theta0)
+    params = [*(theta0[name].detach().clone() for name in names), w0.detach().clone()]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    losses = torch.empty(config.iterations, dtype=w0.dtype, device=w0.device)
+    eager = _make_step(model, names, config, _grad_eager)
+    step = eager
+    compiled, compile_seconds = should_compile(config), 0.0
+    if compiled:
+        step = compile_step(model, names, config)
+    start = time.perf_counter()
+    for i in range(config.iterations):
+        batch = _sample(X, y, config.meta_batch, size, generator)
+        t = torch.tensor(float(i + 1), dtype=w0.dtype, device=w0.device)
+        if compiled and i == 0:
+            try:
+                loss, params, m, v = step(params, m, v, t, *batch)
+            except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
+                warnings.warn(f"torch.compile of the meta-step failed ({type(error).__name__}: {error}); running eager", RuntimeWarning, stacklevel=2)
+                compiled, step = False, eager
+                loss, params, m, v = step(params, m, v, t, *batch)
+            compile_seconds = time.perf_counter() - start
+        else:
+            loss, params, m, v = step(params, m, v, t, *batch)
+        losses[i] = loss
+        if on_step is not None:
+            on_step(i)
+    seconds = time.perf_counter() - start
+    theta = {name: value.detach() for name, value in zip(names, params[:-1], strict=True)}
+    return MetaFit(theta, params[-1].detach(), losses, compiled, compile_seconds, seconds)
