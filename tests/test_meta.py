@@ -168,6 +168,26 @@ def test_inner_adapt_shapes_and_head_only_keeps_theta():
     torch.testing.assert_close(alone_theta["W1"][0], theta_k["W1"][2], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("widths", [(1, 6, 5), (3, 6, 5)])
+def test_mlp_model_is_the_network_with_an_output_bias(widths):
+    theta, w = init_mlp(widths, torch.Generator().manual_seed(0), dtype=F64)
+    layers = [torch.nn.Linear(widths[0], widths[1]), torch.nn.ReLU(), torch.nn.Linear(widths[1], widths[2]), torch.nn.ReLU(), torch.nn.Linear(widths[2], 1)]
+    network = torch.nn.Sequential(*layers).to(F64)
+    with torch.no_grad():
+        for index, layer in ((1, layers[0]), (2, layers[2])):
+            layer.weight.copy_(theta[f"W{index}"].T)
+            layer.bias.copy_(theta[f"b{index}"])
+        layers[4].weight.copy_(w[:-1].unsqueeze(0))
+        layers[4].bias.copy_(w[-1:])
+    X = torch.randn(4, 7, widths[0], generator=torch.Generator().manual_seed(1), dtype=F64)
+    model = mlp_model(widths)
+    expected = network(X)[..., 0]
+    torch.testing.assert_close(model.features(theta, X[0]) @ w, expected[0])  # one task
+    torch.testing.assert_close(model.features(theta, X) @ w, expected)  # shared parameters, a batch of tasks
+    stacked = {name: value.expand(4, *value.shape) for name, value in theta.items()}
+    torch.testing.assert_close((model.features(stacked, X) @ w.unsqueeze(-1)).squeeze(-1), expected)  # stacked parameters
+
+
 def test_split_support_is_a_partition_of_each_task():
     X = torch.arange(3 * 6, dtype=F64).reshape(3, 6, 1)
     y = X[..., 0] * 2

@@ -135,7 +135,7 @@ def _predict(Phi: Tensor, w: Tensor) -> Tensor:
     """``Phi (B, n, k)`` with heads ``w (B, k)`` (or a shared ``(k,)``) -> predictions ``(B, n)``."""
     if w.ndim == 1:
         return Phi @ w
-    return (Phi @ w.unsqueeze(-1)).squeeze(-1)
+    return (Phi * w.unsqueeze(-2)).sum(-1)  # cheaper than a batched matrix-vector product for small k
 
 
 def _task_losses(model: Model, theta: Params, w: Tensor, X: Tensor, y: Tensor, stacked: bool) -> Tensor:
@@ -197,7 +197,7 @@ def _adapt(
         for _ in range(steps):
             current = heads if create_graph else step_heads
             slope = _loss_slope(model.loss, _predict(Phi, current), y)
-            g = (Phi.transpose(-1, -2) @ slope.unsqueeze(-1)).squeeze(-1) / n
+            g = (Phi * slope.unsqueeze(-1)).sum(-2) / n
             heads = heads - lr * g
             if not create_graph:
                 step_heads = step_heads - lr * g

@@ -126,8 +126,15 @@ def mlp_model(widths: tuple[int, ...] = (1, 40, 40), loss: Loss = "squared") -> 
     def features(theta: Params, X: Tensor) -> Tensor:
         h = X
         for layer in range(1, layers + 1):
-            h = torch.relu(h @ theta[f"W{layer}"] + theta[f"b{layer}"].unsqueeze(-2))
-        return torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
+            W, b = theta[f"W{layer}"], theta[f"b{layer}"].unsqueeze(-2)
+            if h.shape[-1] == 1:  # one input: an outer product, cheaper than a matmul
+                z = h * W + b
+            elif h.ndim == 3 and W.ndim == 3:  # stacked parameters: one fused batched matmul
+                z = torch.baddbmm(b, h, W)
+            else:
+                z = h @ W + b
+            h = torch.relu(z)
+        return torch.nn.functional.pad(h, (0, 1), value=1.0)
 
     return Model(features, loss, batched=True)
 
