@@ -292,3 +292,24 @@ def test_compiled_meta_train_equals_eager(algorithm):
     torch.testing.assert_close(fits[1].w, fits[0].w, rtol=1e-10, atol=1e-12)
     for name in theta:
         torch.testing.assert_close(fits[1].theta[name], fits[0].theta[name], rtol=1e-10, atol=1e-12)
+
+
+def test_a_failed_compilation_falls_back_to_eager_with_a_warning(monkeypatch):
+    import adaptrep.meta as meta
+
+    def broken(*args):
+        def step(*inputs):
+            raise RuntimeError("no compiler here")
+
+        return step
+
+    monkeypatch.setattr(meta, "compile_step", broken)
+    X, y, theta, w = _linear_tasks()
+    config = MetaConfig("maml", inner_steps=1, meta_batch=4, iterations=3, compile="always")
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        fit = meta_train(linear_model(), theta, w, X, y, config, torch.Generator().manual_seed(0))
+    eager = meta_train(
+        linear_model(), theta, w, X, y, MetaConfig("maml", inner_steps=1, meta_batch=4, iterations=3, compile="never"), torch.Generator().manual_seed(0)
+    )
+    assert not fit.compiled and torch.equal(fit.losses, eager.losses)
+    assert meta.should_compile(MetaConfig("maml", iterations=meta.COMPILE_MIN_ITERATIONS)) and not meta.should_compile(MetaConfig("maml", iterations=10))
