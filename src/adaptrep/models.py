@@ -151,7 +151,8 @@ def init_mlp(
 
     def uniform(fan_in: int, *shape: int) -> Tensor:
         bound = 1 / math.sqrt(fan_in)
-        return ((2 * torch.rand(*shape, generator=generator, dtype=dtype, device=device) - 1) * bound).contiguous()
+        source = generator.device if generator is not None else None  # draw where the generator lives: same numbers on every device
+        return ((2 * torch.rand(*shape, generator=generator, dtype=dtype, device=source) - 1) * bound).to(device).contiguous()
 
     theta: Params = {}
     for layer in range(1, len(widths)):
