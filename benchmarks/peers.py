@@ -38,7 +38,9 @@ examples):
   and ``torchopt.apply_updates(params, updates, inplace=False)``, the model evaluated with
   ``torch.func.functional_call``; inner gradients from ``torch.autograd.grad(..., create_graph=not
   first_order)`` (TorchOpt's ``MetaSGD``/``FuncOptimizer`` always differentiate through the step, so
-  the functional form is the one that expresses first order).
+  the functional form is the one that expresses first order). ``"torchopt-metasgd"`` is TorchOpt's
+  object-oriented form of its MAML examples, ``torchopt.MetaSGD(net, lr)`` with ``extract_state_dict`` /
+  ``recover_state_dict`` around each task (second order only).
 
 API (importable by other benchmarks; ``benchmarks/`` is put on ``sys.path`` or run from the root)::
 
@@ -47,6 +49,8 @@ API (importable by other benchmarks; ``benchmarks/`` is put on ``sys.path`` or r
     make_batch(problem, dtype, seed) -> (Xs, ys, Xq, yq)
     make_peer_step(library, problem, algorithm, inner_steps, first_order, params, inner_lr)
         -> step(Xs, ys, Xq, yq) -> (mean query loss, {name: meta-gradient} in our layout)
+        library: "learn2learn" | "higher" | "torchopt" | "torchopt-metasgd" (second order only) | "reference"
+    supports(library, first_order) -> bool
     reference_step(...)   same signature, plain autograd (library "reference" in make_peer_step)
     time_step(step, batch, seconds=2.0) -> it/s
     peak_memory(library, problem, algorithm, inner_steps, first_order, ...) -> {"rss_kib", "tensor_kib"}
@@ -69,6 +73,8 @@ import torch
 from torch import Tensor, nn
 
 LIBRARIES = ("learn2learn", "higher", "torchopt")
+# make_peer_step's ``library``: the peers, TorchOpt's MetaSGD form (second order only), our plain loop
+STEP_KINDS = LIBRARIES + ("torchopt-metasgd", "reference")
 PROBLEMS = {
     # problem: (input dim, hidden/rank, meta-batch, support, query, default inner lr)
     "sinusoid": dict(dim=1, meta_batch=25, support=10, query=10, inner_lr=0.01),
@@ -211,8 +217,8 @@ def _mse(pred: Tensor, y: Tensor) -> Tensor:
 
 
 def _check_args(library: str, problem: str, algorithm: str, inner_steps: int) -> None:
-    if library not in LIBRARIES + ("reference",):
-        raise ValueError(f"unknown library {library!r}; choose from {LIBRARIES + ('reference',)}")
+    if library not in STEP_KINDS:
+        raise ValueError(f"unknown library {library!r}; choose from {STEP_KINDS}")
     if problem not in PROBLEMS:
         raise ValueError(f"unknown problem {problem!r}; choose from {tuple(PROBLEMS)}")
     if algorithm not in ALGORITHMS:
@@ -307,6 +313,39 @@ def _torchopt_step(problem, algorithm, inner_steps, first_order, net, inner_lr) 
     return step
 
 
+def _torchopt_metasgd_step(problem, algorithm, inner_steps, first_order, net, inner_lr) -> Callable:
+    """TorchOpt's object-oriented form, as in its MAML examples: ``torchopt.MetaSGD(net, lr)`` replaces the
+    module's parameters by differentiable updates in place; ``extract_state_dict``/``recover_state_dict``
+    restore the initial parameters (with their accumulated ``.grad``) after each task. Second order only:
+    ``MetaOptimizer.step`` always differentiates through the update."""
+    if first_order:
+        raise ValueError("torchopt-metasgd is second order only (MetaSGD always differentiates through its step); use 'torchopt'")
+    torchopt = _import("torchopt")
+    anil = algorithm == "anil"
+    features = net[:-1] if anil else None
+    inner = net[-1] if anil else net
+    inner_opt = torchopt.MetaSGD(inner, lr=inner_lr)
+
+    def step(Xs, ys, Xq, yq):
+        net.zero_grad(set_to_none=True)
+        T = Xs.shape[0]
+        total = Xs.new_zeros(())
+        net_state = torchopt.extract_state_dict(inner, by="reference", detach_buffers=True)
+        opt_state = torchopt.extract_state_dict(inner_opt)
+        for t in range(T):
+            xs, xq = (features(Xs[t]), features(Xq[t])) if anil else (Xs[t], Xq[t])
+            for _ in range(inner_steps):
+                inner_opt.step(_mse(inner(xs), ys[t]))
+            loss = _mse(inner(xq), yq[t]) / T
+            loss.backward()
+            torchopt.recover_state_dict(inner, net_state)
+            torchopt.recover_state_dict(inner_opt, opt_state)
+            total += loss.detach()
+        return total
+
+    return step
+
+
 # ----------------------------------------------------------------------------------------------------
 # the independent reference: plain autograd on our layout, one graph for the whole meta-batch
 
@@ -355,7 +394,7 @@ def make_peer_step(library: str, problem: str, algorithm: str, inner_steps: int,
     if library == "reference":
         return reference_step(problem, algorithm, inner_steps, first_order, params, inner_lr)
     net = build_module(problem, params)
-    build = {"learn2learn": _learn2learn_step, "higher": _higher_step, "torchopt": _torchopt_step}[library]
+    build = {"learn2learn": _learn2learn_step, "higher": _higher_step, "torchopt": _torchopt_step, "torchopt-metasgd": _torchopt_metasgd_step}[library]
     run = build(problem, algorithm, inner_steps, first_order, net, inner_lr)
 
     def step(Xs, ys, Xq, yq):
@@ -389,7 +428,7 @@ def _memory_child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec["dtype"])
     if spec["library"] != "reference":
-        _import(spec["library"])
+        _import(spec["library"].split("-")[0])
     params = init_params(spec["problem"], dtype)
     batch = make_batch(spec["problem"], dtype)
     step = make_peer_step(spec["library"], spec["problem"], spec["algorithm"], spec["inner_steps"], spec["first_order"], params, spec["inner_lr"])
@@ -478,6 +517,11 @@ def check_configurations() -> list[tuple[str, str, int, bool]]:
     return [(p, a, s, fo) for p in PROBLEMS for a in ALGORITHMS for s in (1, 5) for fo in (False, True)]
 
 
+def supports(library: str, first_order: bool) -> bool:
+    """Whether ``make_peer_step`` has ``library`` in this order (TorchOpt's MetaSGD form is second order only)."""
+    return not (first_order and library == "torchopt-metasgd")
+
+
 def _label(problem: str, algorithm: str, steps: int, first_order: bool) -> str:
     return f"{problem:8s} {algorithm:4s} {steps} step{'s' if steps > 1 else ' '} {'1st' if first_order else '2nd'} order"
 
@@ -500,6 +544,9 @@ def check(libraries: list[str]) -> float:
         sensitivity = float(torch.sqrt(sum(((other[k] - ref[k]) ** 2).sum() for k in ref)) / ref_norm)
         cells, peer_grads = [], []
         for lib in libraries:
+            if not supports(lib, fo):
+                cells.append("-")
+                continue
             loss, got = make_peer_step(lib, problem, algorithm, steps, fo, params, lr)(*batch)
             assert set(got) == set(ref) and all(got[k].shape == ref[k].shape for k in ref), f"{lib}: layout mismatch"
             err = float(torch.sqrt(sum(((got[k] - ref[k]) ** 2).sum() for k in ref)) / ref_norm)
@@ -525,7 +572,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (interleaved across libraries); median and range are printed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--libraries", default=",".join(LIBRARIES + ("reference",)), help="comma-separated; 'reference' is the plain autograd loop")
+    parser.add_argument(
+        "--libraries",
+        default=",".join(STEP_KINDS),
+        help="comma-separated; 'torchopt-metasgd' is TorchOpt's MetaSGD form (second order only), 'reference' the plain autograd loop",
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
@@ -536,8 +587,10 @@ def main() -> None:
     peers = available_peers()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; " + ", ".join(f"{k} {v}" for k, v in peers.items()))
     wanted = [lib for lib in args.libraries.split(",") if lib]
-    usable = [lib for lib in wanted if lib == "reference" or (peers.get(lib) and not peers[lib].startswith("import failed"))]
+    usable = [lib for lib in wanted if lib == "reference" or not (peers.get(lib.split("-")[0]) or "import failed").startswith("import failed")]
     if args.check:
+        if not [lib for lib in usable if lib != "reference"]:
+            sys.exit("--check: no peer library imports here; run it with the peers' environment (see the module docstring)")
         worst = check([lib for lib in usable if lib != "reference"])
         if worst > 1e-8:
             sys.exit(1)
@@ -547,12 +600,12 @@ def main() -> None:
         for problem, algorithm, steps, fo in configurations():
             params, batch = init_params(problem, torch.float32), make_batch(problem, torch.float32)
             lr = PROBLEMS[problem]["inner_lr"]
-            fns = {lib: make_peer_step(lib, problem, algorithm, steps, fo, params, lr) for lib in usable}
-            rates: dict[str, list[float]] = {lib: [] for lib in usable}
+            fns = {lib: make_peer_step(lib, problem, algorithm, steps, fo, params, lr) for lib in usable if supports(lib, fo)}
+            rates: dict[str, list[float]] = {lib: [] for lib in fns}
             for _ in range(args.repeats):
-                for lib in usable:
+                for lib in fns:
                     rates[lib].append(time_step(fns[lib], batch, args.seconds))
-            cells = [f"{sorted(r)[len(r) // 2]:6.1f} [{min(r):.1f}-{max(r):.1f}]" for r in rates.values()]
+            cells = [f"{sorted(r)[len(r) // 2]:6.1f} [{min(r):.1f}-{max(r):.1f}]" if (r := rates.get(lib)) else "-" for lib in usable]
             print(f"{_label(problem, algorithm, steps, fo):34s} " + " ".join(f"{c:>20s}" for c in cells), flush=True)
     if args.memory:
         print("\npeak memory (float32, fresh process each): RSS growth over 5 steps KiB / peak live tensor KiB in a step")
@@ -560,6 +613,9 @@ def main() -> None:
         for problem, algorithm, steps, fo in configurations():
             cells = []
             for lib in usable:
+                if not supports(lib, fo):
+                    cells.append("-")
+                    continue
                 m = peak_memory(lib, problem, algorithm, steps, fo, threads=args.threads)
                 cells.append(f"{m['rss_kib']:.0f} / {m['tensor_kib']:.0f}")
             print(f"{_label(problem, algorithm, steps, fo):34s} " + " ".join(f"{c:>20s}" for c in cells), flush=True)
