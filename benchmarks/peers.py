@@ -14,7 +14,13 @@ Problems (``problem``), each a meta-batch of tasks ``(Xs (B,ns,d), ys (B,ns), Xq
 * ``sinusoid``: a 1-40-40-1 ReLU MLP, B = 25 tasks, 10 support + 10 query points, inner SGD lr 0.01.
   Our layout: ``W1 (1,40), b1 (40,), W2 (40,40), b2 (40,)``, features ``relu(relu(x @ W1 + b1) @ W2 + b2)``
   with a constant 1 appended, head ``w (41,)`` = [output weights (40), output bias].
-* ``linear``: ``f(x) = w^T B^T x``, ``B (50,5)``, head ``w (5,)``; B = 64 tasks, 25 + 25 points, 5 inner steps.
+* ``linear``: ``f(x) = w^T B^T x``, ``B (50,5)``, head ``w (5,)``; B = 64 tasks, 25 + 25 points, 5 inner steps,
+  inner SGD lr 0.01 by default here (``PROBLEMS``); the peers' module is
+  ``nn.Sequential(Linear(50,5,bias=False), Linear(5,1,bias=False))``.
+
+The reference differs from the peers in one respect on purpose: it keeps the whole meta-batch's graph
+and takes one ``torch.autograd.grad`` of the mean query loss (as a batched implementation would), so
+its peak memory is about B times a peer's.
 
 Losses: the inner loss is the task's mean squared error on its support set; the outer loss is the mean
 over tasks of each task's mean squared error on its query set. ``algorithm="maml"`` adapts every
@@ -52,7 +58,7 @@ API (importable by other benchmarks; ``benchmarks/`` is put on ``sys.path`` or r
         library: "learn2learn" | "higher" | "torchopt" | "torchopt-metasgd" (second order only) | "reference"
     supports(library, first_order) -> bool
     reference_step(...)   same signature, plain autograd (library "reference" in make_peer_step)
-    time_step(step, batch, seconds=2.0) -> it/s
+    time_step(step, batch, seconds=2.0, clock="wall" | "cpu") -> it/s (or iterations per CPU-second)
     peak_memory(library, problem, algorithm, inner_steps, first_order, ...) -> {"rss_kib", "tensor_kib"}
 """
 
