@@ -434,6 +434,29 @@ def time_step(step: Step, batch: tuple[Tensor, Tensor, Tensor, Tensor], seconds:
             return n / elapsed
 
 
+def measure_memory(iterate: Callable[[], object], steps: int = 5) -> dict[str, float]:
+    """Memory of ``steps`` calls of ``iterate()`` (after the caller's warm-up), then of one more call under
+    the profiler: ``rss_kib`` (growth of the peak RSS over the calls), ``tensor_kib`` (peak of live CPU
+    tensor bytes during the profiled call, relative to those alive when it starts) and ``baseline_rss_kib``.
+    See :func:`peak_memory`; shared with ``benchmarks/maml_throughput.py`` so every step is measured alike."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(steps):
+        iterate()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # live tensor bytes from the profiler's allocation events (one more step, profiled)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        iterate()
+    cpu = torch.autograd.DeviceType.CPU
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return {"rss_kib": after - before, "tensor_kib": peak / 1024, "baseline_rss_kib": before}
+
+
 def _memory_child(spec: dict) -> dict:
     """Runs in a fresh process: see :func:`peak_memory`."""
     torch.set_num_threads(spec["threads"])
@@ -449,22 +472,7 @@ def _memory_child(spec: dict) -> dict:
     one_task = tuple(x[:1] for x in batch)
     reference_step(spec["problem"], spec["algorithm"], spec["inner_steps"], spec["first_order"], params, spec["inner_lr"])(*one_task)
     step(*one_task)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(spec["steps"]):
-        step(*batch)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # live tensor bytes from the profiler's allocation events (one more step, profiled)
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(*batch)
-    cpu = torch.autograd.DeviceType.CPU
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return {"rss_kib": after - before, "tensor_kib": peak / 1024, "baseline_rss_kib": before}
+    return measure_memory(lambda: step(*batch), spec["steps"])
 
 
 def peak_memory(
