@@ -18,8 +18,9 @@ documented MAML loop (``peers.make_peer_step``: per-task loop, ``backward()`` pe
 Timings are interleaved: in each repeat every implementation is timed once (ours eager, ours compiled,
 then each peer; the order reversed on every other repeat), and the median over repeats is reported, so
 background load hits all sides alike. Compilation is timed separately: the first compiled call in this
-process, with a fresh inductor cache (cold) unless ``--cache-dir``, and again in a second process that
-reuses that cache (warm).
+process, with an inductor cache that is fresh at the start of the run unless ``--cache-dir`` (cold; later
+cases may reuse kernels cached by earlier ones, and the process's compiler state is warm after the first),
+and again in a second process that reuses that cache (warm; includes that process's start-up of Dynamo).
 
 Peak memory: the same procedure for every implementation, each in a fresh process
 (``peers.measure_memory``): a warm-up (the plain reference step on one task, then the implementation's own
@@ -410,7 +411,10 @@ def main() -> None:
             "when cores are busy; try --threads 1"
         )
     if not args.no_compile:
-        print(f"compile: cold = first call in this process (inductor cache {args.cache_dir}), warm = first call in a second process")
+        print(
+            f"compile: cold = first call in this process (inductor cache {args.cache_dir}, fresh at the start: later cases may reuse "
+            "earlier cases' kernels), warm = first call in a second process"
+        )
     results, checks = [], []
     start = time.perf_counter()
     try:
