@@ -70,6 +70,14 @@ BAD_INPUT = {
     "zero workers": (["run", *TINY, "--workers", "0", "--out", "{tmp}/w"], "workers"),
     "unknown backend": (["run", *TINY, "--backend", "slurm", "--out", "{tmp}/b"], "backend"),
     "address without ray": (["run", *TINY, "--address", "auto", "--out", "{tmp}/a"], "address"),
+    "negative inner lr": (["run", *TINY, "--inner-lr", "-0.1"], "inner_lr"),
+    "zero meta batch": (["run", *TINY, "--meta-batch", "0"], "meta_batch"),
+    "unknown outer optimizer": (["run", *TINY, "--outer-optimizer", "rmsprop"], "outer_optimizer"),
+    "bad support": (["run", *TINY, "--support", "1.5"], "support"),
+    "support leaves no query": (["run", *TINY, "--support", "10"], "support"),
+    "unknown compile mode": (["run", *TINY, "--compile", "sometimes"], "compile"),
+    "negative adapt steps": (["run", *TINY, "--adapt-steps", "-1"], "adapt_steps"),
+    "adaptrep on sinusoid": (["run", "--setting", "sinusoid", "--methods", "maml,adaptrep"], "adaptrep"),
     "missing spec": (["sweep", "{tmp}/nope.yaml"], "not found"),
     "malformed spec": (["sweep", "{tmp}/malformed.yaml"], "malformed"),
     "report without store": (["report", "{tmp}/full"], "sweep.db"),
@@ -135,3 +143,15 @@ def test_other_settings_run_from_the_command_line(tmp_path, setting, column):
     results = pd.read_csv(tmp_path / "out" / "results.csv")
     assert len(results) == 6 * 2 * 3 and results["excess_risk"].notna().all() and (results[column] >= 0).all()
     assert "adaptrep run --setting linear-hard" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_sinusoid_meta_learners_run_from_the_command_line(tmp_path):
+    out = tmp_path / "out"
+    sizes = ["--tasks", "30", "--target-samples", "5,10", "--target-tasks", "3", "--meta-iterations", "5", "--meta-batch", "10", "--adapt-steps", "3"]
+    result = adaptrep("run", "--setting", "sinusoid", *sizes, "--out", str(out), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    results = pd.read_csv(out / "results.csv")
+    assert set(results["method"]) == {"maml", "fomaml", "anil", "reptile", "pooled", "target-only"}
+    assert len(results) == 6 * 2 * 3 and results["excess_risk"].notna().all() and results["subspace_distance"].isna().all()
+    config = yaml.safe_load((out / "config.yaml").read_text())["experiments"][0]
+    assert (config["meta_iterations"], config["meta_batch"], config["adapt_steps"], config["inner_lr"], config["inner_steps"]) == (5, 10, 3, 0.01, 5)

@@ -1,8 +1,8 @@
 """adaptrep: fine-tuning-based meta-learning of representations (Chua, Lei & Lee, NeurIPS 2021)."""
 
-from .environments import Environment, LinearEnvironment, LinearHardEnvironment, LogisticEnvironment, Tasks, make_environment
+from .environments import Environment, LinearEnvironment, LinearHardEnvironment, LogisticEnvironment, SinusoidEnvironment, Tasks, make_environment
 from .finetune import FineTune, fit_head
-from .methods import METHODS, AdaptRep, FrozenRep, Method, Oracle, TargetOnly, make_method
+from .methods import METHODS, AdaptRep, FrozenRep, MetaLearner, Method, Oracle, TargetOnly, make_method
 from .models import Model, linear_model, relu_model
 
 __version__ = "0.1.0"
@@ -12,6 +12,7 @@ __all__ = [
     "LinearEnvironment",
     "LinearHardEnvironment",
     "LogisticEnvironment",
+    "SinusoidEnvironment",
     "Tasks",
     "make_environment",
     "FineTune",
@@ -21,6 +22,7 @@ __all__ = [
     "FrozenRep",
     "Oracle",
     "TargetOnly",
+    "MetaLearner",
     "METHODS",
     "make_method",
     "Model",

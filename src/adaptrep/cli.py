@@ -93,7 +93,7 @@ class Execution:
 
 @app.command()
 def run(
-    setting: Optional[str] = typer.Option(None, help="linear | linear-hard | logistic | relu-net | relu-hard"),
+    setting: Optional[str] = typer.Option(None, help="linear | linear-hard | logistic | relu-net | relu-hard | sinusoid"),
     dim: Optional[int] = typer.Option(None, help="input dimension d"),
     rank: Optional[int] = typer.Option(None, help="representation dimension k"),
     tasks: Optional[int] = typer.Option(None, help="number of source tasks T"),
@@ -106,7 +106,18 @@ def run(
     eps: Optional[float] = typer.Option(None, help="low input variance eps (linear-hard, relu-hard)"),
     scale: Optional[float] = typer.Option(None, help="signal scale s of the logits (logistic)"),
     seeds: Optional[int] = typer.Option(None, help="number of seeds"),
-    methods: Optional[str] = typer.Option(None, help="comma-separated: adaptrep,frozenrep,frozenrep-ft,target-only,oracle-head,oracle-ft"),
+    methods: Optional[str] = typer.Option(
+        None, help="comma-separated: adaptrep,frozenrep,frozenrep-ft,target-only,oracle-head,oracle-ft,maml,fomaml,anil,reptile,pooled"
+    ),
+    inner_steps: Optional[int] = typer.Option(None, help="meta-learners: inner-loop gradient steps K (default 5)"),
+    inner_lr: Optional[float] = typer.Option(None, help="meta-learners: inner step size (default 0.1 / (curvature x input variance); sinusoid 0.01)"),
+    outer_lr: Optional[float] = typer.Option(None, help="meta-learners: outer step size (default 0.01; sinusoid 0.001)"),
+    meta_batch: Optional[int] = typer.Option(None, help="meta-learners: tasks per meta-batch (default 25)"),
+    meta_iterations: Optional[int] = typer.Option(None, help="meta-learners: outer iterations (default 1000; sinusoid 1500)"),
+    outer_optimizer: Optional[str] = typer.Option(None, help="meta-learners: adam (default) | sgd"),
+    support: Optional[float] = typer.Option(None, help="maml/fomaml/anil: support share of each task's samples, a fraction or a count (0: all, the default)"),
+    compile: Optional[str] = typer.Option(None, "--compile", help="meta-learners: torch.compile the meta-step: auto (long runs) | always | never"),
+    adapt_steps: Optional[int] = typer.Option(None, help="meta-learners, target-only on sinusoid: inner-loop steps on the target (default: inner steps)"),
     device: Optional[str] = typer.Option(None, help="torch device, e.g. cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, help="float64 (default) | float32"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with the same keys (underscores)"),
@@ -134,6 +145,15 @@ def run(
         scale=scale,
         seeds=seeds,
         methods=methods,
+        inner_steps=inner_steps,
+        inner_lr=inner_lr,
+        outer_lr=outer_lr,
+        meta_batch=meta_batch,
+        meta_iterations=meta_iterations,
+        outer_optimizer=outer_optimizer,
+        support=support,
+        compile=compile,
+        adapt_steps=adapt_steps,
         device=device,
         dtype=dtype,
     )

@@ -12,6 +12,9 @@ parameter vector ``beta_t`` in R^d, its data are ``x ~ N(0, Sigma)`` and
   simulation), where a representation trained with no regard for fine-tuning keeps the wrong
   block of coordinates.
 
+* :class:`SinusoidEnvironment` (``sinusoid``): the MAML paper's sinusoid regression (nonlinear,
+  no true representation; its excess risk is a mean over a dense grid), for the meta-learners.
+
 All sampling is done on the CPU with an explicit :class:`torch.Generator` in float64 and then
 moved to the environment's device and dtype, so a seed gives the same tasks on every device.
 """
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .logistic import logistic_excess_error01, logistic_excess_risk
+from .models import MLP_WIDTHS, mlp_model, unflatten_mlp
 from .solvers import sufficient_statistics
 
 __all__ = [
@@ -35,6 +39,7 @@ __all__ = [
     "LogisticEnvironment",
     "ReluNetEnvironment",
     "ReluHardEnvironment",
+    "SinusoidEnvironment",
     "make_environment",
     "SETTINGS",
 ]
@@ -49,17 +54,19 @@ class Tasks:
         y: targets, shape ``(T, n)``.
         beta: true task parameters ``beta_t``, shape ``(T, d)`` (used only for scoring).
         representation: the environment's true representation ``B*`` (``(d, k)``), used only by
-            the oracle methods and the metrics.
+            the oracle methods and the metrics; ``None`` where there is none (``sinusoid``).
         loss: ``"squared"`` (regression) or ``"logistic"`` (labels in {0, 1}; ``beta`` is the
             true logit vector).
-        model: ``"linear"`` (``beta`` in R^d) or ``"relu"`` (a two-layer ReLU network; ``beta``
-            is its flattened first layer ``W_t`` (``d x k``) followed by its head ``w_t``).
+        model: ``"linear"`` (``beta`` in R^d), ``"relu"`` (a two-layer ReLU network; ``beta``
+            is its flattened first layer ``W_t`` (``d x k``) followed by its head ``w_t``) or
+            ``"mlp"`` (the 1-40-40-1 network of ``sinusoid``; ``beta`` is the task's ``(A_t, phi_t)``,
+            and predictors are the network's flattened parameters).
     """
 
     X: Tensor
     y: Tensor
     beta: Tensor
-    representation: Tensor
+    representation: Tensor | None
     loss: str = "squared"
     model: str = "linear"
 
@@ -444,7 +451,70 @@ class ReluHardEnvironment(TwoBlocks, ReluNetEnvironment):
         return torch.cat([W.flatten(1), w], dim=1)
 
 
-SETTINGS = ("linear", "linear-hard", "logistic", "relu-net", "relu-hard")
+class SinusoidEnvironment(Environment):
+    """The sinusoid regression benchmark ``sinusoid`` of the MAML paper (Finn et al., 2017).
+
+    Task ``t`` is ``f_t(x) = A_t sin(x - phi_t)`` with amplitude ``A_t ~ U[0.1, 5]`` and phase
+    ``phi_t ~ U[0, pi]``; inputs ``x ~ U[-5, 5]`` (``X`` is ``(n, 1)``) and ``y = f_t(x) + sigma xi``
+    (``sigma = 0`` by default). A task's ``beta`` is ``(A_t, phi_t)``. Predictors are the 1-40-40-1
+    ReLU network (``Tasks.model = "mlp"``, :data:`adaptrep.models.MLP_WIDTHS`) given as flat parameter
+    vectors (:func:`adaptrep.models.task_parameters`); the excess risk is the mean squared difference
+    between the network and ``f_t`` on a grid of :attr:`GRID_POINTS` evenly spaced points of
+    ``[-5, 5]`` (deterministic). There is no true representation (``representation`` is ``None``).
+    """
+
+    name = "sinusoid"
+    model = "mlp"
+    AMPLITUDE = (0.1, 5.0)
+    PHASE = (0.0, math.pi)
+    INPUT_RANGE = (-5.0, 5.0)
+    GRID_POINTS = 1000
+
+    def __init__(self, noise: float = 0.0, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> None:
+        super().__init__(1, 1, noise, device, dtype)
+        self.input_scale = torch.ones(1, dtype=torch.float64)
+        self.grid = torch.linspace(*self.INPUT_RANGE, self.GRID_POINTS, dtype=torch.float64)
+
+    @property
+    def representation(self) -> Tensor | None:  # type: ignore[override]
+        """None: the sinusoid environment has no true representation."""
+        return None
+
+    def sample_parameters(self, num_tasks: int, generator: torch.Generator) -> Tensor:
+        """``(A_t, phi_t)`` pairs (``(T, 2)``, float64, CPU)."""
+        u = torch.rand(num_tasks, 2, generator=generator, dtype=torch.float64)
+        low = torch.tensor([self.AMPLITUDE[0], self.PHASE[0]], dtype=torch.float64)
+        high = torch.tensor([self.AMPLITUDE[1], self.PHASE[1]], dtype=torch.float64)
+        return low + (high - low) * u
+
+    def sample_inputs(self, num_tasks: int, num_samples: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Uniform inputs on ``[-5, 5]`` (``(T, n, 1)``) and standard normal noise draws."""
+        low, high = self.INPUT_RANGE
+        Z = low + (high - low) * torch.rand(num_tasks, num_samples, 1, generator=generator, dtype=torch.float64)
+        return Z, torch.randn(num_tasks, num_samples, generator=generator, dtype=torch.float64)
+
+    @staticmethod
+    def sinusoid(x: Tensor, beta: Tensor) -> Tensor:
+        """``A_t sin(x - phi_t)`` for inputs ``x`` (``(N,)`` shared or ``(T, N)``) -> ``(T, N)``."""
+        return beta[:, :1] * torch.sin(x - beta[:, 1:])
+
+    def _labels(self, X: Tensor, beta: Tensor, xi: Tensor) -> Tensor:
+        return self.sinusoid(X[..., 0], beta) + self.noise * xi
+
+    def predict(self, beta_hat: Tensor, x: Tensor) -> Tensor:
+        """Outputs ``(R, N)`` of the networks ``beta_hat`` (``(R, p)`` flat parameters) at the inputs ``x`` (``(N,)``)."""
+        theta, w = unflatten_mlp(beta_hat, MLP_WIDTHS)
+        features = mlp_model(MLP_WIDTHS).features(theta, x.reshape(1, -1, 1).expand(beta_hat.shape[0], -1, 1))
+        return (features @ w.unsqueeze(-1)).squeeze(-1)
+
+    def excess_risk(self, beta_hat: Tensor, beta: Tensor) -> Tensor:
+        """``(1/N) sum_i (f_hat(x_i) - f_t(x_i))^2`` over the grid, one value per task."""
+        grid = self.grid.to(self.device, self.dtype)
+        prediction = self.predict(beta_hat.to(self.device, self.dtype), grid)
+        return ((prediction - self.sinusoid(grid, beta.to(self.device, self.dtype))) ** 2).mean(-1)
+
+
+SETTINGS = ("linear", "linear-hard", "logistic", "relu-net", "relu-hard", "sinusoid")
 
 
 def make_environment(
@@ -460,7 +530,8 @@ def make_environment(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
 ) -> Environment:
-    """Build a standard environment by name (``linear``, ``linear-hard`` or ``logistic``)."""
+    """Build a standard environment by name (one of :data:`SETTINGS`; ``sinusoid`` ignores ``dim``,
+    ``rank`` and the other environments' parameters)."""
     if setting == "linear":
         return LinearEnvironment(dim, rank, delta=delta, noise=noise, seed=seed, device=device, dtype=dtype)
     if setting == "linear-hard":
@@ -471,4 +542,6 @@ def make_environment(
         return ReluNetEnvironment(dim, rank, delta=delta, noise=noise, seed=seed, device=device, dtype=dtype)
     if setting == "relu-hard":
         return ReluHardEnvironment(dim, rank, eps=eps, noise=noise, seed=seed, device=device, dtype=dtype)
+    if setting == "sinusoid":
+        return SinusoidEnvironment(noise=noise, seed=seed, device=device, dtype=dtype)
     raise ValueError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")

@@ -23,8 +23,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .environments import SETTINGS, Environment, Tasks, TwoBlocks, make_environment
-from .methods import METHODS, Method, make_method, synchronize
+from .meta import support_size
+from .methods import INNER_STEP, METHODS, MLP_ITERATIONS, MODEL_METHODS, Method, make_method, synchronize
 from .metrics import block_share, subspace_distance
+from .models import CURVATURE
 
 __all__ = ["RunConfig", "ConfigError", "PRESETS", "DEFAULT_EXPERIMENTS", "resolve_config", "run_seed", "run_experiment", "library_versions"]
 
@@ -47,7 +49,34 @@ PRESETS: dict[str, dict[str, Any]] = {
     "linear-hard": dict(
         setting="linear-hard", dim=20, rank=2, tasks=50, samples=100, target_samples=[10, 25, 50, 100], target_tasks=20, eps=0.1, noise=0.5, seeds=5
     ),
+    # the MAML paper's sinusoid regression (its 70,000 iterations cut to MLP_ITERATIONS)
+    "sinusoid": dict(
+        setting="sinusoid",
+        dim=1,
+        rank=1,
+        tasks=1000,
+        samples=20,
+        target_samples=[5, 10, 20],
+        target_tasks=100,
+        noise=0.0,
+        seeds=1,
+        methods=["maml", "fomaml", "anil", "reptile", "pooled", "target-only"],
+        inner_steps=5,
+        inner_lr=0.01,
+        outer_lr=0.001,
+        meta_batch=25,
+        meta_iterations=MLP_ITERATIONS,
+    ),
 }
+
+
+def meta_setting_defaults(setting: str, loss: str, eps: float) -> dict[str, Any]:
+    """The meta-learners' defaults of a setting where its preset gives none (the rule of
+    :func:`adaptrep.methods.meta_defaults` with the setting's largest input variance: ``max(1, eps)``
+    for the hard cases, 1 otherwise)."""
+    variance = max(1.0, eps) if setting in ("linear-hard", "relu-hard") else 1.0
+    return dict(inner_steps=5, inner_lr=INNER_STEP / (CURVATURE[loss] * variance), outer_lr=0.01, meta_batch=25, meta_iterations=1000)
+
 
 #: What ``adaptrep run`` does with no flags: the hard-case separation, then the benign sweep.
 DEFAULT_EXPERIMENTS = ("linear-hard", "linear")
@@ -62,7 +91,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    setting: Literal["linear", "linear-hard", "logistic", "relu-net", "relu-hard"] = "linear"
+    setting: Literal["linear", "linear-hard", "logistic", "relu-net", "relu-hard", "sinusoid"] = "linear"
     dim: int = Field(20, gt=0, description="input dimension d")
     rank: int = Field(3, gt=0, description="representation dimension k")
     tasks: int = Field(100, gt=0, description="number of source tasks T")
@@ -76,6 +105,16 @@ class RunConfig(BaseModel):
     scale: float = Field(3.0, gt=0, allow_inf_nan=False, description="signal scale s of the logits (logistic)")
     seeds: int = Field(5, gt=0, description="number of seeds (0 .. seeds-1)")
     methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
+    # the meta-learners (maml, fomaml, anil, reptile, pooled); defaults per setting (meta_setting_defaults)
+    inner_steps: int = Field(5, ge=0, description="inner-loop gradient steps K")
+    inner_lr: float = Field(0.05, gt=0, allow_inf_nan=False, description="inner-loop step size alpha")
+    outer_lr: float = Field(0.01, gt=0, allow_inf_nan=False, description="outer optimiser step size")
+    meta_batch: int = Field(25, gt=0, description="tasks per meta-batch (capped at tasks)")
+    meta_iterations: int = Field(1000, ge=0, description="outer iterations")
+    outer_optimizer: Literal["adam", "sgd"] = "adam"
+    support: float = Field(0.0, ge=0, allow_inf_nan=False, description="0: all samples are support and query; a fraction in (0, 1) or a count")
+    compile: Literal["auto", "always", "never"] = "auto"
+    adapt_steps: int = Field(5, ge=0, description="inner-loop steps of the target adaptation (default: inner_steps)")
     device: str = "cpu"
     dtype: Literal["float32", "float64"] = "float64"
 
@@ -88,6 +127,22 @@ class RunConfig(BaseModel):
                     raise ValueError(f"{key}: needs a value")
                 if isinstance(value, bool) and key in cls.model_fields:
                     raise ValueError(f"{key}: expected a number or a name, got {value}")
+        return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _meta_defaults(cls, values: Any) -> Any:
+        """Fill the meta-learners' keys that are not given with the setting's defaults (so the
+        resolved config records the numbers used); ``adapt_steps`` defaults to ``inner_steps``."""
+        if isinstance(values, dict):
+            setting, eps = values.get("setting", "linear"), values.get("eps", 0.1)
+            loss = "logistic" if setting == "logistic" else "squared"
+            try:
+                defaults = meta_setting_defaults(setting, loss, float(eps))
+            except (TypeError, ValueError):
+                return values  # a bad eps is reported by its own field
+            values = {**defaults, **values}
+            values.setdefault("adapt_steps", values["inner_steps"])
         return values
 
     @field_validator("target_samples", "methods", mode="before")
@@ -136,8 +191,29 @@ class RunConfig(BaseModel):
             raise ValueError(f"device {value!r} is not usable here: {str(error).splitlines()[0]}") from None
         return value
 
+    @field_validator("support")
+    @classmethod
+    def _support(cls, value: float) -> float:
+        if not (value < 1 or float(value).is_integer()):
+            raise ValueError(f"must be 0, a fraction in (0, 1) or an integer count; got {value}")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        if self.setting == "sinusoid":
+            if self.dim != 1:
+                raise ValueError(f"sinusoid has one-dimensional inputs: dim must be 1; got {self.dim}")
+            misfits = [name for name in self.methods if name in MODEL_METHODS]
+            if misfits:
+                raise ValueError(
+                    f"methods: {misfits[0]} needs a true representation and a moment start, which sinusoid does not have; "
+                    "use maml, fomaml, anil, reptile, pooled or target-only"
+                )
+        if self.support:
+            try:
+                support_size(self.support, self.samples)
+            except ValueError as error:
+                raise ValueError(f"support: {error}") from None
         if self.rank > self.dim:
             raise ValueError(f"rank ({self.rank}) must not exceed dim ({self.dim})")
         if self.setting in ("linear-hard", "relu-hard") and self.dim < 2 * self.rank:
@@ -155,6 +231,22 @@ class RunConfig(BaseModel):
         source = self.tasks * (self.samples * d + 6 * d * d) + 4 * (d * k) ** 2
         target = self.target_tasks * (m * d + 5 * 13 * (d * d + 4 * d))
         return int(size * (source + target))
+
+    def method_options(self, seed: int) -> dict[str, Any]:
+        """Keyword options of :func:`adaptrep.methods.make_method` (the meta-learners' settings; the
+        seed of their initialisation)."""
+        return dict(
+            inner_steps=self.inner_steps,
+            inner_lr=self.inner_lr,
+            outer_lr=self.outer_lr,
+            meta_batch=self.meta_batch,
+            iterations=self.meta_iterations,
+            optimizer=self.outer_optimizer,
+            support=self.support or None,
+            compile=self.compile,
+            adapt_steps=self.adapt_steps,
+            seed=seed,
+        )
 
     @property
     def adversarial_targets(self) -> bool:
@@ -258,7 +350,7 @@ def run_seed(config: RunConfig, seed: int, on_step: Callable[[str], None] | None
     source = env.sample_tasks(config.tasks, config.samples, _generator(seed, 1))
     methods: dict[str, Method] = {}
     for name in config.methods:
-        methods[name] = make_method(name)
+        methods[name] = make_method(name, config.method_options(seed))
         start = time.perf_counter()
         methods[name].fit(source)
         methods[name].info.setdefault("source_time", time.perf_counter() - start)
@@ -321,13 +413,13 @@ def _evaluate_targets(
         adapt_time = (time.perf_counter() - start) / R
         risk = env.excess_risk(beta_hat, target.beta).cpu().numpy()
         extra = {name: values.cpu().numpy() for name, values in env.metrics(beta_hat, target.beta).items()}
-        rep = method.representation
+        rep, truth = method.representation, env.representation
         common: dict[str, Any] = {
             "setting": config.setting,
             "method": name,
             "m": m,
             "seed": seed,
-            "subspace_distance": subspace_distance(rep, env.representation) if rep is not None else math.nan,
+            "subspace_distance": subspace_distance(rep, truth) if rep is not None and truth is not None else math.nan,
             "source_time": method.info.get("source_time", 0.0),
             "adapt_time": adapt_time,
             "source_objective": method.info.get("source_objective", math.nan),

@@ -6,7 +6,9 @@ Every method has the same two-step interface (scikit-learn style)::
     beta_hat = method.adapt(target)          # target: Tasks (R tasks, m samples each) -> (R, d)
 
 and exposes ``representation`` (the learned ``B``, orthonormal ``(d, k)``, or ``None``) and
-``info`` (source-training diagnostics). Names used by the CLI are in :data:`METHODS`.
+``info`` (source-training diagnostics). Names used by the CLI are in :data:`METHODS`; the
+meta-learning baselines (MAML, FOMAML, ANIL, Reptile and pooled training, :class:`MetaLearner`)
+are in :data:`META_METHODS`.
 """
 
 from __future__ import annotations
@@ -22,10 +24,40 @@ from torch import Tensor
 
 from .environments import Tasks
 from .finetune import FineTune, fit_head
-from .models import Model, cv_heads, describe, finetune, fit_heads, fit_shared, linear_model, logistic_finetune, model_for, task_parameters
+from .meta import ALGORITHMS, MetaConfig, inner_adapt, meta_train
+from .models import (
+    CURVATURE,
+    MLP_WIDTHS,
+    Model,
+    Params,
+    cv_heads,
+    describe,
+    finetune,
+    fit_heads,
+    fit_shared,
+    init_mlp,
+    linear_model,
+    logistic_finetune,
+    model_for,
+    task_parameters,
+)
 from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, spd_solve, sufficient_statistics
 
-__all__ = ["synchronize", "Method", "AdaptRep", "FrozenRep", "TargetOnly", "Oracle", "METHODS", "make_method", "theory_penalty"]
+__all__ = [
+    "synchronize",
+    "Method",
+    "AdaptRep",
+    "FrozenRep",
+    "TargetOnly",
+    "Oracle",
+    "MetaLearner",
+    "META_METHODS",
+    "MODEL_METHODS",
+    "meta_defaults",
+    "METHODS",
+    "make_method",
+    "theory_penalty",
+]
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -114,6 +146,8 @@ class _RepresentationMethod(_AdaptsRepresentation):
         raise NotImplementedError
 
     def fit(self, source: Tasks) -> Method:
+        _needs_representation(type(self).__name__, source)
+        assert source.representation is not None
         rank = self.rank if self.rank is not None else source.representation.shape[1]
         if not 1 <= rank <= source.dim:
             raise ValueError(f"rank must be between 1 and the input dimension {source.dim}; got {rank}")
@@ -233,6 +267,7 @@ class Oracle(_AdaptsRepresentation):
     """Reference: the environment's true representation ``B*``, head-only refit or fine-tuned."""
 
     def fit(self, source: Tasks) -> Method:
+        _needs_representation(type(self).__name__, source)
         self.representation = source.representation
         if not _generic(source):
             self._estimate_noise(source.gram(), source, self.representation.shape[1])
@@ -246,12 +281,25 @@ class TargetOnly(Method):
 
     Ridge minimises ``(1/m) ||y - X beta||^2 + ridge ||beta||^2``. For logistic tasks: logistic
     regression with the penalty ``ridge ||beta||^2``, its strength chosen by 5-fold
-    cross-validation (:func:`adaptrep.models.cv_heads`) unless ``ridge > 0`` is given.
+    cross-validation (:func:`adaptrep.models.cv_heads`) unless ``ridge > 0`` is given. For the
+    ``mlp`` tasks of ``sinusoid``: the meta-learners' inner loop (``inner_steps`` gradient steps of
+    size ``inner_lr`` on all parameters) from a fresh :func:`~adaptrep.models.init_mlp` network drawn
+    from ``seed``.
     """
 
     ridge: float = 0.0
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+    seed: int = 0
 
     def adapt(self, target: Tasks, generator: torch.Generator | None = None) -> Tensor:
+        if target.model == "mlp":
+            # the meta-learners' inner loop, from a fresh network instead of a meta-learned one
+            g = torch.Generator().manual_seed(self.seed)
+            theta, w = init_mlp(MLP_WIDTHS, g, target.X.dtype, target.X.device)
+            theta_t, w_t = inner_adapt(model_for(target.loss, target.model)[0], theta, w, target.X, target.y, steps=self.inner_steps, lr=self.inner_lr)  # type: ignore[arg-type]
+            return task_parameters("mlp", theta_t, w_t)
+        assert target.representation is not None
         if target.model == "relu":
             # the same network and fine-tuning, from a random first layer instead of a learned one
             W = torch.randn(target.dim, target.representation.shape[1], generator=generator, dtype=torch.float64).to(target.X)
@@ -291,6 +339,162 @@ def _finetune_generic(theta: Tensor, target: Tasks, generator: torch.Generator |
     return task_parameters(target.model, theta + delta[key], w), steps.to(target.X.dtype)
 
 
+def _needs_representation(name: str, tasks: Tasks) -> None:
+    if tasks.model == "mlp" or tasks.representation is None:
+        raise ValueError(f"{name} needs a moment start and a true representation, which {tasks.model!r} tasks do not have; use a meta-learner or target-only")
+
+
+#: Methods that need a true representation ``B*`` or a moment start (not for ``mlp`` tasks).
+MODEL_METHODS = ("adaptrep", "frozenrep", "frozenrep-ft", "oracle-head", "oracle-ft")
+
+#: Step of the inner loop relative to the curvature: ``inner_lr = INNER_STEP / (c v)`` (see :func:`meta_defaults`).
+INNER_STEP = 0.1
+
+
+def meta_defaults(loss: str, kind: str, input_variance: float = 1.0) -> dict[str, Any]:
+    """Default :class:`~adaptrep.meta.MetaConfig` values of a kind of task (keys as its fields).
+
+    ``mlp`` (sinusoid): the MAML paper's 5 inner steps of 0.01 with Adam at 0.001, meta-batch 25,
+    and :data:`MLP_ITERATIONS` outer steps (far fewer than the paper's 70,000, to run in minutes).
+
+    ``linear`` and ``relu``: 5 inner steps of ``inner_lr = INNER_STEP / (c v)`` with ``INNER_STEP = 0.1``,
+    ``c`` the loss's curvature bound (2 squared, 1/4 logistic: :data:`adaptrep.models.CURVATURE`) and
+    ``v`` the largest input variance ``max_j Sigma_jj``; e.g. 0.05 for the squared loss with
+    ``x ~ N(0, I)``, 0.4 for the logistic loss. The rule: in the product ``x^T B w`` the inner loop's
+    Hessian has the head block ``c B^T G_t B`` and the representation block ``c ||w||^2 G_t`` for the
+    task's sample Gram matrix ``G_t``, whose largest eigenvalue is up to ``(1 + sqrt(d/n))^2 v`` (about
+    ``4 v`` for ``n`` close to ``d``), and the adapted heads reach ``||w_t||^2 ~ k`` (3-4 here); a step is
+    stable while ``lr c (1 + ||w||^2) lambda_max(G_t) < 2``, which ``0.1 / (c v)`` keeps with a margin
+    (measured: 0.2 diverges on ``linear`` with ``d = 20``, ``n = 25``; 0.05 and 0.1 do not). The outer step
+    is Adam at 0.01 (the representation's entries are ``O(1/sqrt(d))``; 0.001 needs ten times the
+    iterations) for 1000 iterations of meta-batch 25.
+    """
+    if kind == "mlp":
+        return dict(inner_steps=5, inner_lr=0.01, outer_lr=0.001, meta_batch=25, iterations=MLP_ITERATIONS)
+    return dict(inner_steps=5, inner_lr=INNER_STEP / (CURVATURE[loss] * input_variance), outer_lr=0.01, meta_batch=25, iterations=1000)
+
+
+#: Outer iterations of the meta-learners on ``sinusoid`` by default.
+MLP_ITERATIONS = 1500
+
+
+@dataclass
+class MetaLearner(Method):
+    """Meta-learning baselines through :func:`adaptrep.meta.meta_train`: MAML, first-order MAML,
+    ANIL, Reptile, or pooled training (``algorithm``), on the generic model of the tasks
+    (:func:`adaptrep.models.model_for`: ``B`` for ``linear``, ``W`` for ``relu``, the 1-40-40-1
+    network for ``mlp``).
+
+    Settings left ``None`` take :func:`meta_defaults` for the source tasks' loss and model (``v``
+    estimated as the largest per-coordinate mean of ``x^2`` over the source inputs); ``meta_batch`` is
+    capped at the number of source tasks ``T``; ``adapt_steps`` (default ``inner_steps``) is the number
+    of steps of the target adaptation.
+
+    Initialisation (all draws from ``torch.Generator().manual_seed(seed)`` on the CPU, then moved, so
+    the same seed gives the same numbers everywhere): ``linear``: ``B_0`` the Q factor of a standard
+    normal ``(d, k)`` matrix (orthonormal columns) and ``w_0 = 0``; ``relu``: ``W_0`` a standard normal
+    ``(d, k)`` matrix with unit columns and ``w_0 = 0``; ``mlp``: :func:`~adaptrep.models.init_mlp`.
+    With ``w_0 = 0`` the first inner step gives ``B`` no gradient (``grad_B L = X^T r w^T / n``), but the
+    head's first step makes ``w_1 = -alpha grad_w L`` depend on ``B``, so the later inner steps and the
+    second-order meta-gradient move ``B`` (first-order methods and Reptile through ``w_K != 0``).
+    ``k`` is ``rank`` or the true representation's rank.
+
+    Target adaptation: the inner loop (:func:`~adaptrep.meta.inner_adapt`, ``adapt_steps`` steps of
+    ``inner_lr`` on the target's ``m`` samples, the head only for ``anil``) from the learned
+    ``(theta, w)``; ``pooled``, trained on all source data pooled, adapts with the same loop (all
+    parameters). ``representation`` is the learned ``B`` (``W``) with columns orthonormalised (QR)
+    for the subspace diagnostics, ``None`` for ``mlp``.
+    """
+
+    algorithm: str = "maml"
+    inner_steps: int | None = None
+    inner_lr: float | None = None
+    outer_lr: float | None = None
+    optimizer: str = "adam"
+    meta_batch: int | None = None
+    iterations: int | None = None
+    support: float | None = None
+    compile: str = "auto"
+    adapt_steps: int | None = None
+    rank: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown meta-learning algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        if self.adapt_steps is not None and self.adapt_steps < 0:
+            raise ValueError(f"adapt_steps must be >= 0; got {self.adapt_steps}")
+        self.info = {}
+
+    def resolve(self, source: Tasks) -> MetaConfig:
+        """The :class:`MetaConfig` for these source tasks (``None`` settings from :func:`meta_defaults`)."""
+        variance = float((source.X * source.X).mean((0, 1)).max())
+        defaults = meta_defaults(source.loss, source.model, variance)
+        chosen = dict(inner_steps=self.inner_steps, inner_lr=self.inner_lr, outer_lr=self.outer_lr, meta_batch=self.meta_batch, iterations=self.iterations)
+        values = {key: defaults[key] if value is None else value for key, value in chosen.items()}
+        values["meta_batch"] = min(values["meta_batch"], source.num_tasks)
+        return MetaConfig(self.algorithm, optimizer=self.optimizer, support=self.support, compile=self.compile, **values)
+
+    def _init(self, source: Tasks, model_kind: str) -> tuple[Params, Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        dtype, device = source.X.dtype, source.X.device
+        if model_kind == "mlp":
+            return init_mlp(MLP_WIDTHS, g, dtype, device)
+        if model_kind not in ("linear", "relu"):
+            raise ValueError(f"unknown model kind {model_kind!r}")
+        assert source.representation is not None or self.rank is not None, "rank is needed without a true representation"
+        k = self.rank if self.rank is not None else source.representation.shape[1]  # type: ignore[union-attr]
+        if not 1 <= k <= source.dim:
+            raise ValueError(f"rank must be between 1 and the input dimension {source.dim}; got {k}")
+        Z = torch.randn(source.dim, k, generator=g, dtype=torch.float64)
+        start = torch.linalg.qr(Z)[0] if model_kind == "linear" else Z / Z.norm(dim=0, keepdim=True)
+        key = "B" if model_kind == "linear" else "W"
+        return {key: start.to(device, dtype)}, torch.zeros(k, dtype=dtype, device=device)
+
+    def fit(self, source: Tasks) -> Method:
+        start = time.perf_counter()
+        self.config = self.resolve(source)
+        self.model, key = model_for(source.loss, source.model)  # type: ignore[arg-type]
+        self.kind = source.model
+        theta0, w0 = self._init(source, source.model)
+        g = torch.Generator().manual_seed(self.seed + 1)
+        fit = meta_train(self.model, theta0, w0, source.X, source.y, self.config, g)
+        self.theta, self.w = fit.theta, fit.w
+        self.representation = torch.linalg.qr(fit.theta[key])[0] if key else None
+        synchronize(fit.w.device)
+        tail = max(1, min(50, fit.losses.numel()))
+        last = float(fit.losses[-tail:].mean()) if fit.losses.numel() else math.nan
+        self.info = {
+            "source_time": time.perf_counter() - start,
+            "source_objective": last,
+            "meta_loss_first": float(fit.losses[:tail].mean()) if fit.losses.numel() else math.nan,
+            "meta_loss_last": last,
+            "meta_iterations": self.config.iterations,
+            "inner_lr": self.config.inner_lr,
+            "outer_lr": self.config.outer_lr,
+            "compiled": fit.compiled,
+            "compile_seconds": fit.compile_seconds,
+            "meta_seconds": fit.seconds,
+        }
+        return self
+
+    def adapt(self, target: Tasks, generator: torch.Generator | None = None) -> Tensor:
+        if not hasattr(self, "theta"):
+            raise RuntimeError(f"{type(self).__name__}.adapt called before fit")
+        steps = self.config.inner_steps if self.adapt_steps is None else self.adapt_steps
+        theta = {name: value.to(target.X) for name, value in self.theta.items()}
+        theta_t, w_t = inner_adapt(
+            self.model, theta, self.w.to(target.X), target.X, target.y, steps=steps, lr=self.config.inner_lr, head_only=self.algorithm == "anil"
+        )
+        if self.kind == "mlp":
+            return task_parameters("mlp", theta_t, w_t)
+        return task_parameters(self.kind, next(iter(theta_t.values())), w_t)
+
+
+#: The meta-learners by CLI name.
+META_METHODS = ALGORITHMS
+
+
 METHODS: dict[str, Any] = {
     "adaptrep": AdaptRep,
     "frozenrep": FrozenRep,
@@ -298,12 +502,26 @@ METHODS: dict[str, Any] = {
     "target-only": TargetOnly,
     "oracle-head": Oracle,
     "oracle-ft": lambda: Oracle(finetune=FineTune()),
+    **{name: (lambda name=name: MetaLearner(algorithm=name)) for name in ALGORITHMS},
 }
 
+#: The keyword options :func:`make_method` passes on: to the meta-learners, and the inner loop to target-only.
+META_OPTIONS = ("inner_steps", "inner_lr", "outer_lr", "optimizer", "meta_batch", "iterations", "support", "compile", "adapt_steps", "seed")
 
-def make_method(name: str) -> Method:
-    """A method with its default settings, by its CLI name (see :data:`METHODS`)."""
+
+def make_method(name: str, options: dict[str, Any] | None = None) -> Method:
+    """A method by its CLI name (see :data:`METHODS`), with its default settings or, for the
+    meta-learners, the :data:`META_OPTIONS` in ``options`` (``None`` values keep the defaults);
+    ``target-only`` takes ``inner_lr``, ``adapt_steps`` (else ``inner_steps``) and ``seed`` for its
+    inner loop on ``mlp`` tasks. Other options are ignored."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    given = {key: value for key, value in (options or {}).items() if key in META_OPTIONS and value is not None}
+    if name in META_METHODS:
+        return MetaLearner(algorithm=name, **given)
+    if name == "target-only":
+        steps = given.get("adapt_steps", given.get("inner_steps"))
+        loop = {"inner_lr": given.get("inner_lr"), "inner_steps": steps, "seed": given.get("seed")}
+        return TargetOnly(**{key: value for key, value in loop.items() if value is not None})
     method: Method = METHODS[name]()
     return method

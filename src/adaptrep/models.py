@@ -47,6 +47,8 @@ __all__ = [
     "mlp_model",
     "init_mlp",
     "model_for",
+    "MLP_WIDTHS",
+    "unflatten_mlp",
     "task_parameters",
     "task_loss",
     "fit_shared",
@@ -161,21 +163,56 @@ def init_mlp(
     return theta, uniform(widths[-1], widths[-1] + 1)
 
 
+#: Widths of the ``mlp`` kind of task (the sinusoid environment): the 1-40-40-1 ReLU network.
+MLP_WIDTHS = (1, 40, 40)
+
+
 def model_for(loss: Loss, kind: str) -> tuple[Model, str]:
-    """The built-in model of a kind of task (``Tasks.model``) and the name of its parameter."""
+    """The built-in model of a kind of task (``Tasks.model``) and the name of its parameter
+    (``""`` for ``mlp``, whose ``theta`` holds the weights and biases of every hidden layer)."""
     if kind == "linear":
         return linear_model(loss), "B"
     if kind == "relu":
         return relu_model(loss), "W"
-    raise ValueError(f"unknown model kind {kind!r}; choose linear or relu")
+    if kind == "mlp":
+        return mlp_model(MLP_WIDTHS, loss), ""
+    raise ValueError(f"unknown model kind {kind!r}; choose linear, relu or mlp")
 
 
-def task_parameters(kind: str, theta: Tensor, w: Tensor) -> Tensor:
+def _mlp_shapes(widths: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    for layer in range(1, len(widths)):
+        shapes += [(f"W{layer}", (widths[layer - 1], widths[layer])), (f"b{layer}", (widths[layer],))]
+    return shapes
+
+
+def task_parameters(kind: str, theta: Tensor | Params, w: Tensor) -> Tensor:
     """Per-task predictors as the vectors environments score (``(R, p)``): ``theta w`` for the
-    linear model, ``[vec(W), w]`` for the ReLU network (``theta`` is ``(d, k)`` or ``(R, d, k)``)."""
+    linear model, ``[vec(W), w]`` for the ReLU network (``theta`` is ``(d, k)`` or ``(R, d, k)``),
+    and for ``mlp`` the flattened ``[vec(W1), b1, vec(W2), b2, w]`` (row-major; ``theta`` a dict of
+    shared or stacked ``(R, ...)`` values; :func:`unflatten_mlp` inverts it)."""
+    if kind == "mlp":
+        assert isinstance(theta, dict)
+        R = w.shape[0]
+        parts = [theta[name].expand(R, *shape).reshape(R, -1) for name, shape in _mlp_shapes(MLP_WIDTHS)]
+        return torch.cat([*parts, w], dim=1)
+    assert isinstance(theta, Tensor)
     if kind == "linear":
         return (theta @ w.unsqueeze(-1)).squeeze(-1)
     return torch.cat([theta.expand(w.shape[0], *theta.shape[-2:]).flatten(1), w], dim=1)
+
+
+def unflatten_mlp(params: Tensor, widths: tuple[int, ...] = MLP_WIDTHS) -> tuple[Params, Tensor]:
+    """Stacked MLP parameters ``theta`` (every value ``(R, ...)``) and heads ``w`` (``(R, h_L + 1)``)
+    from the flat vectors ``(R, p)`` of :func:`task_parameters`."""
+    R, theta, start = params.shape[0], {}, 0
+    for name, shape in _mlp_shapes(widths):
+        size = math.prod(shape)
+        theta[name] = params[:, start : start + size].reshape(R, *shape)
+        start += size
+    if params.shape[1] != start + widths[-1] + 1:
+        raise ValueError(f"expected {start + widths[-1] + 1} MLP parameters per task for widths {widths}; got {params.shape[1]}")
+    return theta, params[:, start:]
 
 
 def pointwise_loss(loss: Loss, prediction: Tensor, y: Tensor) -> Tensor:

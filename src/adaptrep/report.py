@@ -108,6 +108,7 @@ SETTING_KEYS = {
     "logistic": ("delta", "scale"),
     "relu-net": ("noise", "delta"),
     "relu-hard": ("noise", "eps"),
+    "sinusoid": ("noise", "inner_lr", "inner_steps", "meta_iterations"),
 }
 
 

@@ -1,0 +1,109 @@
+"""The meta-learning baselines as methods (MetaLearner) and the sinusoid environment."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from adaptrep import LinearEnvironment, MetaLearner, SinusoidEnvironment, make_method
+from adaptrep.environments import make_environment
+from adaptrep.experiment import ConfigError, resolve_config
+from adaptrep.meta import ALGORITHMS
+from adaptrep.metrics import subspace_distance
+from adaptrep.models import MLP_WIDTHS, init_mlp, task_parameters, unflatten_mlp
+
+
+def _linear(seed: int = 0):
+    env = LinearEnvironment(dim=6, rank=2, delta=0.1, noise=0.1, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    return env, env.sample_tasks(40, 12, g), env.sample_tasks(10, 8, g)
+
+
+def test_maml_reduces_target_risk_and_moves_the_representation_from_a_zero_head():
+    env, source, target = _linear()
+    init = MetaLearner("maml", iterations=0).fit(source)
+    fitted = MetaLearner("maml", iterations=300, outer_lr=0.02).fit(source)
+    g = torch.Generator().manual_seed(1)
+    before = env.excess_risk(init.adapt(target, g), target.beta).mean()
+    after = env.excess_risk(fitted.adapt(target, g), target.beta).mean()
+    assert after < 0.5 * before
+    assert not torch.allclose(fitted.theta["B"], init.theta["B"])  # w0 = 0 does not freeze B
+    assert subspace_distance(fitted.representation, env.representation) < subspace_distance(init.representation, env.representation)
+    assert fitted.info["meta_loss_last"] < fitted.info["meta_loss_first"] and fitted.info["compiled"] is False
+
+
+def test_same_seed_gives_same_numbers():
+    _, source, target = _linear()
+    runs = [MetaLearner("anil", iterations=20, seed=3).fit(source).adapt(target) for _ in range(2)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    other = MetaLearner("anil", iterations=20, seed=4).fit(source).adapt(target)
+    assert not torch.equal(other, runs[0])
+
+
+def test_longer_adaptation_fits_the_target_better():
+    env, source, target = _linear()
+    method = MetaLearner("fomaml", iterations=50).fit(source)
+    short = env.excess_risk(method.adapt(target), target.beta).mean()
+    method.adapt_steps = 50
+    assert env.excess_risk(method.adapt(target), target.beta).mean() < short
+
+
+@pytest.mark.parametrize("setting", ["linear", "linear-hard", "logistic", "relu-net", "relu-hard", "sinusoid"])
+def test_every_algorithm_runs_in_every_setting(setting):
+    dim, rank = (1, 1) if setting == "sinusoid" else (6, 2)
+    env = make_environment(setting, dim=dim, rank=rank, noise=0.1, seed=0)
+    g = torch.Generator().manual_seed(0)
+    source, target = env.sample_tasks(12, 10, g), env.sample_tasks(3, 5, g)
+    for name in ALGORITHMS:
+        method = make_method(name, {"iterations": 3, "meta_batch": 5})
+        beta = method.fit(source).adapt(target)
+        risk = env.excess_risk(beta, target.beta)
+        assert risk.shape == (3,) and torch.isfinite(risk).all(), name
+        assert (method.representation is None) == (setting == "sinusoid")
+        assert method.config.meta_batch == 5
+
+
+def test_default_inner_step_follows_the_rule():
+    _, source, _ = _linear()
+    config = MetaLearner("maml").resolve(source)
+    variance = float((source.X**2).mean((0, 1)).max())
+    assert math.isclose(config.inner_lr, 0.1 / (2 * variance)) and config.outer_lr == 0.01
+    assert MetaLearner("maml", inner_lr=0.3).resolve(source).inner_lr == 0.3
+
+
+def test_sinusoid_tasks_and_excess_risk_match_an_independent_evaluation():
+    env = SinusoidEnvironment()
+    g = torch.Generator().manual_seed(0)
+    tasks = env.sample_tasks(4, 20, g)
+    A, phi = tasks.beta[:, 0], tasks.beta[:, 1]
+    assert ((A >= 0.1) & (A <= 5)).all() and ((phi >= 0) & (phi <= math.pi)).all() and tasks.X.abs().max() <= 5
+    torch.testing.assert_close(tasks.y, A[:, None] * torch.sin(tasks.X[..., 0] - phi[:, None]))
+    thetas = [init_mlp(MLP_WIDTHS, torch.Generator().manual_seed(s), torch.float64) for s in range(4)]
+    flat = torch.cat([task_parameters("mlp", theta, w.unsqueeze(0)) for theta, w in thetas])
+    theta, w = unflatten_mlp(flat)
+    torch.testing.assert_close(theta["W2"][2], thetas[2][0]["W2"])
+    grid = np.linspace(-5, 5, 1000)
+    expected = []
+    for (params, head), (a, p) in zip(thetas, tasks.beta.numpy(), strict=True):
+        h = grid[:, None]
+        for layer in (1, 2):
+            h = np.maximum(h @ params[f"W{layer}"].numpy() + params[f"b{layer}"].numpy(), 0)
+        out = h @ head.numpy()[:-1] + head.numpy()[-1]
+        expected.append(np.mean((out - a * np.sin(grid - p)) ** 2))
+    np.testing.assert_allclose(env.excess_risk(flat, tasks.beta).numpy(), expected, rtol=1e-10)
+    assert env.grid.shape == (1000,) and env.grid[0] == -5 and env.grid[-1] == 5
+
+
+def test_representation_methods_refuse_sinusoid():
+    env = SinusoidEnvironment()
+    source = env.sample_tasks(5, 10, torch.Generator().manual_seed(0))
+    for name in ("adaptrep", "frozenrep", "oracle-head"):
+        with pytest.raises(ValueError, match="true representation"):
+            make_method(name).fit(source)
+    with pytest.raises(ConfigError, match="frozenrep"):
+        resolve_config({"setting": "sinusoid", "methods": "maml,frozenrep"})
+    config = resolve_config({"setting": "sinusoid"})
+    assert config.methods == ["maml", "fomaml", "anil", "reptile", "pooled", "target-only"] and config.inner_lr == 0.01
+    assert resolve_config({"setting": "linear", "inner_steps": 3}).adapt_steps == 3
+    assert resolve_config({"setting": "logistic"}).inner_lr == pytest.approx(0.4)
