@@ -268,6 +268,7 @@ class Oracle(_AdaptsRepresentation):
 
     def fit(self, source: Tasks) -> Method:
         _needs_representation(type(self).__name__, source)
+        assert source.representation is not None
         self.representation = source.representation
         if not _generic(source):
             self._estimate_noise(source.gram(), source, self.representation.shape[1])
@@ -431,7 +432,7 @@ class MetaLearner(Method):
         variance = float((source.X * source.X).mean((0, 1)).max())
         defaults = meta_defaults(source.loss, source.model, variance)
         chosen = dict(inner_steps=self.inner_steps, inner_lr=self.inner_lr, outer_lr=self.outer_lr, meta_batch=self.meta_batch, iterations=self.iterations)
-        values = {key: defaults[key] if value is None else value for key, value in chosen.items()}
+        values: dict[str, Any] = {key: defaults[key] if value is None else value for key, value in chosen.items()}
         values["meta_batch"] = min(values["meta_batch"], source.num_tasks)
         return MetaConfig(self.algorithm, optimizer=self.optimizer, support=self.support, compile=self.compile, **values)
 

@@ -461,7 +461,7 @@ def _descend(
     snapshots_delta: dict[str, list[Tensor]] = {name: [] for name in delta}
     snapshots_w: list[Tensor] = []
     held_out: list[Tensor] = []
-    velocity: list[Tensor | None] = [None] * (len(delta) + 1)
+    velocities = [torch.zeros_like(leaf) for leaf in [*delta.values(), w]]
     for step in range(checkpoints[-1] + 1):
         if step in checkpoints:
             with torch.no_grad():
@@ -476,10 +476,10 @@ def _descend(
         grads = torch.autograd.grad((loss(delta, w, X, y, train) + ridge * (w * w).sum(-1)).sum(), leaves)
         steps = [delta_step] * len(delta) + [head_step]
         with torch.no_grad():
-            for i, (leaf, grad, size) in enumerate(zip(leaves, grads, steps, strict=True)):
+            for leaf, grad, size, velocity in zip(leaves, grads, steps, velocities, strict=True):
                 update = size.view(-1, *[1] * (leaf.ndim - 1)) * grad
-                velocity[i] = momentum * velocity[i] + update if velocity[i] is not None else update
-                leaf -= momentum * velocity[i] + update
+                velocity.mul_(momentum).add_(update)
+                leaf -= momentum * velocity + update
     curves = torch.stack(held_out, -1) if held_out else torch.empty(0)
     return {n: torch.stack(v) for n, v in snapshots_delta.items()}, torch.stack(snapshots_w), curves
 
