@@ -191,8 +191,8 @@ def test_relu_methods_run_and_fine_tuning_helps_with_many_samples():
 
 def test_relu_hard_environment_and_its_separation():
     """The nonlinear hard case with the default source training: ADAPTREP's layer keeps the opt
-    block, FROZENREP's only in part, and head-only adaptation of FROZENREP's layer stays far from
-    the targets (a regression test of the measured behaviour; see the README's caveat)."""
+    block, FROZENREP's (the frozen objective's minimum, see the README) only in part, and head-only
+    adaptation of FROZENREP's layer stays far from the targets."""
     from adaptrep.environments import ReluHardEnvironment
     from adaptrep.metrics import block_share
 
