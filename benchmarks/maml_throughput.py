@@ -71,6 +71,8 @@ from adaptrep.meta import ADAM_BETAS, MetaConfig, _grad_eager, _make_step, compi
 from adaptrep.models import linear_model, mlp_model  # noqa: E402
 
 OUTER_LR = 1e-3
+#: ``MetaConfig.chunk`` of ours (``--chunk``): ``None`` computes a meta-batch as one batch
+CHUNK: int | None = None
 PEERS = ("learn2learn", "higher", "torchopt")
 OURS = ("ours eager", "ours compiled")
 GRAD_TOLERANCE = 1e-5  # float32 relative meta-gradient error, ours against each peer
@@ -127,7 +129,9 @@ def our_problem(case: Case, dtype: torch.dtype):
     model = mlp_model((1, 40, 40)) if case.problem == "sinusoid" else linear_model()
     names = [k for k in p if k != "w"]
     c = peers.PROBLEMS[case.problem]
-    config = MetaConfig(case.algorithm, inner_steps=case.steps, inner_lr=c["inner_lr"], outer_lr=OUTER_LR, optimizer="adam", meta_batch=c["meta_batch"])
+    config = MetaConfig(
+        case.algorithm, inner_steps=case.steps, inner_lr=c["inner_lr"], outer_lr=OUTER_LR, optimizer="adam", meta_batch=c["meta_batch"], chunk=CHUNK
+    )
     return model, names, [*(p[k] for k in names), p["w"]], config
 
 
@@ -171,6 +175,8 @@ def peer_iteration(library: str, case: Case, dtype: torch.dtype = torch.float32)
 
 
 def _memory_child(spec: dict) -> dict:
+    global CHUNK
+    CHUNK = spec["chunk"]
     torch.set_num_threads(spec["threads"])
     case = CASES[spec["case"]]
     kind = spec["kind"]
@@ -195,7 +201,7 @@ def _memory_child(spec: dict) -> dict:
 
 
 def measure_memory(kind: str, case: Case, threads: int) -> dict:
-    spec = dict(kind=kind, case=case.name, threads=threads, steps=MEMORY_STEPS)
+    spec = dict(kind=kind, case=case.name, threads=threads, steps=MEMORY_STEPS, chunk=CHUNK)
     run = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(spec)], capture_output=True, text=True)
     if run.returncode != 0:
         tail = (run.stderr or run.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -361,12 +367,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5, --quick 3)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time, or this process's CPU time")
     parser.add_argument("--cache-dir", default=None, help="inductor cache to use (default: a fresh temporary one, so the first compile is cold)")
+    parser.add_argument("--chunk", type=int, default=None, help="ours: tasks per chunk of a meta-batch (MetaConfig.chunk; default: all at once)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
         print(json.dumps(_memory_child(json.loads(args.memory_child))))
         return
+    global CHUNK
+    CHUNK = args.chunk
     args.seconds = args.seconds or (0.3 if args.quick else 2.0)
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.warmup = 1 if args.quick else 2
@@ -394,6 +403,7 @@ def main() -> None:
     print(
         "one iteration = meta-gradient of one meta-batch (inner loops + backward) + one Adam update (lr 1e-3), fixed batch;\n"
         "ours: adaptrep.meta's step (eager autograd / torch.compile'd); peers: their MAML loop + torch.optim.Adam.step()."
+        + (f"\nours with chunk={CHUNK}: each meta-batch in chunks of {CHUNK} task(s), gradients added up (less memory)" if CHUNK else "")
     )
     print(
         f"timings ({args.clock} clock): {args.seconds:g} s per measurement, {args.repeats} repeats interleaved (ours eager, ours compiled, "

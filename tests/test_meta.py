@@ -120,16 +120,16 @@ def test_meta_gradient_equals_a_per_task_loop(name, algorithm, first_order):
     model, theta, w = _setup(name)
     split = _data(model)
     same = (split[0], split[1], split[0], split[1])  # the paper's no-split setting
-    for steps in (1, 2, 5):
-        for Xs, ys, Xq, yq in (split, same) if steps == 2 else (split,):
-            config = MetaConfig(algorithm, inner_steps=steps, inner_lr=0.1, first_order=first_order)
-            loss, g_theta, g_w = meta_gradient(model, theta, w, Xs, ys, Xq, yq, config)
-            ref_loss, ref_theta, ref_w = _reference(model, theta, w, Xs, ys, Xq, yq, algorithm, steps, 0.1, first_order)
-            ref_loss = float(ref_loss.detach())
-            assert abs(float(loss) - ref_loss) <= 1e-10 * max(1.0, abs(ref_loss)), (steps, float(loss), ref_loss)
-            assert set(g_theta) == set(theta)
-            assert _rel(_flat(g_theta, g_w), _flat(ref_theta, ref_w)) <= 1e-6, steps
-            assert g_w.shape == w.shape and all(g_theta[n].shape == v.shape for n, v in theta.items())
+    runs = [(1, split, None), (1, split, 3), (2, split, None), (2, same, None), (5, split, None)]  # chunk 3: the meta-batch in parts of 3 and 1
+    for steps, (Xs, ys, Xq, yq), chunk in runs:
+        config = MetaConfig(algorithm, inner_steps=steps, inner_lr=0.1, first_order=first_order, chunk=chunk)
+        loss, g_theta, g_w = meta_gradient(model, theta, w, Xs, ys, Xq, yq, config)
+        ref_loss, ref_theta, ref_w = _reference(model, theta, w, Xs, ys, Xq, yq, algorithm, steps, 0.1, first_order)
+        ref_loss = float(ref_loss.detach())
+        assert abs(float(loss) - ref_loss) <= 1e-10 * max(1.0, abs(ref_loss)), (steps, float(loss), ref_loss)
+        assert set(g_theta) == set(theta)
+        assert _rel(_flat(g_theta, g_w), _flat(ref_theta, ref_w)) <= 1e-6, steps
+        assert g_w.shape == w.shape and all(g_theta[n].shape == v.shape for n, v in theta.items())
 
 
 @pytest.mark.parametrize(
@@ -262,6 +262,7 @@ def test_meta_train_adam_matches_torch_optim():
         ({"support": 0.05}, "support"),
         ({"support": 2.5}, "support"),
         ({"compile": "sometimes"}, "compile"),
+        ({"chunk": 0}, "chunk"),
     ],
 )
 def test_bad_configuration_is_one_clear_error(changes, culprit):

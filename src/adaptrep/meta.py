@@ -81,6 +81,9 @@ class MetaConfig:
     fraction ``floor(s n)`` of the samples (a fresh random split per task and iteration) as the
     support and the rest as query; an integer ``s >= 1`` that many samples. ``first_order`` only
     matters for anil (maml and fomaml fix it by name). ``outer_lr`` is the outer optimiser's step.
+    ``chunk``: ``None`` computes the meta-batch as one batch (fastest); an integer processes it in
+    chunks of that many tasks and adds up their gradients (same numbers up to rounding), so the
+    peak memory is that of ``chunk`` tasks' graphs (``chunk=1``: one task's, like a per-task loop).
     """
 
     algorithm: str
@@ -93,6 +96,7 @@ class MetaConfig:
     support: float | None = None
     first_order: bool = False
     compile: str = "auto"
+    chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -113,6 +117,8 @@ class MetaConfig:
             raise ValueError(f"support must be None, a fraction in (0, 1) or an integer count >= 1; got {self.support!r}")
         if self.compile not in ("auto", "always", "never"):
             raise ValueError(f"compile must be auto, always or never; got {self.compile!r}")
+        if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
+            raise ValueError(f"chunk must be None or an integer >= 1; got {self.chunk!r}")
 
     @property
     def second_order(self) -> bool:
@@ -237,6 +243,24 @@ def inner_adapt(
 
 
 def _meta_gradient(
+    model: Model, theta: Params, w: Tensor, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor, config: MetaConfig, grad: Grad
+) -> tuple[Tensor, Params, Tensor]:
+    B = ys.shape[0]
+    if config.chunk is None or config.chunk >= B:
+        return _batch_meta_gradient(model, theta, w, Xs, ys, Xq, yq, config, grad)
+    # every quantity is a mean over tasks: chunks weighted by their share of the tasks
+    loss, g_theta, g_w = torch.zeros((), dtype=w.dtype, device=w.device), {name: torch.zeros_like(v) for name, v in theta.items()}, torch.zeros_like(w)
+    for start in range(0, B, config.chunk):
+        part = slice(start, start + config.chunk)
+        share = ys[part].shape[0] / B
+        value, gt, gw = _batch_meta_gradient(model, theta, w, Xs[part], ys[part], Xq[part], yq[part], config, grad)
+        loss = loss + share * value.detach()
+        g_theta = {name: g_theta[name] + share * gt[name].detach() for name in g_theta}
+        g_w = g_w + share * gw.detach()
+    return loss, g_theta, g_w
+
+
+def _batch_meta_gradient(
     model: Model, theta: Params, w: Tensor, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor, config: MetaConfig, grad: Grad
 ) -> tuple[Tensor, Params, Tensor]:
     algorithm, steps, lr = config.algorithm, config.inner_steps, config.inner_lr

@@ -416,6 +416,7 @@ class MetaLearner(Method):
     iterations: int | None = None
     support: float | None = None
     compile: str = "auto"
+    chunk: int | None = None
     adapt_steps: int | None = None
     rank: int | None = None
     seed: int = 0
@@ -434,7 +435,7 @@ class MetaLearner(Method):
         chosen = dict(inner_steps=self.inner_steps, inner_lr=self.inner_lr, outer_lr=self.outer_lr, meta_batch=self.meta_batch, iterations=self.iterations)
         values: dict[str, Any] = {key: defaults[key] if value is None else value for key, value in chosen.items()}
         values["meta_batch"] = min(values["meta_batch"], source.num_tasks)
-        return MetaConfig(self.algorithm, optimizer=self.optimizer, support=self.support, compile=self.compile, **values)
+        return MetaConfig(self.algorithm, optimizer=self.optimizer, support=self.support, compile=self.compile, chunk=self.chunk, **values)
 
     def _init(self, source: Tasks, model_kind: str) -> tuple[Params, Tensor]:
         g = torch.Generator().manual_seed(self.seed)
@@ -507,7 +508,7 @@ METHODS: dict[str, Any] = {
 }
 
 #: The keyword options :func:`make_method` passes on: to the meta-learners, and the inner loop to target-only.
-META_OPTIONS = ("inner_steps", "inner_lr", "outer_lr", "optimizer", "meta_batch", "iterations", "support", "compile", "adapt_steps", "seed")
+META_OPTIONS = ("inner_steps", "inner_lr", "outer_lr", "optimizer", "meta_batch", "iterations", "support", "compile", "chunk", "adapt_steps", "seed")
 
 
 def make_method(name: str, options: dict[str, Any] | None = None) -> Method:
