@@ -24,9 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .environments import SETTINGS, Environment, Tasks, TwoBlocks, make_environment
 from .meta import support_size
-from .methods import INNER_STEP, METHODS, MLP_ITERATIONS, MODEL_METHODS, Method, make_method, synchronize
+from .methods import METHODS, MODEL_METHODS, Method, make_method, meta_defaults, synchronize
 from .metrics import block_share, subspace_distance
-from .models import CURVATURE
 
 __all__ = ["RunConfig", "ConfigError", "PRESETS", "DEFAULT_EXPERIMENTS", "resolve_config", "run_seed", "run_experiment", "library_versions"]
 
@@ -49,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "linear-hard": dict(
         setting="linear-hard", dim=20, rank=2, tasks=50, samples=100, target_samples=[10, 25, 50, 100], target_tasks=20, eps=0.1, noise=0.5, seeds=5
     ),
-    # the MAML paper's sinusoid regression (its 70,000 iterations cut to MLP_ITERATIONS)
+    # the MAML paper's sinusoid regression (its 70,000 iterations cut to methods.MLP_ITERATIONS)
     "sinusoid": dict(
         setting="sinusoid",
         dim=1,
@@ -61,11 +60,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         noise=0.0,
         seeds=1,
         methods=["maml", "fomaml", "anil", "reptile", "pooled", "target-only"],
-        inner_steps=5,
-        inner_lr=0.01,
-        outer_lr=0.001,
-        meta_batch=25,
-        meta_iterations=MLP_ITERATIONS,
         # the MAML paper's K = 10 support samples and a separate query (without a split, first-order
         # MAML's initialisation diverges on some 5-shot targets: mean excess risk 2e11 at m = 5)
         support=10,
@@ -74,11 +68,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def meta_setting_defaults(setting: str, loss: str, eps: float) -> dict[str, Any]:
-    """The meta-learners' defaults of a setting where its preset gives none (the rule of
-    :func:`adaptrep.methods.meta_defaults` with the setting's largest input variance: ``max(1, eps)``
-    for the hard cases, 1 otherwise)."""
+    """The meta-learners' defaults of a setting where its preset gives none: :func:`adaptrep.methods.meta_defaults`
+    for the setting's model, with its largest input variance (``max(1, eps)`` for the hard cases, 1 otherwise)."""
+    kind = "mlp" if setting == "sinusoid" else "relu" if setting.startswith("relu") else "linear"
     variance = max(1.0, eps) if setting in ("linear-hard", "relu-hard") else 1.0
-    return dict(inner_steps=5, inner_lr=INNER_STEP / (CURVATURE[loss] * variance), outer_lr=0.01, meta_batch=25, meta_iterations=1000)
+    values = meta_defaults(loss, kind, variance)
+    values["meta_iterations"] = values.pop("iterations")
+    return values
 
 
 #: What ``adaptrep run`` does with no flags: the hard-case separation, then the benign sweep.
