@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from .models import Model, Params, pointwise_loss
+from .models import Model, Params, pointwise_loss, pointwise_loss_slope
 
 __all__ = [
     "ALGORITHMS",
@@ -149,13 +149,6 @@ def _task_losses(model: Model, theta: Params, w: Tensor, X: Tensor, y: Tensor, s
     return pointwise_loss(model.loss, _predict(_features(model, theta, X, stacked), w), y).mean(-1)
 
 
-def _loss_slope(loss: str, prediction: Tensor, y: Tensor) -> Tensor:
-    """Derivative of the pointwise loss in the prediction."""
-    if loss == "squared":
-        return 2 * (prediction - y)
-    return torch.sigmoid(prediction) - y
-
-
 def _stack(theta: Params, B: int) -> Params:
     return {name: value.expand(B, *value.shape) for name, value in theta.items()}
 
@@ -202,7 +195,7 @@ def _adapt(
             step_heads = heads.detach()
         for _ in range(steps):
             current = heads if create_graph else step_heads
-            slope = _loss_slope(model.loss, _predict(Phi, current), y)
+            slope = pointwise_loss_slope(model.loss, _predict(Phi, current), y)
             g = (Phi * slope.unsqueeze(-1)).sum(-2) / n
             heads = heads - lr * g
             if not create_graph:
