@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from adaptrep.meta import MetaConfig, inner_adapt, meta_gradient, meta_train, split_support
+from adaptrep.meta import MetaConfig, _grad_func, _meta_gradient, inner_adapt, meta_gradient, meta_train, split_support
 from adaptrep.models import Model, init_mlp, linear_model, mlp_model, relu_model, task_loss
 
 F64 = torch.float64
@@ -314,3 +314,41 @@ def test_a_failed_compilation_falls_back_to_eager_with_a_warning(monkeypatch):
     )
     assert not fit.compiled and torch.equal(fit.losses, eager.losses)
     assert meta.should_compile(MetaConfig("maml", iterations=meta.COMPILE_MIN_ITERATIONS)) and not meta.should_compile(MetaConfig("maml", iterations=10))
+
+
+@pytest.mark.parametrize("name", ["linear", "logistic", "mlp", "module"])
+@pytest.mark.parametrize("algorithm,first_order", CASES)
+def test_torch_func_backend_equals_the_per_task_loop(name, algorithm, first_order):
+    """The backend that torch.compile traces (torch.func.grad_and_value), run uncompiled."""
+    model, theta, w = _setup(name)
+    Xs, ys, Xq, yq = _data(model)
+    config = MetaConfig(algorithm, inner_steps=2, inner_lr=0.1, first_order=first_order)
+    leaves = {n: v.clone().requires_grad_() for n, v in theta.items()}
+    loss, g_theta, g_w = _meta_gradient(model, leaves, w.clone().requires_grad_(), Xs, ys, Xq, yq, config, _grad_func)
+    ref_loss, ref_theta, ref_w = _reference(model, theta, w, Xs, ys, Xq, yq, algorithm, 2, 0.1, first_order)
+    ref_loss = float(ref_loss.detach())
+    assert abs(float(loss.detach()) - ref_loss) <= 1e-10 * max(1.0, abs(ref_loss))
+    assert _rel(_flat(g_theta, g_w).detach(), _flat(ref_theta, ref_w)) <= 1e-6
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_meta_train_with_a_support_split_equals_a_hand_driven_loop(optimizer):
+    """meta_train's task sampling, support/query split and outer step, replayed by hand."""
+    X, y, theta, w = _linear_tasks()
+    config = MetaConfig("maml", inner_steps=2, inner_lr=0.1, outer_lr=0.01, optimizer=optimizer, meta_batch=4, iterations=4, support=6)
+    fit = meta_train(linear_model(), theta, w, X, y, config, torch.Generator().manual_seed(3))
+    leaves = [theta["B"].clone().requires_grad_(), w.clone().requires_grad_()]
+    optimiser = torch.optim.Adam(leaves, lr=0.01) if optimizer == "adam" else torch.optim.SGD(leaves, lr=0.01)
+    g = torch.Generator().manual_seed(3)
+    losses = []
+    for _ in range(4):
+        index = torch.randperm(12, generator=g)[:4]
+        order = torch.rand(4, 10, generator=g, dtype=torch.float32).argsort(-1)
+        Xp, yp = torch.take_along_dim(X[index], order.unsqueeze(-1), dim=1), torch.take_along_dim(y[index], order, dim=1)
+        loss, g_theta, g_w = meta_gradient(linear_model(), {"B": leaves[0]}, leaves[1], Xp[:, :6], yp[:, :6], Xp[:, 6:], yp[:, 6:], config)
+        leaves[0].grad, leaves[1].grad = g_theta["B"], g_w
+        optimiser.step()
+        losses.append(float(loss))
+    torch.testing.assert_close(fit.losses, torch.tensor(losses, dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fit.theta["B"], leaves[0].detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fit.w, leaves[1].detach(), rtol=1e-12, atol=1e-12)

@@ -107,3 +107,21 @@ def test_representation_methods_refuse_sinusoid():
     assert config.methods == ["maml", "fomaml", "anil", "reptile", "pooled", "target-only"] and config.inner_lr == 0.01
     assert resolve_config({"setting": "linear", "inner_steps": 3}).adapt_steps == 3
     assert resolve_config({"setting": "logistic"}).inner_lr == pytest.approx(0.4)
+
+
+def test_target_adaptation_is_the_inner_loop_in_closed_form():
+    """From the initialisation (no meta-training, ``w_0 = 0``): one inner step moves only the head,
+    ``beta_t = B_0 (2 lr / m) B_0^T X_t^T y_t``; ANIL's steps keep ``beta_t`` in ``span(B_0)``, MAML's
+    later steps leave it."""
+    _, source, target = _linear()
+    lr, m = 0.05, target.X.shape[1]
+    one = MetaLearner("maml", iterations=0, inner_lr=lr, adapt_steps=1).fit(source)
+    B0 = one.theta["B"]
+    heads = (2 * lr / m) * ((target.X @ B0).mT @ target.y.unsqueeze(-1)).squeeze(-1)  # (R, k)
+    expected = heads @ B0.T
+    torch.testing.assert_close(one.adapt(target), expected, rtol=1e-10, atol=1e-12)
+    outside = torch.eye(6, dtype=B0.dtype) - B0 @ B0.T
+    anil = MetaLearner("anil", iterations=0, inner_lr=lr, adapt_steps=3).fit(source).adapt(target)
+    maml = MetaLearner("maml", iterations=0, inner_lr=lr, adapt_steps=3).fit(source).adapt(target)
+    assert (anil @ outside).norm(dim=-1).max() < 1e-12
+    assert (maml @ outside).norm(dim=-1).min() > 1e-8 and (maml @ outside).norm(dim=-1).mean() > 1e-5

@@ -121,6 +121,9 @@ def test_one_standard_error_rule():
     assert one_standard_error(losses).tolist() == [2]
     noisy = torch.tensor([[[1.0, 0.95], [0.6, 0.55], [1.4, 1.35]]])  # a gain far below the spread: the first
     assert one_standard_error(noisy).tolist() == [0]
+    # a gain of 0.15: above the standard error (0.163 / sqrt(4) = 0.082), below the standard deviation
+    between = torch.tensor([[[1.0, 0.85], [1.2, 1.05], [0.8, 0.65], [1.0, 0.85]]])
+    assert one_standard_error(between).tolist() == [1]
 
 
 def test_logistic_methods_run_and_fine_tuning_helps_with_many_samples():
@@ -242,3 +245,24 @@ def test_gradient_fine_tuning_stays_finite_under_a_strong_head_ridge():
     W = torch.randn(20, 5, generator=g, dtype=F64)
     delta, w, steps = finetune(relu_model(), {"W": W / W.norm(dim=0)}, X, y, g, ridge=1.0)
     assert torch.isfinite(delta["W"]).all() and torch.isfinite(w).all() and (steps >= 0).all()
+
+
+def test_fit_heads_solve_their_penalised_objectives():
+    """Squared loss: the ridge normal equations; logistic: a stationary point of mean log-loss +
+    ridge ||w||^2; zero-weight rows: the same heads as dropping those rows."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(3, 30, 5, generator=g, dtype=F64)
+    theta = {"B": torch.linalg.qr(torch.randn(5, 2, generator=g, dtype=F64))[0]}
+    y = torch.randn(3, 30, generator=g, dtype=F64)
+    w = fit_heads(linear_model(), theta, X, y, ridge=0.3)
+    Phi = X @ theta["B"]
+    expected = torch.linalg.solve(Phi.mT @ Phi / 30 + 0.3 * torch.eye(2, dtype=F64), (Phi.mT @ y.unsqueeze(-1)).squeeze(-1) / 30)
+    torch.testing.assert_close(w, expected, rtol=1e-10, atol=1e-12)
+    labels = (torch.rand(3, 30, generator=g, dtype=F64) < torch.sigmoid(Phi.sum(-1))).to(F64)
+    w = fit_heads(linear_model("logistic"), theta, X, labels, ridge=0.05).requires_grad_()
+    margin = (Phi @ w.unsqueeze(-1)).squeeze(-1)
+    objective = (torch.nn.functional.softplus(margin) - labels * margin).mean(-1) + 0.05 * (w * w).sum(-1)
+    assert torch.autograd.grad(objective.sum(), w)[0].abs().max() < 1e-8
+    weight = torch.ones(3, 30, dtype=F64)
+    weight[:, 20:] = 0
+    torch.testing.assert_close(fit_heads(linear_model(), theta, X, y, weight=weight, ridge=0.3), fit_heads(linear_model(), theta, X[:, :20], y[:, :20], ridge=0.3))
