@@ -30,7 +30,9 @@ is the peak of live CPU tensor bytes during that iteration (above those alive wh
 number the targets use; ``RSS MiB`` the growth of the peak resident set over the 5 iterations (for ours
 compiled the first full-size call precedes the baseline, so its RSS growth is not comparable and is not
 shown). Our batched step holds the graph of the whole meta-batch at once; the peers free each task's
-graph after its ``backward()``.
+graph after its ``backward()``. ``--chunk c`` runs ours in chunks of ``c`` tasks (``MetaConfig.chunk``:
+eager, a Python loop over chunks; compiled, one ``while_loop`` in a C++-driven step), so that ours also
+holds ``c`` tasks' graphs at a time.
 
 Meta-gradient error: ``||g_ours - g_peer|| / ||g_peer||`` over all parameters, at the same parameters on
 the same meta-batch, in float32 (ours eager: :func:`adaptrep.meta.meta_gradient`; ours compiled: from the

@@ -175,7 +175,8 @@ def make_batch(problem: str, dtype: torch.dtype = torch.float32, seed: int = 1) 
         X = torch.randn(T, ns + nq, d, generator=g, dtype=torch.float64)
         y = torch.einsum("tnd,dk,tk->tn", X, Bstar, v) + 0.1 * torch.randn(T, ns + nq, generator=g, dtype=torch.float64)
     X, y = X.to(dtype), y.to(dtype)
-    return X[:, :ns], y[:, :ns], X[:, ns:], y[:, ns:]
+    # separate tensors, as adaptrep.meta.split_support makes them (a compiled chunked step needs inputs that share no memory)
+    return X[:, :ns].contiguous(), y[:, :ns].contiguous(), X[:, ns:].contiguous(), y[:, ns:].contiguous()
 
 
 def build_module(problem: str, params: dict[str, Tensor]) -> nn.Sequential:

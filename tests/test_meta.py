@@ -132,6 +132,26 @@ def test_meta_gradient_equals_a_per_task_loop(name, algorithm, first_order):
         assert g_w.shape == w.shape and all(g_theta[n].shape == v.shape for n, v in theta.items())
 
 
+@pytest.mark.parametrize("algorithm,first_order", CASES)
+def test_the_compiled_steps_chunk_loop_equals_the_per_task_loop(algorithm, first_order):
+    """``_chunk_loop`` (the ``while_loop`` a compiled step runs its full chunks in; eager here)
+    plus the remainder chunk, as ``_meta_gradient`` combines them when compiling."""
+    from adaptrep.meta import _chunk_loop
+
+    model, theta, w = _setup("mlp")
+    Xs, ys, Xq, yq = (x.contiguous() for x in _data(model, B=5))  # separate tensors: while_loop refuses aliases
+    config = MetaConfig(algorithm, inner_steps=2, inner_lr=0.1, first_order=first_order, chunk=2)
+    zeros = (torch.zeros((), dtype=F64), {n: torch.zeros_like(v) for n, v in theta.items()}, torch.zeros_like(w))
+    loss, g_theta, g_w = _chunk_loop(model, theta, w, (Xs, ys, Xq, yq), config, _grad_func, zeros)  # tasks 0-3
+    last = (x[4:] for x in (Xs, ys, Xq, yq))
+    rest = _meta_gradient(model, theta, w, *last, MetaConfig(algorithm, inner_steps=2, inner_lr=0.1, first_order=first_order), _grad_func)
+    loss = loss + rest[0] / 5
+    ref_loss, ref_theta, ref_w = _reference(model, theta, w, Xs, ys, Xq, yq, algorithm, 2, 0.1, first_order)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-10 * max(1.0, abs(float(ref_loss)))
+    got = _flat({n: g_theta[n] + rest[1][n] / 5 for n in theta}, g_w + rest[2] / 5)
+    assert _rel(got, _flat(ref_theta, ref_w)) <= 1e-6
+
+
 @pytest.mark.parametrize(
     "name,algorithm,steps", [("linear", "maml", 3), ("logistic", "maml", 2), ("mlp", "maml", 2), ("relu", "anil", 3), ("module", "anil", 2)]
 )
@@ -275,8 +295,10 @@ def test_bad_configuration_is_one_clear_error(changes, culprit):
 
 
 @pytest.mark.skipif(os.environ.get("ADAPTREP_TEST_COMPILE") != "1", reason="torch.compile takes about a minute on two CPU cores; set ADAPTREP_TEST_COMPILE=1")
-@pytest.mark.parametrize("algorithm", ["maml", "anil"])
-def test_compiled_meta_train_equals_eager(algorithm):
+@pytest.mark.parametrize(("algorithm", "chunk"), [("maml", None), ("anil", None), ("maml", 3), ("reptile", 3)])
+def test_compiled_meta_train_equals_eager(algorithm, chunk):
+    """chunk 3 of a meta-batch of 4: the compiled loop over full chunks (one) plus the remainder;
+    maml with a support/query split, reptile on the same data as both."""
     model = mlp_model((1, 8, 8))
     g = torch.Generator().manual_seed(0)
     theta, w = init_mlp((1, 8, 8), g, dtype=F64)
@@ -284,7 +306,13 @@ def test_compiled_meta_train_equals_eager(algorithm):
     y = torch.sin(X[..., 0] - torch.rand(10, 1, generator=g, dtype=F64))
     fits = [
         meta_train(
-            model, theta, w, X, y, MetaConfig(algorithm, inner_steps=2, meta_batch=4, iterations=6, support=6, compile=c), torch.Generator().manual_seed(1)
+            model,
+            theta,
+            w,
+            X,
+            y,
+            MetaConfig(algorithm, inner_steps=2, meta_batch=4, iterations=6, support=6, compile=c, chunk=chunk),
+            torch.Generator().manual_seed(1),
         )
         for c in ("never", "always")
     ]

@@ -45,7 +45,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -84,6 +84,8 @@ class MetaConfig:
     ``chunk``: ``None`` computes the meta-batch as one batch (fastest); an integer processes it in
     chunks of that many tasks and adds up their gradients (same numbers up to rounding), so the
     peak memory is that of ``chunk`` tasks' graphs (``chunk=1``: one task's, like a per-task loop).
+    Eager, that costs the batching's speed; compiled, the chunks run as one loop in generated C++
+    (:func:`compile_step`), which keeps most of it.
     """
 
     algorithm: str
@@ -242,15 +244,56 @@ def _meta_gradient(
     if config.chunk is None or config.chunk >= B:
         return _batch_meta_gradient(model, theta, w, Xs, ys, Xq, yq, config, grad)
     # every quantity is a mean over tasks: chunks weighted by their share of the tasks
+    chunk = config.chunk
     loss, g_theta, g_w = torch.zeros((), dtype=w.dtype, device=w.device), {name: torch.zeros_like(v) for name, v in theta.items()}, torch.zeros_like(w)
-    for start in range(0, B, config.chunk):
-        part = slice(start, start + config.chunk)
+    first = 0
+    if torch.compiler.is_compiling():  # the full chunks as one compiled loop body, run B // chunk times
+        first = B - B % chunk
+        loss, g_theta, g_w = _chunk_loop(model, theta, w, (Xs, ys, Xq, yq), config, grad, (loss, g_theta, g_w))
+    for start in range(first, B, chunk):  # eager: every chunk; compiled: the remainder
+        part = slice(start, start + chunk)
         share = ys[part].shape[0] / B
         value, gt, gw = _batch_meta_gradient(model, theta, w, Xs[part], ys[part], Xq[part], yq[part], config, grad)
         loss = loss + share * value.detach()
         g_theta = {name: g_theta[name] + share * gt[name].detach() for name in g_theta}
         g_w = g_w + share * gw.detach()
     return loss, g_theta, g_w
+
+
+def _chunk_loop(
+    model: Model, theta: Params, w: Tensor, data: tuple[Tensor, ...], config: MetaConfig, grad: Grad, totals: tuple[Tensor, Params, Tensor]
+) -> tuple[Tensor, Params, Tensor]:
+    """Adds the meta-gradients of the ``B // chunk`` full chunks to ``totals`` by
+    :func:`torch._higher_order_ops.while_loop`, so that a compiled step holds one chunk's graph at a
+    time and its code once (a Python loop would be unrolled: one copy of the graph per chunk).
+
+    The loop's inputs must not share memory (``while_loop`` refuses aliases): the data are four
+    separate tensors, as :func:`split_support` makes them, or the same support tensors passed twice
+    (no split). Copying them here instead would cost the whole meta-batch's data in memory."""
+    from torch._higher_order_ops.while_loop import while_loop
+
+    chunk = cast(int, config.chunk)
+    Xs, ys, Xq, yq = data
+    same = Xq is Xs and yq is ys  # no support/query split
+    B, names = ys.shape[0], list(theta)
+    count, share = B // chunk, chunk / B
+    offsets = torch.arange(chunk, device=w.device)
+
+    def cond(i: Tensor, *carried: Tensor) -> Tensor:
+        return i < count
+
+    def body(i: Tensor, loss: Tensor, *grads: Tensor) -> tuple[Tensor, ...]:
+        index = i * chunk + offsets
+        Xs_i, ys_i = Xs.index_select(0, index), ys.index_select(0, index)
+        Xq_i, yq_i = (Xs_i, ys_i) if same else (Xq.index_select(0, index), yq.index_select(0, index))
+        value, gt, gw = _batch_meta_gradient(model, theta, w, Xs_i, ys_i, Xq_i, yq_i, config, grad)
+        parts = [*(gt[name] for name in names), gw]
+        return (i + 1, loss + share * value, *(a + share * g for a, g in zip(grads, parts, strict=True)))
+
+    loss, g_theta, g_w = totals
+    start = torch.zeros((), dtype=torch.int64, device=w.device)
+    _, loss, *grads = while_loop(cond, body, (start, loss, *(g_theta[name] for name in names), g_w))
+    return loss, dict(zip(names, grads[:-1], strict=True)), grads[-1]
 
 
 def _batch_meta_gradient(
@@ -361,13 +404,16 @@ def support_size(support: float | None, n: int) -> int | None:
 
 def split_support(X: Tensor, y: Tensor, size: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(Xs, ys, Xq, yq)``: a random split of each task's samples (a fresh permutation per task),
-    ``size`` to the support; ``size=None`` returns the data as both."""
+    ``size`` to the support; ``size=None`` returns the data as both. The four are separate tensors
+    (no shared memory), which a compiled chunked step needs (:func:`_chunk_loop`)."""
     if size is None:
         return X, y, X, y
     B, n = y.shape
     order = torch.rand(B, n, generator=generator, device=generator.device).argsort(-1).to(X.device)
-    Xp, yp = torch.take_along_dim(X, order.unsqueeze(-1), dim=1), torch.take_along_dim(y, order, dim=1)
-    return Xp[:, :size], yp[:, :size], Xp[:, size:], yp[:, size:]
+    support, query = order[:, :size], order[:, size:]
+    Xs, Xq = (torch.take_along_dim(X, part.unsqueeze(-1), dim=1) for part in (support, query))
+    ys, yq = (torch.take_along_dim(y, part, dim=1) for part in (support, query))
+    return Xs, ys, Xq, yq
 
 
 @dataclass
@@ -407,9 +453,15 @@ def enable_compile_cache() -> str:
 
 def compile_step(model: Model, names: list[str], config: MetaConfig) -> Callable[..., Any]:
     """The meta-step (:func:`_make_step` on the :mod:`torch.func` backend) compiled by
-    :func:`torch.compile` with static shapes and one graph."""
+    :func:`torch.compile` with static shapes and one graph. With ``config.chunk``, the full chunks
+    run as a ``while_loop`` (one copy of the chunk's code; a Python loop would be unrolled into one
+    copy a chunk) and inductor writes the step's driver in C++ (``cpp_wrapper``) with single-threaded
+    kernels, so the loop's small kernels are not paid for in Python or in thread start-ups."""
     enable_compile_cache()
-    return torch.compile(_make_step(model, names, config, _grad_func), dynamic=False, fullgraph=True)
+    # a chunk's kernels are small: their threads would cost more to start than they save
+    chunked = config.chunk is not None and config.chunk < config.meta_batch
+    options: dict[str, Any] | None = {"cpp_wrapper": True, "cpp.threads": 1} if chunked else None
+    return torch.compile(_make_step(model, names, config, _grad_func), dynamic=False, fullgraph=True, options=options)
 
 
 def _sample(X: Tensor, y: Tensor, B: int, size: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
