@@ -247,7 +247,7 @@ def _meta_gradient(
     chunk = config.chunk
     loss, g_theta, g_w = torch.zeros((), dtype=w.dtype, device=w.device), {name: torch.zeros_like(v) for name, v in theta.items()}, torch.zeros_like(w)
     first = 0
-    if torch.compiler.is_compiling():  # the full chunks as one compiled loop body, run B // chunk times
+    if torch.compiler.is_compiling() and grad is _grad_func:  # the full chunks as one compiled loop body, run B // chunk times
         first = B - B % chunk
         loss, g_theta, g_w = _chunk_loop(model, theta, w, (Xs, ys, Xq, yq), config, grad, (loss, g_theta, g_w))
     for start in range(first, B, chunk):  # eager: every chunk; compiled: the remainder
