@@ -1,13 +1,11 @@
-"""Benchmark of one meta-step (meta-gradient + outer Adam update) of :mod:`adaptrep.meta`, eager and compiled.
+"""Benchmark of one meta-step (meta-gradient + outer Adam update) of :mod:`adaptrep.meta`, eager and compiled,
+ours alone (no peers needed) and on any device.
 
-Problems (float32, CPU unless ``--device``):
-
-- ``sinusoid``: the 1-40-40-1 ReLU network (:func:`adaptrep.models.mlp_model` ``(1, 40, 40)``, whose
-  head with ``k = 41`` is the last layer with its bias), meta-batch 25, 10 support + 10 query
-  samples per task (amplitude U[0.1, 5], phase U[0, pi], x U[-5, 5], y = A sin(x - phase)),
-  inner lr 0.01, 1 and 5 inner steps, MAML (second order) and FOMAML (first order);
-- ``linear``: ``features = X @ B`` with d = 50, k = 5 (:func:`adaptrep.models.linear_model`),
-  meta-batch 64, 25 support + 25 query samples, 5 inner steps, MAML and ANIL (second order).
+The problems, parameters and meta-batches are those of ``benchmarks/maml_throughput.py`` (its ``CASES``
+and ``our_problem``, on ``benchmarks/peers.py``'s data): the 1-40-40-1 ReLU network on sinusoids
+(meta-batch 25, 10 support + 10 query, inner lr 0.01; MAML and FOMAML, 1 and 5 inner steps) and the
+linear representation problem (d = 50, k = 5, meta-batch 64, 25 + 25 samples, 5 inner steps; MAML
+and ANIL).
 
 For each: eager it/s (``torch.autograd.grad`` backend, the one :func:`meta_train` runs uncompiled),
 then, unless ``--no-compile``, the seconds of the first compiled call (compilation; from inductor's
@@ -18,9 +16,9 @@ second order): sinusoid 12 it/s (5 steps), 46 it/s (1 step); linear 8.5-10 it/s 
 
 Run from the repository root::
 
-    PYTHONPATH=src .venv/bin/python benchmarks/meta_step.py                   # all, ~5 min with compilation
-    PYTHONPATH=src .venv/bin/python benchmarks/meta_step.py --no-compile      # eager only
-    PYTHONPATH=src .venv/bin/python benchmarks/meta_step.py --only sinusoid-maml-5 --fresh-cache
+    .venv/bin/python benchmarks/meta_step.py                   # all, ~5 min with compilation
+    .venv/bin/python benchmarks/meta_step.py --no-compile      # eager only
+    .venv/bin/python benchmarks/meta_step.py --only sinusoid-maml-5 --fresh-cache --device cuda
 
 ``--fresh-cache`` points ``TORCHINDUCTOR_CACHE_DIR`` to a new temporary directory (a cold compile);
 without it, the default cache (``~/.cache/adaptrep/inductor``) is used, so a second run shows the
@@ -37,47 +35,12 @@ import tempfile
 import time
 
 import torch
+from maml_throughput import CASES, our_problem  # also puts this checkout's src/ first on sys.path
+from peers import make_batch
 
-from adaptrep.meta import MetaConfig, _grad_eager, _grad_func, _make_step, compile_step
-from adaptrep.models import init_mlp, linear_model, mlp_model
+from adaptrep.meta import _grad_eager, _grad_func, _make_step, compile_step
 
 L2L = {"sinusoid-maml-5": 12, "sinusoid-maml-1": 46, "linear-maml-5": 9, "linear-anil-5": 15}
-
-
-def sinusoid(steps: int, algorithm: str, device: str):
-    g = torch.Generator().manual_seed(0)
-    theta, w = init_mlp((1, 40, 40), g)
-    B, n = 25, 20
-    amplitude = 0.1 + 4.9 * torch.rand(B, 1, generator=g)
-    phase = math.pi * torch.rand(B, 1, generator=g)
-    X = 10 * torch.rand(B, n, 1, generator=g) - 5
-    y = amplitude * torch.sin(X[..., 0] - phase)
-    config = MetaConfig(algorithm, inner_steps=steps, inner_lr=0.01, meta_batch=B)
-    data = [t.to(device) for t in (X[:, :10], y[:, :10], X[:, 10:], y[:, 10:])]
-    return mlp_model((1, 40, 40)), {k: v.to(device) for k, v in theta.items()}, w.to(device), data, config
-
-
-def linear(steps: int, algorithm: str, device: str):
-    g = torch.Generator().manual_seed(0)
-    d, k, B, n = 50, 5, 64, 50
-    B_star = torch.linalg.qr(torch.randn(d, k, generator=g))[0]
-    X = torch.randn(B, n, d, generator=g)
-    y = (X @ (B_star @ torch.randn(B, k, 1, generator=g))).squeeze(-1) + 0.1 * torch.randn(B, n, generator=g)
-    theta = {"B": torch.linalg.qr(torch.randn(d, k, generator=g))[0]}
-    w = torch.zeros(k)
-    config = MetaConfig(algorithm, inner_steps=steps, inner_lr=0.1, meta_batch=B)
-    data = [t.to(device) for t in (X[:, :25], y[:, :25], X[:, 25:], y[:, 25:])]
-    return linear_model(), {k: v.to(device) for k, v in theta.items()}, w.to(device), data, config
-
-
-CASES = {
-    "sinusoid-maml-5": (sinusoid, 5, "maml"),
-    "sinusoid-fomaml-5": (sinusoid, 5, "fomaml"),
-    "sinusoid-maml-1": (sinusoid, 1, "maml"),
-    "sinusoid-fomaml-1": (sinusoid, 1, "fomaml"),
-    "linear-maml-5": (linear, 5, "maml"),
-    "linear-anil-5": (linear, 5, "anil"),
-}
 
 
 def rate(step, state, data, seconds: float, repeats: int, sync) -> float:
@@ -116,10 +79,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), device {args.device}")
     print(f"{'case':<20} {'eager it/s':>10} {'func it/s':>10} {'compile s':>10} {'compiled it/s':>14} {'x l2l eager':>12} {'x l2l comp':>11}")
     for name in args.only:
-        factory, steps, algorithm = CASES[name]
-        model, theta, w, data, config = factory(steps, algorithm, args.device)
-        names = list(theta)
-        params = [*(theta[n] for n in names), w]
+        case = CASES[name]
+        model, names, params, config = our_problem(case, torch.float32)
+        params = [p.to(args.device) for p in params]
+        data = [x.to(args.device) for x in make_batch(case.problem)]
         state = (params, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
         eager = rate(_make_step(model, names, config, _grad_eager), state, data, args.seconds, args.repeats, sync)
         func = rate(_make_step(model, names, config, _grad_func), state, data, args.seconds, args.repeats, sync) if args.func_eager else math.nan
