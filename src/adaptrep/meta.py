@@ -252,12 +252,16 @@ def _meta_gradient(
         loss, g_theta, g_w = _chunk_loop(model, theta, w, (Xs, ys, Xq, yq), config, grad, (loss, g_theta, g_w))
     for start in range(first, B, chunk):  # eager: every chunk; compiled: the remainder
         part = slice(start, start + chunk)
-        share = ys[part].shape[0] / B
         value, gt, gw = _batch_meta_gradient(model, theta, w, Xs[part], ys[part], Xq[part], yq[part], config, grad)
-        loss = loss + share * value.detach()
-        g_theta = {name: g_theta[name] + share * gt[name].detach() for name in g_theta}
-        g_w = g_w + share * gw.detach()
+        loss, g_theta, g_w = _add_share((loss, g_theta, g_w), (value.detach(), _detached(gt), gw.detach()), ys[part].shape[0] / B)
     return loss, g_theta, g_w
+
+
+def _add_share(totals: tuple[Tensor, Params, Tensor], part: tuple[Tensor, Params, Tensor], share: float) -> tuple[Tensor, Params, Tensor]:
+    """``totals + share * part`` for ``(loss, grad wrt theta, grad wrt w)``: a chunk's means weighted by
+    its share of the meta-batch's tasks."""
+    (loss, g_theta, g_w), (value, gt, gw) = totals, part
+    return loss + share * value, {name: g_theta[name] + share * gt[name] for name in g_theta}, g_w + share * gw
 
 
 def _chunk_loop(
@@ -282,18 +286,22 @@ def _chunk_loop(
     def cond(i: Tensor, *carried: Tensor) -> Tensor:
         return i < count
 
-    def body(i: Tensor, loss: Tensor, *grads: Tensor) -> tuple[Tensor, ...]:
+    def flat(sums: tuple[Tensor, Params, Tensor]) -> tuple[Tensor, ...]:
+        return (sums[0], *(sums[1][name] for name in names), sums[2])
+
+    def nested(values: tuple[Tensor, ...]) -> tuple[Tensor, Params, Tensor]:
+        return values[0], dict(zip(names, values[1:-1], strict=True)), values[-1]
+
+    def body(i: Tensor, *carried: Tensor) -> tuple[Tensor, ...]:
         index = i * chunk + offsets
         Xs_i, ys_i = Xs.index_select(0, index), ys.index_select(0, index)
         Xq_i, yq_i = (Xs_i, ys_i) if same else (Xq.index_select(0, index), yq.index_select(0, index))
-        value, gt, gw = _batch_meta_gradient(model, theta, w, Xs_i, ys_i, Xq_i, yq_i, config, grad)
-        parts = [*(gt[name] for name in names), gw]
-        return (i + 1, loss + share * value, *(a + share * g for a, g in zip(grads, parts, strict=True)))
+        part = _batch_meta_gradient(model, theta, w, Xs_i, ys_i, Xq_i, yq_i, config, grad)
+        return (i + 1, *flat(_add_share(nested(carried), part, share)))
 
-    loss, g_theta, g_w = totals
     start = torch.zeros((), dtype=torch.int64, device=w.device)
-    _, loss, *grads = while_loop(cond, body, (start, loss, *(g_theta[name] for name in names), g_w))
-    return loss, dict(zip(names, grads[:-1], strict=True)), grads[-1]
+    _, *sums = while_loop(cond, body, (start, *flat(totals)))
+    return nested(tuple(sums))
 
 
 def _batch_meta_gradient(
