@@ -472,6 +472,8 @@ class SinusoidEnvironment(Environment):
 
     def __init__(self, noise: float = 0.0, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> None:
         super().__init__(1, 1, noise, device, dtype)
+        # scale 1 leaves the inputs of sample_inputs (x ~ U[-5, 5]) as they are in make_tasks; it is
+        # not sqrt diag Sigma here (the variance is 25/3, not the 1 that covariance_diagonal reports)
         self.input_scale = torch.ones(1, dtype=torch.float64)
         self.grid = torch.linspace(*self.INPUT_RANGE, self.GRID_POINTS, dtype=torch.float64)
 

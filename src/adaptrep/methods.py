@@ -355,8 +355,9 @@ INNER_STEP = 0.1
 def meta_defaults(loss: str, kind: str, input_variance: float = 1.0) -> dict[str, Any]:
     """Default :class:`~adaptrep.meta.MetaConfig` values of a kind of task (keys as its fields).
 
-    ``mlp`` (sinusoid): the MAML paper's 5 inner steps of 0.01 with Adam at 0.001, meta-batch 25,
-    and :data:`MLP_ITERATIONS` outer steps (far fewer than the paper's 70,000, to run in minutes).
+    ``mlp`` (sinusoid): the MAML paper's inner step 0.01, Adam at 0.001 and meta-batch 25, with 5 inner
+    steps (the paper trains with 1 and evaluates with up to 10) and :data:`MLP_ITERATIONS` outer steps
+    (far fewer than the paper's 70,000, to run in minutes).
 
     ``linear`` and ``relu``: 5 inner steps of ``inner_lr = INNER_STEP / (c v)`` with ``INNER_STEP = 0.1``,
     ``c`` the loss's curvature bound (2 squared, 1/4 logistic: :data:`adaptrep.models.CURVATURE`) and
@@ -430,7 +431,9 @@ class MetaLearner(Method):
 
     def resolve(self, source: Tasks) -> MetaConfig:
         """The :class:`MetaConfig` for these source tasks (``None`` settings from :func:`meta_defaults`)."""
-        variance = float((source.X * source.X).mean((0, 1)).max())
+        # the input variance only sets the default inner step of the linear and relu models
+        needs_variance = self.inner_lr is None and source.model != "mlp"
+        variance = float((source.X * source.X).mean((0, 1)).max()) if needs_variance else 1.0
         defaults = meta_defaults(source.loss, source.model, variance)
         chosen = dict(inner_steps=self.inner_steps, inner_lr=self.inner_lr, outer_lr=self.outer_lr, meta_batch=self.meta_batch, iterations=self.iterations)
         values: dict[str, Any] = {key: defaults[key] if value is None else value for key, value in chosen.items()}
@@ -457,7 +460,7 @@ class MetaLearner(Method):
         start = time.perf_counter()
         self.config = self.resolve(source)
         self.model, key = model_for(source.loss, source.model)  # type: ignore[arg-type]
-        self.kind = source.model
+        self.kind, self.key = source.model, key
         theta0, w0 = self._init(source, source.model)
         g = torch.Generator().manual_seed(self.seed + 1)
         fit = meta_train(self.model, theta0, w0, source.X, source.y, self.config, g)
@@ -490,7 +493,7 @@ class MetaLearner(Method):
         )
         if self.kind == "mlp":
             return task_parameters("mlp", theta_t, w_t)
-        return task_parameters(self.kind, next(iter(theta_t.values())), w_t)
+        return task_parameters(self.kind, theta_t[self.key], w_t)
 
 
 #: The meta-learners by CLI name.

@@ -190,7 +190,8 @@ def task_parameters(kind: str, theta: Tensor | Params, w: Tensor) -> Tensor:
     """Per-task predictors as the vectors environments score (``(R, p)``): ``theta w`` for the
     linear model, ``[vec(W), w]`` for the ReLU network (``theta`` is ``(d, k)`` or ``(R, d, k)``),
     and for ``mlp`` the flattened ``[vec(W1), b1, vec(W2), b2, w]`` (row-major; ``theta`` a dict of
-    shared or stacked ``(R, ...)`` values; :func:`unflatten_mlp` inverts it)."""
+    shared or stacked ``(R, ...)`` values, of the widths :data:`MLP_WIDTHS`; :func:`unflatten_mlp`
+    with its default widths inverts it)."""
     if kind == "mlp":
         assert isinstance(theta, dict)
         R = w.shape[0]
