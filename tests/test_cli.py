@@ -77,7 +77,7 @@ BAD_INPUT = {
     "support leaves no query": (["run", *TINY, "--support", "10"], "support"),
     "unknown compile mode": (["run", *TINY, "--compile", "sometimes"], "compile"),
     "negative adapt steps": (["run", *TINY, "--adapt-steps", "-1"], "adapt_steps"),
-    "adaptrep on sinusoid": (["run", "--setting", "sinusoid", "--methods", "maml,adaptrep"], "adaptrep"),
+    "adaptrep on sinusoid": (["run", "--setting", "sinusoid", "--methods", "maml,adaptrep"], "adaptrep needs a true representation"),
     "missing spec": (["sweep", "{tmp}/nope.yaml"], "not found"),
     "malformed spec": (["sweep", "{tmp}/malformed.yaml"], "malformed"),
     "report without store": (["report", "{tmp}/full"], "sweep.db"),

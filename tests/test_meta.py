@@ -187,6 +187,20 @@ def test_inner_adapt_shapes_and_head_only_keeps_theta():
     alone_theta, alone_w = inner_adapt(model, theta, w, Xs[2:3], ys[2:3], steps=2, lr=0.1)
     torch.testing.assert_close(alone_w[0], w_k[2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(alone_theta["W1"][0], theta_k["W1"][2], rtol=1e-12, atol=1e-12)
+    # every task against plain gradient steps on its own loss (all parameters; the head only)
+    for t in range(4):
+        th, ww, head = dict(theta), w, w
+        for _ in range(2):
+            leaves = [v.detach().requires_grad_() for v in (*th.values(), ww)]
+            grads = torch.autograd.grad(task_loss(model, dict(zip(th, leaves[:-1], strict=True)), None, leaves[-1], Xs[t], ys[t]), leaves)
+            th = {n: v.detach() - 0.1 * g for (n, v), g in zip(zip(th, leaves[:-1], strict=True), grads[:-1], strict=True)}
+            ww = leaves[-1].detach() - 0.1 * grads[-1]
+            head = head.detach().requires_grad_()
+            head = head.detach() - 0.1 * torch.autograd.grad(task_loss(model, theta, None, head, Xs[t], ys[t]), head)[0]
+        torch.testing.assert_close(w_k[t], ww, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(w_h[t], head, rtol=1e-12, atol=1e-12)
+        for n in theta:
+            torch.testing.assert_close(theta_k[n][t], th[n], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("widths", [(1, 6, 5), (3, 6, 5)])
@@ -217,6 +231,9 @@ def test_split_support_is_a_partition_of_each_task():
     torch.testing.assert_close(ys, 2 * Xs[..., 0])
     for t in range(3):
         assert sorted(torch.cat([Xs[t, :, 0], Xq[t, :, 0]]).tolist()) == X[t, :, 0].tolist()
+    # shuffled, and afresh for each task (not the first 4 samples, not one permutation for all)
+    assert any(not torch.equal(Xs[t], X[t, :4]) for t in range(3))
+    assert len({frozenset((Xs[t, :, 0] - 6 * t).tolist()) for t in range(3)}) > 1
 
 
 # ---------------------------------------------------------------- meta_train

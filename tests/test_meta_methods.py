@@ -62,6 +62,9 @@ def test_every_algorithm_runs_in_every_setting(setting):
         assert risk.shape == (3,) and torch.isfinite(risk).all(), name
         assert (method.representation is None) == (setting == "sinusoid")
         assert method.config.meta_batch == 5
+        # meta-training moved the initialisation (against the same seed with no iterations)
+        start = make_method(name, {"iterations": 0, "meta_batch": 5}).fit(source)
+        assert not torch.equal(method.w, start.w) or any(not torch.equal(method.theta[n], start.theta[n]) for n in method.theta), name
 
 
 def test_default_inner_step_follows_the_rule():
@@ -125,3 +128,14 @@ def test_target_adaptation_is_the_inner_loop_in_closed_form():
     maml = MetaLearner("maml", iterations=0, inner_lr=lr, adapt_steps=3).fit(source).adapt(target)
     assert (anil @ outside).norm(dim=-1).max() < 1e-12
     assert (maml @ outside).norm(dim=-1).min() > 1e-8 and (maml @ outside).norm(dim=-1).mean() > 1e-5
+    # the 3 steps by hand (squared loss: gradient (2/m) X^T r): the head only, and (B, w) together
+    X, y = target.X, target.y.unsqueeze(-1)
+    h = torch.zeros(X.shape[0], B0.shape[1], 1, dtype=B0.dtype)
+    B, v = B0.expand(X.shape[0], *B0.shape), h
+    for _ in range(3):
+        Phi = X @ B0
+        h = h - lr * (2 / m) * Phi.mT @ (Phi @ h - y)
+        r = X @ B @ v - y
+        B, v = B - lr * (2 / m) * (X.mT @ r) @ v.mT, v - lr * (2 / m) * B.mT @ X.mT @ r
+    torch.testing.assert_close(anil, (B0 @ h).squeeze(-1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(maml, (B @ v).squeeze(-1), rtol=1e-10, atol=1e-12)
