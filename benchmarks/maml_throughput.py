@@ -43,6 +43,7 @@ Run from the repository root (peers live in their own environment and are skippe
 
     /work/peers-venv/bin/python benchmarks/maml_throughput.py --json maml.json   # all, several minutes
     .venv/bin/python benchmarks/maml_throughput.py --quick --no-compile           # smoke test, ours only
+    /work/peers-venv/bin/python benchmarks/maml_throughput.py --chunk 1 --peers learn2learn --cases sinusoid-maml-5
 
 The ``src/`` next to this file is put first on ``sys.path``, so the checkout the script lives in is benchmarked.
 """
@@ -364,6 +365,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses (--quick: first case only)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
     parser.add_argument("--problems", nargs="+", choices=tuple(peers.PROBLEMS), default=list(peers.PROBLEMS))
+    parser.add_argument("--cases", nargs="+", choices=tuple(CASES), default=None, help="only these cases (default: every case of --problems)")
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
     parser.add_argument("--seconds", type=float, default=None, help="seconds per measurement (default 2, --quick 0.3)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5, --quick 3)")
@@ -431,7 +433,7 @@ def main() -> None:
     start = time.perf_counter()
     try:
         for case in CASES.values():
-            if case.problem not in args.problems:
+            if case.problem not in args.problems or (args.cases and case.name not in args.cases):
                 continue
             result = run_case(case, libraries, args)
             report(result, libraries, checks)

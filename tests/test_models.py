@@ -8,7 +8,7 @@ from torch.func import vmap
 
 from adaptrep.environments import LinearEnvironment, LogisticEnvironment
 from adaptrep.methods import TargetOnly, make_method
-from adaptrep.models import Model, _objective, cv_heads, fit_heads, fit_shared, linear_model, one_standard_error, relu_model, task_loss
+from adaptrep.models import Model, _objective, cv_heads, fit_heads, fit_shared, init_mlp, linear_model, mlp_model, one_standard_error, relu_model, task_loss
 from adaptrep.solvers import fit_source, moment_inits
 
 F64 = torch.float64
@@ -267,3 +267,21 @@ def test_fit_heads_solve_their_penalised_objectives():
     weight[:, 20:] = 0
     dropped = fit_heads(linear_model(), theta, X[:, :20], y[:, :20], ridge=0.3)
     torch.testing.assert_close(fit_heads(linear_model(), theta, X, y, weight=weight, ridge=0.3), dropped)
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+def test_mlp_features_with_stacked_parameters_equal_each_tasks_own(monkeypatch, compiling):
+    """Stacked parameters (eager: one baddbmm a layer; under torch.compile: a batched product plus the
+    bias, which inductor fuses into the next kernel) give each task's features by its own parameters."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    g = torch.Generator().manual_seed(0)
+    model = mlp_model((1, 6, 5))
+    stacked = [init_mlp((1, 6, 5), g, dtype=torch.float64)[0] for _ in range(3)]
+    theta = {name: torch.stack([params[name] for params in stacked]) for name in stacked[0]}
+    X = torch.randn(3, 7, 1, generator=g, dtype=torch.float64)
+    Phi = model.features(theta, X)
+    assert Phi.shape == (3, 7, 6)
+    for task, params in enumerate(stacked):
+        h = torch.relu(X[task] * params["W1"] + params["b1"])
+        h = torch.relu(h @ params["W2"] + params["b2"])
+        torch.testing.assert_close(Phi[task], torch.cat([h, torch.ones(7, 1, dtype=torch.float64)], -1), rtol=1e-12, atol=1e-12)

@@ -131,7 +131,10 @@ def mlp_model(widths: tuple[int, ...] = (1, 40, 40), loss: Loss = "squared") -> 
             W, b = theta[f"W{layer}"], theta[f"b{layer}"].unsqueeze(-2)
             if h.shape[-1] == 1:  # one input: an outer product, cheaper than a matmul
                 z = h * W + b
-            elif h.ndim == 3 and W.ndim == 3:  # stacked parameters: one fused batched matmul
+            elif h.ndim == 3 and W.ndim == 3 and not torch.compiler.is_compiling():
+                # stacked parameters, eager: one fused batched matmul. Compiled, the plain product is better:
+                # inductor fuses the bias into the next kernel, where ATen's baddbmm first copies it (a call
+                # and a buffer more per layer and step)
                 z = torch.baddbmm(b, h, W)
             else:
                 z = h @ W + b
