@@ -132,9 +132,9 @@ def mlp_model(widths: tuple[int, ...] = (1, 40, 40), loss: Loss = "squared") -> 
             if h.shape[-1] == 1:  # one input: an outer product, cheaper than a matmul
                 z = h * W + b
             elif h.ndim == 3 and W.ndim == 3 and not torch.compiler.is_compiling():
-                # stacked parameters, eager: one fused batched matmul. Compiled, the plain product is better:
-                # inductor fuses the bias into the next kernel, where ATen's baddbmm first copies it (a call
-                # and a buffer more per layer and step)
+                # stacked parameters, eager: one fused batched matmul. Compiled, the plain product below is
+                # better: inductor fuses its bias add into the next kernel, whereas ATen's baddbmm first
+                # copies the bias into its output (one more call per layer and inner step)
                 z = torch.baddbmm(b, h, W)
             else:
                 z = h @ W + b
