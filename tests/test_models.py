@@ -84,7 +84,7 @@ def test_target_only_logistic_equals_scikit_learn():
     env = LogisticEnvironment(dim=6, rank=2, delta=0.3, scale=2.0, seed=0)
     target = env.sample_tasks(3, 60, torch.Generator().manual_seed(3))
     ridge = 0.02
-    ours = TargetOnly(ridge=ridge).adapt(target)
+    ours = TargetOnly(ridge=ridge).fit(target).adapt(target).beta
     for t in range(3):
         X, y = target.X[t].numpy(), target.y[t].numpy()
         # ours: mean log-loss + ridge ||beta||^2; scikit-learn: C sum log-loss + ||beta||^2 / 2
@@ -132,7 +132,7 @@ def test_logistic_methods_run_and_fine_tuning_helps_with_many_samples():
     target = env.sample_tasks(10, 400, torch.Generator().manual_seed(1))
     risks = {}
     for name in ("adaptrep", "frozenrep", "target-only"):
-        beta = make_method(name).fit(source).adapt(target, torch.Generator().manual_seed(2))
+        beta = make_method(name).fit(source).adapt(target, torch.Generator().manual_seed(2)).beta
         assert beta.shape == (10, 10) and torch.isfinite(beta).all()
         risks[name] = env.excess_risk(beta, target.beta).mean().item()
     assert risks["adaptrep"] < risks["frozenrep"], risks
@@ -186,7 +186,7 @@ def test_relu_methods_run_and_fine_tuning_helps_with_many_samples():
     target = env.sample_tasks(6, 200, torch.Generator().manual_seed(1))
     risks = {}
     for name in ("adaptrep", "frozenrep", "target-only", "oracle-ft"):
-        beta = make_method(name).fit(source).adapt(target, torch.Generator().manual_seed(2))
+        beta = make_method(name).fit(source).adapt(target, torch.Generator().manual_seed(2)).beta
         assert beta.shape == (6, 8 * 2 + 2) and torch.isfinite(beta).all()
         risks[name] = env.excess_risk(beta, target.beta).mean().item()
     assert risks["adaptrep"] < risks["frozenrep"] and risks["oracle-ft"] < risks["frozenrep"], risks
@@ -209,7 +209,7 @@ def test_relu_hard_environment_and_its_separation():
     assert block_share(adaptrep.representation, env.opt_block) > 0.85
     assert block_share(frozen.representation, env.opt_block) < 0.7
     target = env.sample_tasks(10, 200, torch.Generator().manual_seed(2))
-    head_only = env.excess_risk(frozen.adapt(target), target.beta).mean().item()
+    head_only = env.excess_risk(frozen.adapt(target).beta, target.beta).mean().item()
     fine_tuned = env.excess_risk(adaptrep.adapt(target, torch.Generator().manual_seed(3)), target.beta).mean().item()
     assert fine_tuned < 0.5 * head_only, (fine_tuned, head_only)
 

@@ -12,7 +12,7 @@ def _risks(method, env, m, num_targets, seed):
     source = env.sample_tasks(2, 5, g)  # only carries B* for the oracle
     method.fit(source)
     target = env.sample_tasks(num_targets, m, g)
-    return env.excess_risk(method.adapt(target), target.beta)
+    return env.excess_risk(method.adapt(target).beta, target.beta)
 
 
 @pytest.mark.parametrize("m", [40, 80])

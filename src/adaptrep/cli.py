@@ -20,8 +20,9 @@ try:  # typer >= 0.20 vendors click
 except ImportError:  # pragma: no cover - older typer on click
     from click import ClickException as CommandLineError  # type: ignore[no-redef,assignment]
 
+from .data import DataError
 from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, read_yaml, resolve_config, steps_per_seed
-from .report import summarise, write_report
+from .report import metric_of, summarise, write_report
 from .store import Store, StoreError, describe_labels
 from .sweep import Run, SweepOutcome, SweepSpec, check_backend, execute, expand, load_spec, make_backend
 
@@ -196,6 +197,151 @@ def sweep(
     _execute(runs, out_dir, how, f"sweep {spec.stem}")
 
 
+DATA_OPTIONS = dict(
+    task_col=typer.Option("task", "--task-col", help="column naming each row's task"),
+    label_col=typer.Option("y", "--label-col", help="column of the labels"),
+    features=typer.Option(None, "--features", help="comma-separated feature columns (default: every other numeric column)"),
+    loss=typer.Option("squared", "--loss", help="squared | logistic (labels 0/1) | multiclass (class ids, relabelled per task)"),
+    model=typer.Option("linear", "--model", help="linear | relu (a two-layer ReLU network's first layer)"),
+    rank=typer.Option(None, "--rank", help="representation dimension k"),
+)
+
+
+def _columns(features: Optional[str]) -> Optional[list[str]]:
+    if features is None:
+        return None
+    names = [name.strip() for name in features.split(",")]
+    if not all(names):
+        raise UserError(f"--features: empty entry in {features!r}")
+    return names
+
+
+def _check_loss(loss: str, model: str) -> None:
+    from .data import LOSSES
+
+    if loss not in LOSSES:
+        raise UserError(f"--loss: unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if model not in ("linear", "relu"):
+        raise UserError(f"--model: unknown model {model!r}; choose linear or relu")
+
+
+@app.command()
+def fit(
+    data: Path = typer.Argument(..., help="CSV or Parquet file, one row per sample, with a task column"),
+    task_col: str = DATA_OPTIONS["task_col"],
+    label_col: str = DATA_OPTIONS["label_col"],
+    features: Optional[str] = DATA_OPTIONS["features"],
+    loss: str = DATA_OPTIONS["loss"],
+    model: str = DATA_OPTIONS["model"],
+    rank: Optional[int] = DATA_OPTIONS["rank"],
+    method: str = typer.Option("adaptrep", "--method", help="adaptrep | frozenrep | frozenrep-ft | target-only | maml | fomaml | anil | reptile | pooled"),
+    seed: int = typer.Option(0, "--seed", help="seed of the methods' random starts"),
+    intercept: bool = typer.Option(True, "--intercept/--no-intercept", help="a free intercept per task"),
+    standardize: bool = typer.Option(True, "--standardize/--no-standardize", help="scale features by the source tasks' statistics"),
+    out: Path = typer.Option(Path("model.adaptrep"), "--out", help="the model file to write"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing --out"),
+) -> None:
+    """Learn a representation from the source tasks in DATA and save it (a safetensors file)."""
+    from .data import read_tasks
+    from .methods import METHODS, make_method
+    from .saving import save_method
+
+    _check_loss(loss, model)
+    if method not in METHODS:
+        raise UserError(f"--method: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if out.exists() and not force:
+        raise UserError(f"--out {out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    tasks = read_tasks(data, task_col, label_col, _columns(features), loss=loss)
+    learner = make_method(method, {"rank": rank, "model": model, "seed": seed, "intercept": intercept, "standardize": standardize})
+    start = time.perf_counter()
+    with console.status(f"fitting {method} on {tasks.num_tasks} tasks ({int(tasks.counts.sum())} samples, {tasks.dim} features)"):
+        try:
+            learner.fit(tasks)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    save_method(learner, out, data={"task_col": task_col, "label_col": label_col, "file": str(data)})
+    console.print(f"fitted {method} on {tasks.num_tasks} tasks in {time.perf_counter() - start:.1f} s; saved to {out}", soft_wrap=True)
+
+
+@app.command()
+def predict(
+    model_file: Path = typer.Argument(..., metavar="MODEL", help="a model file written by adaptrep fit"),
+    support: Path = typer.Option(..., "--support", help="CSV/Parquet with the target tasks' labelled samples (same columns as the training data)"),
+    query: Path = typer.Option(..., "--query", help="CSV/Parquet with the rows to predict (task and feature columns; labels not needed)"),
+    out: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV to write: the query's rows with a prediction column"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing --out"),
+) -> None:
+    """Adapt a saved model to the target tasks in SUPPORT and predict QUERY's rows."""
+    from .predict import predict_file
+
+    if out.exists() and not force:
+        raise UserError(f"--out {out} exists; pass --force to overwrite it")
+    with console.status("adapting to the support tasks"):
+        rows, tasks = predict_file(model_file, support, query, out)
+    console.print(f"predicted {rows} rows of {tasks} tasks; wrote {out}", soft_wrap=True)
+
+
+@app.command()
+def evaluate(
+    data: Optional[Path] = typer.Argument(None, help="CSV or Parquet file, one row per sample (or --dataset)"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="a bundled dataset by name (see adaptrep.datasets)"),
+    task_col: str = DATA_OPTIONS["task_col"],
+    label_col: str = DATA_OPTIONS["label_col"],
+    features: Optional[str] = DATA_OPTIONS["features"],
+    loss: Optional[str] = typer.Option(None, "--loss", help="squared | logistic | multiclass (default: squared, or the dataset's)"),
+    model: str = DATA_OPTIONS["model"],
+    rank: Optional[int] = DATA_OPTIONS["rank"],
+    target_tasks: str = typer.Option("0.3", "--target-tasks", help="share of tasks held out as targets, or a comma-separated list of task names"),
+    shots: str = typer.Option("5,10,20", "--shots", help="comma-separated support sizes per target task (per class for classification)"),
+    methods: str = typer.Option("adaptrep,frozenrep,frozenrep-ft,target-only", "--methods", help="comma-separated methods"),
+    seeds: int = typer.Option(3, "--seeds", help="number of seeds (random task splits)"),
+    device: Optional[str] = typer.Option(None, help="torch device, e.g. cpu or cuda"),
+    dtype: Optional[str] = typer.Option(None, help="float64 (default) | float32"),
+    out: Optional[Path] = typer.Option(None, help="output directory (default: adaptrep-runs/evaluate-<time>); rerunning into it resumes"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    backend: str = BACKEND,
+    workers: Optional[int] = WORKERS,
+    address: Optional[str] = ADDRESS,
+    retry_failed: bool = RETRY,
+    fail_fast: bool = FAIL_FAST,
+) -> None:
+    """Evaluate methods on task data: split tasks, fit on the source tasks, adapt with each shot count, score on query samples."""
+    if (data is None) == (dataset is None):
+        raise UserError("give a data file or --dataset NAME (one of them)")
+    values: dict[str, Any] = dict(
+        data=str(data) if data is not None else None,
+        dataset=dataset,
+        task_col=task_col,
+        label_col=label_col,
+        features=features,
+        loss=loss,
+        model=model,
+        rank=rank,
+        target_tasks=target_tasks,
+        shots=shots,
+        methods=methods,
+        seeds=seeds,
+        device=device,
+        dtype=dtype,
+    )
+    if dataset is not None:
+        from .datasets import dataset_defaults
+
+        values = {**dataset_defaults(dataset), **{key: value for key, value in values.items() if value is not None and key not in ("task_col", "label_col")}}
+    values = {key: value for key, value in values.items() if value is not None}
+    config = resolve_config(values)
+    from .evaluate import load_data
+
+    load_data(config)  # bad data fail here, before anything is written
+    runs = expand(SweepSpec(runs=[config.model_dump()]))
+    how = Execution(backend, workers, address, retry_failed, fail_fast)
+    out_dir = _prepare_out(out or Path("adaptrep-runs") / time.strftime("evaluate-%Y%m%d-%H%M%S"), force)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump({"experiments": [config.model_dump()], "versions": library_versions()}, sort_keys=False))
+    _execute(runs, out_dir, how, "adaptrep evaluate")
+
+
 @app.command()
 def report(directory: Path = typer.Argument(..., help="a run or sweep folder (holding sweep.db)")) -> None:
     """Regenerate results.csv, figures and report.md from a folder's store (also mid-sweep)."""
@@ -264,10 +410,11 @@ def _publish(store: Store, out_dir: Path) -> None:
     report_path = write_report(results, [config for config, _ in experiments], out_dir, labels=[labels for _, labels in experiments], failed=failed)
     summary = summarise(results)
     out = Console()
+    what = "mean excess risk on target tasks" if metric_of(results) == "excess_risk" else "mean loss on the target tasks' query samples"
     for (number, setting), part in summary.groupby(["experiment", "setting"], sort=False):
         labels = experiments[int(number)][1]
         varied = describe_labels(labels, skip=("setting",))
-        title = f"{setting}{', ' + varied if varied else ''}: mean excess risk on target tasks"
+        title = f"{setting}{', ' + varied if varied else ''}: {what}"
         table = Table(title=title)
         table.add_column("method")
         ms = sorted(part["m"].unique())
@@ -284,7 +431,7 @@ def entry() -> None:
     """Console-script entry point: bad input gives one line on stderr and exit status 2."""
     try:
         code = app(standalone_mode=False)
-    except (UserError, ConfigError, StoreError) as error:
+    except (UserError, ConfigError, StoreError, DataError) as error:
         print(f"adaptrep: error: {error}", file=sys.stderr)
         sys.exit(2)
     except CommandLineError as error:

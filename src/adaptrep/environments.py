@@ -22,14 +22,13 @@ moved to the environment's device and dtype, so a seed gives the same tasks on e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .data import Tasks
 from .logistic import logistic_excess_error01, logistic_excess_risk
 from .models import MLP_WIDTHS, mlp_model, unflatten_mlp
-from .solvers import sufficient_statistics
 
 __all__ = [
     "Tasks",
@@ -43,57 +42,6 @@ __all__ = [
     "make_environment",
     "SETTINGS",
 ]
-
-
-@dataclass(frozen=True)
-class Tasks:
-    """A batch of regression tasks sharing one sample size.
-
-    Attributes:
-        X: inputs, shape ``(T, n, d)``.
-        y: targets, shape ``(T, n)``.
-        beta: true task parameters ``beta_t``, shape ``(T, d)`` (used only for scoring).
-        representation: the environment's true representation ``B*`` (``(d, k)``), used only by
-            the oracle methods and the metrics; ``None`` where there is none (``sinusoid``).
-        loss: ``"squared"`` (regression) or ``"logistic"`` (labels in {0, 1}; ``beta`` is the
-            true logit vector).
-        model: ``"linear"`` (``beta`` in R^d), ``"relu"`` (a two-layer ReLU network; ``beta``
-            is its flattened first layer ``W_t`` (``d x k``) followed by its head ``w_t``) or
-            ``"mlp"`` (the 1-40-40-1 network of ``sinusoid``; ``beta`` is the task's ``(A_t, phi_t)``,
-            and predictors are the network's flattened parameters).
-    """
-
-    X: Tensor
-    y: Tensor
-    beta: Tensor
-    representation: Tensor | None
-    loss: str = "squared"
-    model: str = "linear"
-
-    def __post_init__(self) -> None:
-        if self.X.ndim != 3 or self.y.shape != self.X.shape[:2]:
-            raise ValueError(f"Tasks need X of shape (T, n, d) and y of shape (T, n); got {tuple(self.X.shape)} and {tuple(self.y.shape)}")
-        if not (torch.isfinite(self.X).all() and torch.isfinite(self.y).all()):
-            raise ValueError("Tasks contain NaN or Inf values in X or y")
-
-    @property
-    def num_tasks(self) -> int:
-        return int(self.X.shape[0])
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.X.shape[1])
-
-    @property
-    def dim(self) -> int:
-        return int(self.X.shape[2])
-
-    def gram(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Sufficient statistics of the squared loss: ``G = X^T X / n``, ``c = X^T y / n``, ``y^T y / n``.
-
-        The mean squared error of a predictor ``beta`` is ``beta^T G beta - 2 c^T beta + y^T y / n``.
-        """
-        return sufficient_statistics(self.X, self.y)
 
 
 def haar_orthogonal(dim: int, generator: torch.Generator) -> Tensor:

@@ -280,7 +280,7 @@ def _physical_memory() -> int:
         return 0
 
 
-def _one_line(error: ValidationError) -> str:
+def one_line(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
     message = str(first["msg"]).removeprefix("Value error, ")
@@ -302,11 +302,17 @@ def read_yaml(path: Path, what: str) -> Any:
         raise ConfigError(f"cannot read {what} {path}: {error}") from None
 
 
-def resolve_config(overrides: dict[str, Any]) -> RunConfig:
-    """A validated :class:`RunConfig`: the setting's preset updated with ``overrides``.
+def resolve_config(overrides: dict[str, Any]) -> Any:
+    """A validated :class:`RunConfig`: the setting's preset updated with ``overrides``; or, when
+    ``overrides`` name task data (``data`` or ``dataset``), an
+    :class:`~adaptrep.evaluate.EvaluateConfig`.
 
     Raises :class:`ConfigError` with a one-line message on invalid input.
     """
+    if overrides.get("kind") == "evaluate" or "data" in overrides or "dataset" in overrides:
+        from .evaluate import resolve_evaluate
+
+        return resolve_evaluate(overrides)
     setting = overrides.get("setting", "linear")
     if setting not in SETTINGS:
         raise ConfigError(f"invalid config: setting: unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
@@ -314,7 +320,7 @@ def resolve_config(overrides: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig(**values)
     except ValidationError as error:
-        raise ConfigError(_one_line(error)) from None
+        raise ConfigError(one_line(error)) from None
     except TypeError as error:
         raise ConfigError(f"invalid config: {error}") from None
 
@@ -373,9 +379,21 @@ def run_experiment(config: RunConfig, on_step: Callable[[str], None] | None = No
     return pd.concat([run_seed(config, seed, on_step) for seed in range(config.seeds)], ignore_index=True)
 
 
-def steps_per_seed(config: RunConfig) -> int:
-    """Number of ``on_step`` calls :func:`run_seed` makes."""
+def steps_per_seed(config: Any) -> int:
+    """Number of ``on_step`` calls :func:`run_seed` (or :func:`~adaptrep.evaluate.evaluate_seed`) makes."""
+    if getattr(config, "kind", "") == "evaluate":
+        return len(config.methods) * (1 + len(config.shots))
     return len(config.methods) * (1 + len(config.target_samples))
+
+
+def run_unit(config: dict[str, Any], seed: int, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """One unit of work from a stored config: :func:`run_seed` for a simulated setting,
+    :func:`~adaptrep.evaluate.evaluate_seed` for task data."""
+    if config.get("kind") == "evaluate":
+        from .evaluate import EvaluateConfig, evaluate_seed
+
+        return evaluate_seed(EvaluateConfig(**config), seed, on_step)
+    return run_seed(RunConfig(**config), seed, on_step)
 
 
 def _reference_representation(methods: dict[str, Method], source: Tasks) -> torch.Tensor:
@@ -409,7 +427,7 @@ def _evaluate_targets(
             beta = shared_beta
         target = env.make_tasks(beta, Z, xi)
         start = time.perf_counter()
-        beta_hat = method.adapt(target, _generator(seed, 3, m))
+        beta_hat = method.adapt(target, _generator(seed, 3, m)).beta
         synchronize(beta_hat.device)
         adapt_time = (time.perf_counter() - start) / R
         risk = env.excess_risk(beta_hat, target.beta).cpu().numpy()

@@ -30,16 +30,24 @@ def fit_head(B: Tensor, G: Tensor, c: Tensor) -> Tensor:
     return predictor(B, HeadSolver.build(B, G)(c))
 
 
-def fold_statistics(X: Tensor, y: Tensor, folds: int, generator: torch.Generator) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
-    """Training and validation sufficient statistics ``(G, c, q)`` for a random K-fold split.
+def fold_statistics(
+    X: Tensor, y: Tensor, folds: int, generator: torch.Generator, mask: Tensor | None = None
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """Training and validation sufficient statistics ``(G, c, q)`` for a random K-fold split
+    (of the real samples only, with a ``mask`` of zero-padded ragged data).
 
     Returns tensors with a fold dimension after the task dimension: ``(R, K, d, d)`` etc.
     """
     R, m, _ = X.shape
-    perm = torch.argsort(torch.rand(R, m, generator=generator, dtype=torch.float64), dim=-1)
+    key = torch.rand(R, m, generator=generator, dtype=torch.float64)
+    if mask is not None:
+        key = torch.where(mask.cpu(), key, torch.full_like(key, 2.0))  # padding sorts last
+    perm = torch.argsort(key, dim=-1)
     fold_of = torch.empty(R, m, dtype=torch.long)
     fold_of.scatter_(1, perm, (torch.arange(m) % folds).expand(R, m).contiguous())
     held_out = (fold_of.unsqueeze(1) == torch.arange(folds).view(1, folds, 1)).to(X.device, X.dtype)  # (R, K, m)
+    if mask is not None:
+        held_out = held_out * mask.unsqueeze(1).to(X.dtype)
 
     def stats(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         count = mask.sum(-1).clamp_min(1)
@@ -109,7 +117,7 @@ class FineTune:
             v = torch.where((strength >= step).unsqueeze(-1), v - grad / L.unsqueeze(-1), v)
         return heads(c, v), v
 
-    def strength_grid(self, B: Tensor, G: Tensor, c: Tensor, num_samples: int, noise: Tensor | None) -> Tensor:
+    def strength_grid(self, B: Tensor, G: Tensor, c: Tensor, num_samples: int | Tensor, noise: Tensor | None) -> Tensor:
         """Per-target grid ``(R, S)``: from no fine-tuning (``v = 0``) to weak regularisation."""
         heads = HeadSolver.build(B, G)
         w0 = heads(c)
@@ -132,7 +140,7 @@ class FineTune:
         return torch.cat([torch.zeros_like(top), top * ratios.flip(-1)[..., 1:]], dim=-1)
 
     @staticmethod
-    def noise_level(G: Tensor, c: Tensor, q: Tensor, num_samples: int, noise: float | None, noise_dof: int) -> Tensor | None:
+    def noise_level(G: Tensor, c: Tensor, q: Tensor, num_samples: int | Tensor, noise: float | None, noise_dof: int) -> Tensor | None:
         """Per-target ``sigma_hat`` ``(R,)``: the given estimate pooled (by degrees of freedom) with the target's own."""
         own = ols_noise_variance(G, c, q, num_samples)
         given = None if noise is None else torch.full(c.shape[:-1], float(noise) ** 2, dtype=c.dtype, device=c.device)
@@ -161,24 +169,35 @@ class FineTune:
         return torch.argmax(ok.to(torch.int8), dim=-1, keepdim=True)
 
     def adapt(
-        self, B: Tensor, X: Tensor, y: Tensor, generator: torch.Generator | None = None, noise: float | None = None, noise_dof: int = 0
+        self,
+        B: Tensor,
+        X: Tensor,
+        y: Tensor,
+        generator: torch.Generator | None = None,
+        noise: float | None = None,
+        noise_dof: int = 0,
+        mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Fine-tune on targets ``X (R, m, d)``, ``y (R, m)``; returns ``beta (R, d)`` and the strengths ``(R,)``.
 
         ``noise`` is an estimate of ``sigma`` with ``noise_dof`` degrees of freedom (0: biased or
         rough); when ``m > d + 2`` it is pooled with each target's own least-squares estimate.
+        ``mask`` (``(R, m)``) marks the real samples of zero-padded targets of different sizes.
         """
         R, m, _ = X.shape
-        G, c, q = sufficient_statistics(X, y)
-        sigma = self.noise_level(G, c, q, m, noise, noise_dof)
-        if m < 2:  # nothing to cross-validate on: keep the head-only fit
+        counts = None if mask is None else mask.sum(-1).to(X.dtype)
+        G, c, q = sufficient_statistics(X, y, counts)
+        sizes: int | Tensor = m if counts is None else counts
+        fewest = m if counts is None else int(counts.min())
+        sigma = self.noise_level(G, c, q, sizes, noise, noise_dof)
+        if fewest < 2:  # nothing to cross-validate on: keep the head-only fit
             return fit_head(B, G, c), torch.full((R,), float("inf"), dtype=X.dtype, device=X.device)
         if self.strength != "cv":
             strength = torch.full((R,), float(self.strength), dtype=X.dtype, device=X.device)
         else:
             generator = generator if generator is not None else torch.Generator().manual_seed(0)
-            grid = self.strength_grid(B, G, c, m, sigma)  # (R, S)
-            (Gt, ct, _), (Gv, cv, qv) = fold_statistics(X, y, min(self.folds, m), generator)
+            grid = self.strength_grid(B, G, c, sizes if counts is None else counts.unsqueeze(-1), sigma)  # (R, S)
+            (Gt, ct, _), (Gv, cv, qv) = fold_statistics(X, y, min(self.folds, fewest), generator, mask)
             w, v = self.solve(B, Gt.unsqueeze(2), ct.unsqueeze(2), grid.unsqueeze(1).expand(-1, Gt.shape[1], -1))
             beta = predictor(B, w, v)  # (R, K, S, d)
             errors = mse(Gv.unsqueeze(2), cv.unsqueeze(2), qv.unsqueeze(2), beta)  # (R, K, S)

@@ -1,14 +1,23 @@
 """Methods: fit on source tasks, adapt to target tasks, return predictors.
 
-Every method has the same two-step interface (scikit-learn style)::
+Every method has the same two-step interface (scikit-learn style), hyperparameters in ``__init__``::
 
-    method = AdaptRep().fit(source)          # source: Tasks (T tasks, n samples each)
-    beta_hat = method.adapt(target)          # target: Tasks (R tasks, m samples each) -> (R, d)
+    method = AdaptRep(rank=3).fit(source)    # source: Tasks (T tasks, ragged or not)
+    adapted = method.adapt(target)           # target: Tasks (R tasks) -> Adapted
+    adapted.predict(X_new)                   # (R, m') predictions; adapted.beta: (R, d) for linear predictors
 
-and exposes ``representation`` (the learned ``B``, orthonormal ``(d, k)``, or ``None``) and
-``info`` (source-training diagnostics). Names used by the CLI are in :data:`METHODS`; the
-meta-learning baselines (MAML, FOMAML, ANIL, Reptile and pooled training, :class:`MetaLearner`)
-are in :data:`META_METHODS`.
+and exposes ``representation`` (the learned ``B``, orthonormal ``(d, k)``, or ``None``) and ``info``
+(source-training diagnostics). Options every method shares (keyword-only): ``model`` (``"linear"``,
+``"relu"``, ``"mlp"`` or your own ``torch.nn.Module`` as the representation ``phi_theta``; default: the
+tasks' own kind), ``intercept`` (a free per-task intercept) and ``standardize`` (features scaled by
+the source tasks' statistics) -- both default to on for data without ground truth and off for the
+simulated environments, whose tasks have neither offsets nor scales.
+
+Two computational paths sit behind the one interface: the exact linear solver
+(:mod:`adaptrep.solvers`, :mod:`adaptrep.finetune`) for the squared loss with the linear model, and
+the generic path (:mod:`adaptrep.models`, :mod:`adaptrep.meta`) for every other model and loss. The
+path is chosen by the model and loss; an option that the chosen path does not support is an error
+naming it. Names used by the CLI are in :data:`METHODS`.
 """
 
 from __future__ import annotations
@@ -16,13 +25,14 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .environments import Tasks
+from .adapted import Adapted
+from .data import DataError, Standardizer, Tasks
 from .finetune import FineTune, fit_head
 from .meta import ALGORITHMS, MetaConfig, inner_adapt, meta_train
 from .models import (
@@ -39,7 +49,6 @@ from .models import (
     linear_model,
     logistic_finetune,
     model_for,
-    task_parameters,
 )
 from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, spd_solve, sufficient_statistics
 
@@ -66,8 +75,36 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def with_intercept(model: Model) -> Model:
+    """``model`` with a constant feature 1 appended: its head then carries a per-task intercept."""
+    features = model.features
+    return Model(lambda theta, X: torch.nn.functional.pad(features(theta, X), (0, 1), value=1.0), model.loss, model.retract, model.lipschitz, model.batched)
+
+
+@dataclass
+class Spec:
+    """What a method resolved at ``fit`` from its options and the source tasks: the model and its
+    parameter name, the kind of predictor, the module's own starting parameters (user modules), the
+    intercept and the feature scaling."""
+
+    model: Model
+    key: str
+    kind: str
+    theta0: Params | None
+    intercept: bool
+    standardizer: Standardizer | None
+    input_shape: tuple[int, ...]
+    feature_names: tuple[str, ...] | None
+    classes: int
+
+    @property
+    def exact(self) -> bool:
+        """Whether the exact linear least-squares path applies (squared loss, linear model)."""
+        return self.model.loss == "squared" and self.kind == "linear"
+
+
 class Method(ABC):
-    """Common interface: :meth:`fit` on source tasks, then :meth:`adapt` to targets."""
+    """Common interface: :meth:`fit` on source tasks, then :meth:`adapt` to targets (module docstring)."""
 
     representation: Tensor | None = None
     noise_estimate: float | None = None
@@ -75,22 +112,109 @@ class Method(ABC):
     #: fine-tuning strengths chosen for the last targets (``(R,)``), ``None`` without fine-tuning
     last_strength: Tensor | None = None
     info: dict[str, Any]
+    spec: Spec
+    #: options shared by every method (keyword-only dataclass fields of the subclasses)
+    model: Any = None
+    intercept: bool | None = None
+    standardize: bool | None = None
 
-    def fit(self, source: Tasks) -> Method:  # noqa: D102 - documented in subclasses
+    def fit(self, source: Tasks) -> Method:
+        """Fit on the source tasks (their inputs and labels; ground truth only where a method says)."""
+        start = time.perf_counter()
+        self.spec = self._resolve(source)
         self.info = {}
+        self._fit(self._prepare(source))
+        self.info.setdefault("source_time", time.perf_counter() - start)
         return self
 
+    def adapt(self, target: Tasks, generator: torch.Generator | None = None) -> Adapted:
+        """Adapted predictors for the target tasks, from each target's own samples."""
+        if not hasattr(self, "spec"):
+            raise RuntimeError(f"{type(self).__name__}.adapt called before fit")
+        if target.input_shape != self.spec.input_shape:
+            raise DataError(f"target inputs of shape {target.input_shape} per sample; the method was fitted on {self.spec.input_shape}")
+        if target.loss != self.spec.model.loss:
+            raise DataError(f"target tasks have the {target.loss} loss; the method was fitted with {self.spec.model.loss}")
+        adapted = self._adapt(self._prepare(target), generator)
+        adapted.standardizer, adapted.classes = self.spec.standardizer, target.classes
+        self.last_strength = adapted.strength
+        return adapted
+
     @abstractmethod
-    def adapt(self, target: Tasks, generator: torch.Generator | None = None) -> Tensor:
-        """Predictors ``beta_hat`` (``(R, d)``) for the target tasks."""
+    def _fit(self, source: Tasks) -> None: ...
+
+    @abstractmethod
+    def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted: ...
+
+    # -- shared machinery ---------------------------------------------------------------------
+    def _resolve(self, source: Tasks) -> Spec:
+        simulated = source.beta is not None
+        intercept = (not simulated) if self.intercept is None else bool(self.intercept)
+        standardize = (not simulated) if self.standardize is None else bool(self.standardize)
+        theta0: Params | None = None
+        if isinstance(self.model, torch.nn.Module):
+            model, theta0 = Model.from_module(self.model, source.loss)  # type: ignore[arg-type]
+            kind, key = "module", ""
+        else:
+            kind = self.model if self.model is not None else source.model
+            if not isinstance(kind, str):
+                raise ValueError(f"model must be 'linear', 'relu', 'mlp' or a torch.nn.Module; got {type(self.model).__name__}")
+            model, key = model_for(source.loss, kind)  # type: ignore[arg-type]
+        if intercept and kind != "mlp" and not (kind == "linear" and source.loss == "squared"):
+            model = with_intercept(model)  # the exact linear path profiles the intercept out instead
+        scaler = Standardizer.fit(source) if standardize else None
+        classes = source.num_classes if source.loss == "multiclass" else 1
+        return Spec(model, key, kind, theta0, intercept, scaler, source.input_shape, source.feature_names, classes)
+
+    def _prepare(self, tasks: Tasks) -> Tasks:
+        return tasks if self.spec.standardizer is None else self.spec.standardizer(tasks)
+
+    def _rank(self, source: Tasks) -> int:
+        rank = getattr(self, "rank", None)
+        if rank is None:
+            if source.representation is None:
+                raise ValueError(f"{type(self).__name__} needs rank= (the representation's dimension k) for data without a true representation")
+            rank = int(source.representation.shape[1])
+        if not 1 <= rank <= source.dim:
+            raise ValueError(f"rank must be between 1 and the input dimension {source.dim}; got {rank}")
+        return int(rank)
+
+    def _estimate_noise(self, stats: tuple[Tensor, Tensor, Tensor], source: Tasks, rank: int) -> float:
+        counts = source.counts if source.ragged else source.num_samples
+        self.noise_estimate, self.noise_dof = estimate_noise(*stats, counts, rank, lost=int(self.spec.intercept))
+        return self.noise_estimate
+
+    def _adapted(self, theta: Params, w: Tensor, stacked: bool, strength: Tensor | None = None) -> Adapted:
+        spec = self.spec
+        return Adapted(w, spec.model, theta, stacked, None, spec.model.loss, spec.kind, spec.key, strength=strength)
 
 
-def theory_penalty(noise: float, dim: int, rank: int, num_tasks: int, num_samples: int) -> float:
+def _weight(tasks: Tasks) -> dict[str, Tensor]:
+    """``weight=`` for the generic path's functions when tasks are ragged (none otherwise)."""
+    return {"weight": tasks.weight} if tasks.ragged else {}
+
+
+def _centered(tasks: Tasks, intercept: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Inputs ``(T, n, d)`` and labels, centred by each task's means when ``intercept`` (padding
+    stays zero), with the means (``None`` without intercept)."""
+    X, y = tasks.flat(), tasks.y
+    if not intercept:
+        return X, y, None, None
+    mx, my = tasks.means()
+    weight = tasks.weight
+    return (X - mx.unsqueeze(1)) * weight.unsqueeze(-1), (y - my.unsqueeze(1)) * weight, mx, my
+
+
+def theory_penalty(noise: float, dim: int, rank: int, num_tasks: int, num_samples: float) -> float:
     """The theory-shaped source penalty ``mu = sigma (sqrt(k d / (n T)) + sqrt(k / n))``.
 
     These are the weights the paper's authors used with the mean squared error.
     """
     return noise * (math.sqrt(rank * dim / (num_samples * num_tasks)) + math.sqrt(rank / num_samples))
+
+
+def _mean_count(tasks: Tasks) -> float:
+    return float(tasks.counts.mean()) if tasks.ragged else float(tasks.num_samples)
 
 
 @dataclass
@@ -102,31 +226,54 @@ class _AdaptsRepresentation(Method):
     """
 
     finetune: FineTune | None = None
+    model: Any = field(default=None, kw_only=True)
+    intercept: bool | None = field(default=None, kw_only=True)
+    standardize: bool | None = field(default=None, kw_only=True)
 
-    def adapt(self, target: Tasks, generator: torch.Generator | None = None) -> Tensor:
+    def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
         if self.representation is None:
             raise RuntimeError(f"{type(self).__name__}.adapt called before fit")
+        if not self.spec.exact:
+            return self._adapt_generic(target, generator)
         B = self.representation.to(target.X)
-        if _generic(target):
-            return self._adapt_generic(B, target, generator)
+        X, y, mx, my = _centered(target, self.spec.intercept)
         if self.finetune is None:
-            G, c, _ = target.gram()
-            return fit_head(B, G, c)
-        beta, self.last_strength = self.finetune.adapt(B, target.X, target.y, generator, noise=self.noise_estimate, noise_dof=self.noise_dof)
-        return beta
+            G, c, _ = sufficient_statistics(X, y, target.counts if target.ragged else None)
+            beta, strength = fit_head(B, G, c), None
+        else:
+            beta, strength = self.finetune.adapt(
+                B, X, y, generator, noise=self.noise_estimate, noise_dof=self.noise_dof, mask=target.mask if target.ragged else None
+            )
+        bias = None if mx is None or my is None else my - (mx * beta).sum(-1)
+        return Adapted(beta, bias=bias, loss="squared", strength=strength)
 
-    def _adapt_generic(self, B: Tensor, target: Tasks, generator: torch.Generator | None) -> Tensor:
+    def _adapt_generic(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
         """Other losses and models (:mod:`adaptrep.models`): heads with a cross-validated ridge,
         then fine-tuning: penalised for logistic tasks on a linear representation, else gradient
         descent with a cross-validated number of steps."""
+        self._check_generic_finetune()
+        assert self.representation is not None
+        theta = self._theta()
+        spec = self.spec
+        w, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, **_weight(target))
         if self.finetune is None:
-            return task_parameters(target.model, B, _heads(B, target, generator)[2])
-        beta, self.last_strength = _finetune_generic(B, target, generator)
-        return beta
+            return self._adapted(theta, w, stacked=False)
+        return _finetune_generic(self, theta, target, generator, ridge)
 
-    def _estimate_noise(self, stats: tuple[Tensor, Tensor, Tensor], source: Tasks, rank: int) -> float:
-        self.noise_estimate, self.noise_dof = estimate_noise(*stats, source.num_samples, rank)
-        return self.noise_estimate
+    def _theta(self) -> Params:
+        """The learned representation's parameters (``theta``)."""
+        return {self.spec.key: self.representation} if self.spec.key else dict(getattr(self, "theta", {}))
+
+    def _check_generic_finetune(self) -> None:
+        if self.finetune is None:
+            return
+        default = FineTune()
+        changed = [f.name for f in fields(FineTune) if getattr(self.finetune, f.name) != getattr(default, f.name)]
+        if changed:
+            raise ValueError(
+                f"FineTune.{changed[0]} applies to the exact linear path only (squared loss, linear model); "
+                f"the {self.spec.kind} model with the {self.spec.model.loss} loss fine-tunes with cross-validated early stopping"
+            )
 
 
 @dataclass
@@ -145,23 +292,20 @@ class _RepresentationMethod(_AdaptsRepresentation):
         """``(lam, gamma)`` of the generic objective (``lam=None``: no perturbations)."""
         raise NotImplementedError
 
-    def fit(self, source: Tasks) -> Method:
-        _needs_representation(type(self).__name__, source)
-        assert source.representation is not None
-        rank = self.rank if self.rank is not None else source.representation.shape[1]
-        if not 1 <= rank <= source.dim:
-            raise ValueError(f"rank must be between 1 and the input dimension {source.dim}; got {rank}")
-        if _generic(source):
-            return self._fit_generic(source, rank)
-        start = time.perf_counter()
-        G, c, q = source.gram()
+    def _fit(self, source: Tasks) -> None:
+        if self.spec.kind == "mlp":
+            raise ValueError(f"{type(self).__name__} has no moment start for the mlp model; use a meta-learner, or model=<your torch.nn.Module>")
+        rank = self._rank(source) if self.spec.kind != "module" else 0
+        if not self.spec.exact:
+            self._fit_generic(source, rank)
+            return
+        G, c, q = source.gram(center=self.spec.intercept)
         penalty, radius = self._penalty(source, rank, self._estimate_noise((G, c, q), source, rank))
         fit: SourceFit = fit_source(G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol)
         self.source_fit = fit
         self.representation = fit.B
         synchronize(fit.B.device)
         self.info = {
-            "source_time": time.perf_counter() - start,
             "source_objective": fit.objective,
             "source_grad_norm": fit.grad_norm,
             "source_iterations": fit.iterations,
@@ -170,23 +314,58 @@ class _RepresentationMethod(_AdaptsRepresentation):
             "source_penalty": penalty,
             "noise_estimate": self.noise_estimate,
         }
-        return self
 
-    def _fit_generic(self, source: Tasks, rank: int) -> Method:
-        """Other losses and models: the generic objective of :mod:`adaptrep.models`, from each of
-        the four moment starts of the centred labels (``E[(y - 1/2) x]`` is a multiple of
-        ``Sigma beta_t`` for logistic tasks, and ``E[y x] = Sigma W_t w_t / (2 sqrt(k))`` for ReLU
-        networks; whitened or not, normalised per task or not), keeping the lowest objective."""
-        start = time.perf_counter()
-        model, key = model_for(source.loss, source.model)  # type: ignore[arg-type]
-        G, c, _ = sufficient_statistics(source.X, source.y - (0.5 if source.loss == "logistic" else 0.0))
+    def _fit_generic(self, source: Tasks, rank: int) -> None:
+        """Other losses and models: the generic objective of :mod:`adaptrep.models`. Built-in
+        linear and ReLU models start from each of the four moment starts of the centred labels
+        (``E[(y - 1/2) x]`` is a multiple of ``Sigma beta_t`` for logistic tasks, and
+        ``E[y x] = Sigma W_t w_t / (2 sqrt(k))`` for ReLU networks; whitened or not, normalised per
+        task or not), keeping the lowest objective; a user's module starts from its own parameters."""
+        changed = [name for name, default in (("max_iter", 2000), ("inner_steps", 10), ("gtol", 1e-6)) if getattr(self, name) != default]
+        if changed:
+            raise ValueError(f"{changed[0]} applies to the exact linear path only; the {self.spec.kind} model with the {source.loss} loss trains by Adam")
+        spec = self.spec
         lam, gamma = self._generic_penalty(source, rank)
-        fits = [fit_shared(model, {key: start}, source.X, source.y, lam=lam, gamma=gamma) for start in moment_inits(G, c, rank)]
+        if spec.theta0 is not None:
+            starts: list[Params] = [spec.theta0]
+        else:
+            starts = [{spec.key: start} for start in moment_inits(*_moments(source), rank)]
+        fits = [fit_shared(spec.model, start, source.X, source.y, lam=lam, gamma=gamma, **_weight(source)) for start in starts]
         fit = min(fits, key=lambda candidate: candidate.objective)
-        self.representation = fit.theta[key]
-        synchronize(self.representation.device)
-        self.info = {"source_time": time.perf_counter() - start, **describe(fit), "source_penalty": lam if lam is not None else math.inf}
-        return self
+        self.theta = fit.theta
+        self.representation = fit.theta[spec.key] if spec.key else None
+        synchronize(fit.w.device)
+        self.info = {**describe(fit), "source_penalty": lam if lam is not None else math.inf}
+
+    def _generic_scale(self, source: Tasks, rank: int) -> tuple[float, float]:
+        """``(sigma, p)``: the noise level (1/2 for class labels, else the source estimate) and the
+        number of parameters of a perturbation (``d k``, or the module's parameter count)."""
+        if self.spec.theta0 is not None:
+            p = float(sum(value.numel() for value in self.spec.theta0.values()))
+        else:
+            p = float(source.dim * rank)
+        if source.loss != "squared":
+            return 0.5, p
+        X, y, _, _ = _centered(source, self.spec.intercept)
+        G, c, q = sufficient_statistics(X, y, source.counts if source.ragged else None)
+        return estimate_noise(G, c, q, source.counts if source.ragged else source.num_samples, max(rank, 1))[0], p
+
+
+def _moments(source: Tasks) -> tuple[Tensor, Tensor]:
+    """Statistics ``(G, c)`` for the moment starts: ``c_t`` the moment of the centred labels (for
+    multiclass, of each class's centred indicator, one row per task and class)."""
+    X = source.flat()
+    counts = source.counts if source.ragged else None
+    if source.loss == "multiclass":
+        onehot = torch.nn.functional.one_hot(source.y.long(), source.num_classes).to(X.dtype) * source.weight.unsqueeze(-1)
+        labels = (onehot - onehot.sum(1, keepdim=True) / source.counts[:, None, None]) * source.weight.unsqueeze(-1)
+        T, N = labels.shape[0], labels.shape[-1]
+        G, _, _ = sufficient_statistics(X, source.y, counts)
+        c = torch.einsum("tnd,tnc->tcd", X, labels) / source.counts[:, None, None]
+        return G.unsqueeze(1).expand(T, N, *G.shape[1:]).reshape(T * N, *G.shape[1:]), c.reshape(T * N, -1)
+    shift = 0.5 if source.loss == "logistic" else 0.0
+    G, c, _ = sufficient_statistics(X, (source.y - shift) * source.weight, counts)
+    return G, c
 
 
 @dataclass
@@ -195,7 +374,7 @@ class AdaptRep(_RepresentationMethod):
 
     Source objective (regularised form), with ``v_t = Delta_t w_t``::
 
-        min_B mean_t min_{w_t, v_t} (1/n) ||y_t - X_t (B w_t + v_t)||^2 + mu ||v_t||_2
+        min_B mean_t min_{w_t, v_t} (1/n_t) ||y_t - X_t (B w_t + v_t)||^2 + mu ||v_t||_2
 
     ``mu`` is ``penalty``; or ``2 sqrt(lam * gamma)`` when the paper's ``lam``, ``gamma`` are given
     (its objective uses ``1/(2n) ||r||^2``, half our mean squared error, and its stated equivalent
@@ -223,35 +402,36 @@ class AdaptRep(_RepresentationMethod):
             mu = 2 * math.sqrt(self.lam * self.gamma)
         else:
             sigma = self.noise if self.noise is not None else noise
-            mu = theory_penalty(sigma, source.dim, rank, source.num_tasks, source.num_samples)
+            mu = theory_penalty(sigma, source.dim, rank, source.num_tasks, _mean_count(source))
         if not mu >= 0:
             raise ValueError(f"the ADAPTREP penalty must be non-negative; got {mu}")
         return mu, None
 
     def _generic_penalty(self, source: Tasks, rank: int) -> tuple[float | None, float]:
         """The paper's ``lam, gamma`` if given; else ``lam = penalty``, by default
-        ``2 sigma (sqrt(k d / (n T)) + sqrt(d k / n))``: the theory weights with the ``d k``
-        parameters of a perturbation ``Delta_t`` in place of the ``k`` of a head, at the noise level
-        ``sigma`` (1/2 for Bernoulli labels, the source estimate otherwise); and a weak
-        ``gamma = 1e-4`` on the heads. (With ``theta`` kept in its normal form the heads cannot trade
-        scale with ``Delta``, so the folded equivalence ``mu = 2 sqrt(lam gamma)`` does not apply;
-        ``lam`` is the perturbations' ridge.)"""
+        ``2 sigma (sqrt(p / (n T)) + sqrt(p / n))`` with ``p = d k`` the parameters of a perturbation
+        ``Delta_t`` (a user module's parameter count), at the noise level ``sigma`` (1/2 for class
+        labels, the source estimate otherwise); and a weak ``gamma = 1e-4`` on the heads. (With
+        ``theta`` kept in its normal form the heads cannot trade scale with ``Delta``, so the folded
+        equivalence ``mu = 2 sqrt(lam gamma)`` does not apply; ``lam`` is the perturbations' ridge.)"""
         if self.radius is not None:
-            raise ValueError("the constrained form (radius) is implemented for the squared loss only; use penalty, or lam and gamma")
+            raise ValueError("radius (the constrained form) applies to the exact linear path only (squared loss, linear model); use penalty, or lam and gamma")
+        if self.noise is not None:
+            raise ValueError("noise applies to the exact linear path only (squared loss, linear model)")
         if self.lam is not None and self.gamma is not None:
             return float(self.lam), float(self.gamma)
         if self.penalty is not None:
             return float(self.penalty), 1e-4
-        d, n, T = source.dim, source.num_samples, source.num_tasks
-        sigma = 0.5 if source.loss == "logistic" else estimate_noise(*source.gram(), n, rank)[0]
-        return 2 * sigma * (math.sqrt(rank * d / (n * T)) + math.sqrt(d * rank / n)), 1e-4
+        sigma, p = self._generic_scale(source, rank)
+        n, T = _mean_count(source), source.num_tasks
+        return 2 * sigma * (math.sqrt(p / (n * T)) + math.sqrt(p / n)), 1e-4
 
 
 @dataclass
 class FrozenRep(_RepresentationMethod):
     """FROZENREP: one representation shared exactly by all source tasks.
 
-    ``min_B mean_t min_{w_t} (1/n) ||y_t - X_t B w_t||^2``; the target retrains the head only
+    ``min_B mean_t min_{w_t} (1/n_t) ||y_t - X_t B w_t||^2``; the target retrains the head only
     (``finetune=None``) or, as ``frozenrep-ft``, is fine-tuned like ADAPTREP.
     """
 
@@ -266,83 +446,98 @@ class FrozenRep(_RepresentationMethod):
 class Oracle(_AdaptsRepresentation):
     """Reference: the environment's true representation ``B*``, head-only refit or fine-tuned."""
 
-    def fit(self, source: Tasks) -> Method:
-        _needs_representation(type(self).__name__, source)
-        assert source.representation is not None
+    def _fit(self, source: Tasks) -> None:
+        if source.representation is None or self.spec.kind not in ("linear", "relu"):
+            raise ValueError(f"{type(self).__name__} needs the true representation of a simulated environment")
         self.representation = source.representation
-        if not _generic(source):
-            self._estimate_noise(source.gram(), source, self.representation.shape[1])
+        if self.spec.exact:
+            self._estimate_noise(source.gram(center=self.spec.intercept), source, self.representation.shape[1])
         self.info = {"noise_estimate": self.noise_estimate}
-        return self
 
 
 @dataclass
 class TargetOnly(Method):
-    """Least squares on the target alone: minimum-norm when ``m <= d``, or ridge with ``ridge > 0``.
-
-    Ridge minimises ``(1/m) ||y - X beta||^2 + ridge ||beta||^2``. For logistic tasks: logistic
-    regression with the penalty ``ridge ||beta||^2``, its strength chosen by 5-fold
-    cross-validation (:func:`adaptrep.models.cv_heads`) unless ``ridge > 0`` is given. For the
-    ``mlp`` tasks of ``sinusoid``: the meta-learners' inner loop (``inner_steps`` gradient steps of
-    size ``inner_lr`` on all parameters) from a fresh :func:`~adaptrep.models.init_mlp` network drawn
-    from ``seed``.
+    """Learning each target alone. Linear model, squared loss: least squares (minimum-norm when
+    ``m <= d``), or ridge with ``ridge > 0``, minimising ``(1/m) ||y - X beta||^2 + ridge ||beta||^2``.
+    Linear model, classification: (multinomial) logistic regression with the penalty
+    ``ridge ||beta||^2``, its strength chosen by 5-fold cross-validation (:func:`adaptrep.models.cv_heads`)
+    unless ``ridge > 0`` is given. ReLU network: the same network and fine-tuning as the other
+    methods, from a random first layer drawn from ``seed``. A user's module: its own initial
+    parameters, fine-tuned like the others. ``mlp`` (``sinusoid``): the meta-learners' inner loop
+    (``inner_steps`` gradient steps of size ``inner_lr`` on all parameters) from a fresh
+    :func:`~adaptrep.models.init_mlp` network drawn from ``seed``.
     """
 
     ridge: float = 0.0
     inner_steps: int = 5
     inner_lr: float = 0.01
     seed: int = 0
+    rank: int | None = None
+    model: Any = field(default=None, kw_only=True)
+    intercept: bool | None = field(default=None, kw_only=True)
+    standardize: bool | None = field(default=None, kw_only=True)
 
-    def adapt(self, target: Tasks, generator: torch.Generator | None = None) -> Tensor:
-        if target.model == "mlp":
+    def _fit(self, source: Tasks) -> None:
+        """Nothing is learned from the source tasks (the model's width is read from them)."""
+        if self.spec.kind == "relu":
+            self.width = self._rank(source)
+
+    def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
+        spec = self.spec
+        if spec.kind == "mlp":
             # the meta-learners' inner loop, from a fresh network instead of a meta-learned one
             g = torch.Generator().manual_seed(self.seed)
             theta, w = init_mlp(MLP_WIDTHS, g, target.X.dtype, target.X.device)
-            theta_t, w_t = inner_adapt(model_for(target.loss, target.model)[0], theta, w, target.X, target.y, steps=self.inner_steps, lr=self.inner_lr)  # type: ignore[arg-type]
-            return task_parameters("mlp", theta_t, w_t)
-        assert target.representation is not None
-        if target.model == "relu":
-            # the same network and fine-tuning, from a random first layer instead of a learned one
-            W = torch.randn(target.dim, target.representation.shape[1], generator=generator, dtype=torch.float64).to(target.X)
-            beta, self.last_strength = _finetune_generic(W / W.norm(dim=0, keepdim=True), target, generator)
-            return beta
+            theta_t, w_t = inner_adapt(spec.model, theta, w, target.X, target.y, steps=self.inner_steps, lr=self.inner_lr)
+            return self._adapted(theta_t, w_t, stacked=True)
+        if spec.kind in ("relu", "module"):
+            if spec.kind == "relu":
+                # the same network and fine-tuning, from a random first layer instead of a learned one
+                W = torch.randn(target.dim, self.width, generator=generator, dtype=torch.float64).to(target.X)
+                theta = {"W": W / W.norm(dim=0, keepdim=True)}
+            else:
+                assert spec.theta0 is not None
+                theta = {name: value.to(target.X) for name, value in spec.theta0.items()}
+            _, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, **_weight(target))
+            return _finetune_generic(self, theta, target, generator, ridge)
+        X, y, mx, my = _centered(target, spec.intercept)
         if target.loss != "squared":
-            model, identity = linear_model(target.loss), {"B": torch.eye(target.dim, dtype=target.X.dtype, device=target.X.device)}  # type: ignore[arg-type]
+            model = linear_model(target.loss)  # type: ignore[arg-type]
+            if spec.intercept:
+                model = with_intercept(model)
+            identity = {"B": torch.eye(target.dim, dtype=X.dtype, device=X.device)}
             if self.ridge > 0:
-                return fit_heads(model, identity, target.X, target.y, ridge=self.ridge)
-            return cv_heads(model, identity, target.X, target.y, generator)[0]
+                w = fit_heads(model, identity, target.flat(), target.y, ridge=self.ridge, **_weight(target))
+            else:
+                w = cv_heads(model, identity, target.flat(), target.y, generator, **_weight(target))[0]
+            return Adapted(w, model, identity, False, None, target.loss, "linear", "B")
         if self.ridge > 0:
-            G, c, _ = target.gram()
+            G, c, _ = sufficient_statistics(X, y, target.counts if target.ragged else None)
             eye = torch.eye(target.dim, dtype=G.dtype, device=G.device)
-            return spd_solve(G + self.ridge * eye, c)
-        return (torch.linalg.pinv(target.X) @ target.y.unsqueeze(-1)).squeeze(-1)
+            beta = spd_solve(G + self.ridge * eye, c)
+        else:
+            beta = (torch.linalg.pinv(X) @ y.unsqueeze(-1)).squeeze(-1)
+        bias = None if mx is None or my is None else my - (mx * beta).sum(-1)
+        return Adapted(beta, bias=bias, loss="squared")
 
 
-def _generic(tasks: Tasks) -> bool:
-    """Whether tasks need the generic path of :mod:`adaptrep.models` (not linear least squares)."""
-    return tasks.loss != "squared" or tasks.model != "linear"
-
-
-def _heads(theta: Tensor, target: Tasks, generator: torch.Generator | None) -> tuple[Model, str, Tensor, Tensor]:
-    """The targets' model, its parameter name, and heads on the features of ``theta`` with a
-    cross-validated ridge (``(R, k)``), with the chosen ridges (``(R,)``)."""
-    model, key = model_for(target.loss, target.model)  # type: ignore[arg-type]
-    w, ridge = cv_heads(model, {key: theta}, target.X, target.y, generator)
-    return model, key, w, ridge
-
-
-def _finetune_generic(theta: Tensor, target: Tasks, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Fine-tuned predictors from ``theta`` and the chosen strengths (penalty or steps)."""
-    model, key, _, ridge = _heads(theta, target, generator)
-    if target.model == "linear":
-        return logistic_finetune(theta, target.X, target.y, ridge, generator)
-    delta, w, steps = finetune(model, {key: theta}, target.X, target.y, generator, ridge=ridge)
-    return task_parameters(target.model, theta + delta[key], w), steps.to(target.X.dtype)
-
-
-def _needs_representation(name: str, tasks: Tasks) -> None:
-    if tasks.model == "mlp" or tasks.representation is None:
-        raise ValueError(f"{name} needs a moment start and a true representation, which {tasks.model!r} tasks do not have; use a meta-learner or target-only")
+def _finetune_generic(method: Method, theta: Params, target: Tasks, generator: torch.Generator | None, ridge: Tensor) -> Adapted:
+    """Fine-tuned predictors from ``theta`` with heads of ridge ``ridge``: penalised for logistic
+    tasks on a linear representation, else early-stopped gradient descent."""
+    spec = method.spec
+    if spec.kind == "linear" and spec.model.loss == "logistic":
+        B = theta["B"]
+        X = target.flat()
+        if spec.intercept:  # the intercept's direction is inside the span: unpenalised but for the ridge
+            X = torch.nn.functional.pad(X, (0, 1), value=1.0) * target.weight.unsqueeze(-1)
+            B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
+        beta, strength = logistic_finetune(B, X, target.y, ridge, generator, **_weight(target))
+        linear = Adapted(beta[:, : target.dim], loss="logistic", strength=strength)
+        linear.bias = beta[:, -1] if spec.intercept else None
+        return linear
+    delta, w, steps = finetune(spec.model, theta, target.X, target.y, generator, ridge=ridge, **_weight(target))
+    adapted = {name: value + delta[name] for name, value in theta.items()}
+    return method._adapted(adapted, w, stacked=True, strength=steps.to(target.X.dtype))
 
 
 #: Methods that need a true representation ``B*`` or a moment start (not for ``mlp`` tasks).
@@ -421,6 +616,9 @@ class MetaLearner(Method):
     adapt_steps: int | None = None
     rank: int | None = None
     seed: int = 0
+    model: Any = field(default=None, kw_only=True)
+    intercept: bool | None = field(default=None, kw_only=True)
+    standardize: bool | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -431,46 +629,47 @@ class MetaLearner(Method):
 
     def resolve(self, source: Tasks) -> MetaConfig:
         """The :class:`MetaConfig` for these source tasks (``None`` settings from :func:`meta_defaults`)."""
+        kind = self.model if isinstance(self.model, str) else "module" if self.model is not None else source.model
         # the input variance only sets the default inner step of the linear and relu models
-        needs_variance = self.inner_lr is None and source.model != "mlp"
-        variance = float((source.X * source.X).mean((0, 1)).max()) if needs_variance else 1.0
-        defaults = meta_defaults(source.loss, source.model, variance)
+        needs_variance = self.inner_lr is None and kind != "mlp"
+        variance = float(((source.X * source.X).sum((0, 1)) / source.counts.sum()).max()) if needs_variance else 1.0
+        defaults = meta_defaults(source.loss, kind, variance)
         chosen = dict(inner_steps=self.inner_steps, inner_lr=self.inner_lr, outer_lr=self.outer_lr, meta_batch=self.meta_batch, iterations=self.iterations)
         values: dict[str, Any] = {key: defaults[key] if value is None else value for key, value in chosen.items()}
         values["meta_batch"] = min(values["meta_batch"], source.num_tasks)
         return MetaConfig(self.algorithm, optimizer=self.optimizer, support=self.support, compile=self.compile, chunk=self.chunk, **values)
 
-    def _init(self, source: Tasks, model_kind: str) -> tuple[Params, Tensor]:
+    def _init(self, source: Tasks) -> tuple[Params, Tensor]:
         g = torch.Generator().manual_seed(self.seed)
         dtype, device = source.X.dtype, source.X.device
-        if model_kind == "mlp":
+        spec = self.spec
+        if spec.kind == "mlp":
             return init_mlp(MLP_WIDTHS, g, dtype, device)
-        if model_kind not in ("linear", "relu"):
-            raise ValueError(f"unknown model kind {model_kind!r}")
-        assert source.representation is not None or self.rank is not None, "rank is needed without a true representation"
-        k = self.rank if self.rank is not None else source.representation.shape[1]  # type: ignore[union-attr]
-        if not 1 <= k <= source.dim:
-            raise ValueError(f"rank must be between 1 and the input dimension {source.dim}; got {k}")
-        Z = torch.randn(source.dim, k, generator=g, dtype=torch.float64)
-        start = torch.linalg.qr(Z)[0] if model_kind == "linear" else Z / Z.norm(dim=0, keepdim=True)
-        key = "B" if model_kind == "linear" else "W"
-        return {key: start.to(device, dtype)}, torch.zeros(k, dtype=dtype, device=device)
+        if spec.kind == "module":
+            assert spec.theta0 is not None
+            theta = {name: value.to(device, dtype) for name, value in spec.theta0.items()}
+            k = int(spec.model.features(theta, source.X[0, :1]).shape[-1])
+        else:
+            k = self._rank(source)
+            Z = torch.randn(source.dim, k, generator=g, dtype=torch.float64)
+            start = torch.linalg.qr(Z)[0] if spec.kind == "linear" else Z / Z.norm(dim=0, keepdim=True)
+            theta = {spec.key: start.to(device, dtype)}
+            k += int(spec.intercept)
+        shape = (k, spec.classes) if source.loss == "multiclass" else (k,)
+        return theta, torch.zeros(shape, dtype=dtype, device=device)
 
-    def fit(self, source: Tasks) -> Method:
-        start = time.perf_counter()
+    def _fit(self, source: Tasks) -> None:
         self.config = self.resolve(source)
-        self.model, key = model_for(source.loss, source.model)  # type: ignore[arg-type]
-        self.kind, self.key = source.model, key
-        theta0, w0 = self._init(source, source.model)
+        theta0, w0 = self._init(source)
         g = torch.Generator().manual_seed(self.seed + 1)
-        fit = meta_train(self.model, theta0, w0, source.X, source.y, self.config, g)
+        fit = meta_train(self.spec.model, theta0, w0, source.X, source.y, self.config, g, **_weight(source))
         self.theta, self.w = fit.theta, fit.w
+        key = self.spec.key
         self.representation = torch.linalg.qr(fit.theta[key])[0] if key else None
         synchronize(fit.w.device)
         tail = max(1, min(50, fit.losses.numel()))
         last = float(fit.losses[-tail:].mean()) if fit.losses.numel() else math.nan
         self.info = {
-            "source_time": time.perf_counter() - start,
             "source_objective": last,
             "meta_loss_first": float(fit.losses[:tail].mean()) if fit.losses.numel() else math.nan,
             "meta_loss_last": last,
@@ -481,19 +680,15 @@ class MetaLearner(Method):
             "compile_seconds": fit.compile_seconds,
             "meta_seconds": fit.seconds,
         }
-        return self
 
-    def adapt(self, target: Tasks, generator: torch.Generator | None = None) -> Tensor:
-        if not hasattr(self, "theta"):
-            raise RuntimeError(f"{type(self).__name__}.adapt called before fit")
+    def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
         steps = self.config.inner_steps if self.adapt_steps is None else self.adapt_steps
         theta = {name: value.to(target.X) for name, value in self.theta.items()}
+        head_only = self.algorithm == "anil"
         theta_t, w_t = inner_adapt(
-            self.model, theta, self.w.to(target.X), target.X, target.y, steps=steps, lr=self.config.inner_lr, head_only=self.algorithm == "anil"
+            self.spec.model, theta, self.w.to(target.X), target.X, target.y, steps=steps, lr=self.config.inner_lr, head_only=head_only, **_weight(target)
         )
-        if self.kind == "mlp":
-            return task_parameters("mlp", theta_t, w_t)
-        return task_parameters(self.kind, theta_t[self.key], w_t)
+        return self._adapted(theta_t, w_t, stacked=True)
 
 
 #: The meta-learners by CLI name.
@@ -512,21 +707,33 @@ METHODS: dict[str, Any] = {
 
 #: The keyword options :func:`make_method` passes on: to the meta-learners, and the inner loop to target-only.
 META_OPTIONS = ("inner_steps", "inner_lr", "outer_lr", "optimizer", "meta_batch", "iterations", "support", "compile", "chunk", "adapt_steps", "seed")
+#: Options every method that has them takes: the model, the rank ``k``, the intercept and the feature scaling.
+COMMON_OPTIONS = ("model", "rank", "intercept", "standardize")
 
 
 def make_method(name: str, options: dict[str, Any] | None = None) -> Method:
-    """A method by its CLI name (see :data:`METHODS`), with its default settings or, for the
-    meta-learners, the :data:`META_OPTIONS` in ``options`` (``None`` values keep the defaults);
-    ``target-only`` takes ``inner_lr``, ``adapt_steps`` (else ``inner_steps``) and ``seed`` for its
-    inner loop on ``mlp`` tasks. Other options are ignored."""
+    """A method by its CLI name (see :data:`METHODS`), with its default settings or the options in
+    ``options`` (``None`` values keep the defaults): :data:`COMMON_OPTIONS` for every method that has
+    them; for the meta-learners the :data:`META_OPTIONS`; ``target-only`` takes ``inner_lr``,
+    ``adapt_steps`` (else ``inner_steps``) and ``seed`` for its inner loop on ``mlp`` tasks."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    given = {key: value for key, value in (options or {}).items() if key in META_OPTIONS and value is not None}
+    options = {key: value for key, value in (options or {}).items() if value is not None}
+    given = {key: value for key, value in options.items() if key in META_OPTIONS}
+    method: Method
     if name in META_METHODS:
-        return MetaLearner(algorithm=name, **given)
-    if name == "target-only":
+        method = MetaLearner(algorithm=name, **given)
+    elif name == "target-only":
         steps = given.get("adapt_steps", given.get("inner_steps"))
         loop = {"inner_lr": given.get("inner_lr"), "inner_steps": steps, "seed": given.get("seed")}
-        return TargetOnly(**{key: value for key, value in loop.items() if value is not None})
-    method: Method = METHODS[name]()
+        method = TargetOnly(**{key: value for key, value in loop.items() if value is not None})
+    else:
+        method = METHODS[name]()
+    for key in COMMON_OPTIONS:
+        if key in options and hasattr(method, key):
+            setattr(method, key, options[key])
     return method
+
+
+#: The method classes by name (saved models record the class).
+METHOD_CLASSES: dict[str, type[Method]] = {cls.__name__: cls for cls in (AdaptRep, FrozenRep, Oracle, TargetOnly, MetaLearner)}

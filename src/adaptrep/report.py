@@ -25,15 +25,26 @@ STYLE = {
 }
 
 
-def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean excess risk and its 95% interval per (experiment x) setting x method x m.
+def metric_of(results: pd.DataFrame) -> str:
+    """The results' main metric: ``excess_risk`` (simulated settings) or ``query_loss`` (task data)."""
+    if "excess_risk" in results and results["excess_risk"].notna().any():
+        return "excess_risk"
+    return "query_loss"
 
-    The interval is Student's ``mean +- t_{0.975, s-1} SE`` over the ``s`` per-seed means (targets
-    within a seed share a learned representation, so they are not independent).
+
+def summarise(results: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """Mean of the main metric (:func:`metric_of`) and its 95% interval per (experiment x) setting x method x m.
+
+    Simulated settings: the interval is Student's ``mean +- t_{0.975, s-1} SE`` over the ``s``
+    per-seed means (targets within a seed share a learned representation, so they are not
+    independent). Task data: over every target task of every seed (each seed is a new split of
+    the tasks into source and target tasks).
     """
+    metric = metric or metric_of(results)
     keys = [key for key in ("experiment", "setting") if key in results] + ["method", "m"]
-    per_seed = results.groupby([*keys, "seed"], sort=False)["excess_risk"].mean().reset_index()
-    out = per_seed.groupby(keys, sort=False)["excess_risk"].agg(mean="mean", std="std", seeds="count").reset_index()
+    unit = ["seed"] if metric == "excess_risk" else ["seed", "target_task"]
+    per_seed = results.groupby([*keys, *unit], sort=False)[metric].mean().reset_index()
+    out = per_seed.groupby(keys, sort=False)[metric].agg(mean="mean", std="std", seeds="count").reset_index()
     half = (t_quantile_975(out["seeds"] - 1) * out["std"] / np.sqrt(out["seeds"])).fillna(0.0)
     out["ci_low"] = out["mean"] - half
     out["ci_high"] = out["mean"] + half
@@ -129,6 +140,10 @@ def write_report(
         part = results[results["experiment"] == index] if "experiment" in results else results[results["setting"] == setting]
         if part.empty:
             continue
+        if config.get("kind") == "evaluate":
+            stem = setting if unique else f"{index}-{setting}"
+            lines += _evaluate_section(part, config, figures, stem, describe_labels(labels[index] if labels else {}, skip=("setting",)))
+            continue
         stem = setting if unique else f"{index}-{setting}"
         varied = describe_labels(labels[index] if labels else {}, skip=("setting",))
         heading = f"## {setting}" if unique else f"## experiment {index}: {setting}"
@@ -179,6 +194,66 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _evaluate_section(part: pd.DataFrame, config: dict[str, Any], figures: Path, stem: str, varied: str) -> list[str]:
+    """The report's section for an evaluation on task data: query loss (and accuracy) per method x
+    shots with 95% intervals over target tasks and seeds, a figure, and which method is best where."""
+    source = config.get("dataset") or config.get("data")
+    heading = f"## {config['setting']}" + (f" ({varied})" if varied else "")
+    lines = [
+        heading,
+        "",
+        f"Data: `{source}`; loss {config['loss']}, model {config['model']}, rank {config.get('rank')}; "
+        f"{part['seed'].nunique()} seeds (task splits), {part.groupby('seed')['target_task'].nunique().sum()} target tasks in all.",
+        "",
+    ]
+    metrics = [m for m in ("query_loss", "query_accuracy") if m in part and part[m].notna().any()]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.0 * len(metrics), 4.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        summary = summarise(part, metric)
+        table = summary.assign(cell=[f"{m:.4g} ± {(h - m):.2g}" for m, h in zip(summary["mean"], summary["ci_high"], strict=True)])
+        pivot = table.pivot(index="method", columns="m", values="cell").reindex(list(dict.fromkeys(part["method"])))
+        pivot.columns = [f"{c} shots" for c in pivot.columns]
+        lines += [f"Mean {metric.replace('_', ' ')} on the query samples (± 95% interval):", "", _markdown_text(pivot), ""]
+        better = max if metric == "query_accuracy" else min
+        for shots, rows in summary.groupby("m"):
+            best = rows.loc[rows["mean"].idxmax() if better is max else rows["mean"].idxmin()]
+            tied = rows[(rows["ci_high"] >= best["ci_low"]) & (rows["ci_low"] <= best["ci_high"]) & (rows["method"] != best["method"])]
+            others = f"; within its interval: {', '.join(tied['method'])}" if len(tied) else "; no other method within its interval"
+            lines.append(
+                f"- {shots} shots: best {metric.replace('_', ' ')} {best['method']} ({best['mean']:.4g} ± {best['ci_high'] - best['mean']:.2g}){others}."
+            )
+        lines.append("")
+        for method, rows in summary.groupby("method", sort=False):
+            color, marker = style_of(str(method))
+            ax.plot(rows["m"], rows["mean"], marker=marker, color=color, label=str(method))
+            ax.fill_between(rows["m"], rows["ci_low"], rows["ci_high"], color=color, alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("shots (support samples per task, per class for classification)")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{config['setting']}: target tasks' query samples", fontsize=10)
+    fig.tight_layout()
+    path = figures / f"{stem}_query.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [*lines, f"![query metrics, {config['setting']}](figures/{path.name})", ""]
+
+
+def style_of(method: str) -> tuple[str, str]:
+    """A method's colour and marker."""
+    return STYLE.get(method, ("black", "x"))
+
+
+def _markdown_text(frame: pd.DataFrame) -> str:
+    header = "| " + " | ".join([str(frame.index.name or "")] + [str(c) for c in frame.columns]) + " |"
+    rule = "|" + "---|" * (len(frame.columns) + 1)
+    body = [
+        "| " + " | ".join([str(index)] + [str(v) if pd.notna(v) else "–" for v in row]) + " |" for index, row in zip(frame.index, frame.to_numpy(), strict=True)
+    ]
+    return "\n".join([header, rule, *body])
 
 
 def _markdown(frame: pd.DataFrame, fmt: str) -> str:

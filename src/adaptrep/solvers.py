@@ -98,10 +98,16 @@ def ball_prox(v: Tensor, strength: Tensor, step: Tensor) -> Tensor:
 # the squared loss and the per-task problem for a fixed representation
 
 
-def sufficient_statistics(X: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``G = X^T X / n``, ``c = X^T y / n``, ``q = y^T y / n`` for ``X (..., n, d)``, ``y (..., n)``."""
-    n = X.shape[-2]
-    return X.transpose(-1, -2) @ X / n, matvec(X.transpose(-1, -2), y) / n, (y * y).sum(-1) / n
+def sufficient_statistics(X: Tensor, y: Tensor, counts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``G = X^T X / n``, ``c = X^T y / n``, ``q = y^T y / n`` for ``X (..., n, d)``, ``y (..., n)``.
+
+    ``counts`` (``(...,)``): each problem's own number of samples ``n_t`` for zero-padded (ragged)
+    data, whose padded rows add nothing to the sums.
+    """
+    if counts is None:
+        n = X.shape[-2]
+        return X.transpose(-1, -2) @ X / n, matvec(X.transpose(-1, -2), y) / n, (y * y).sum(-1) / n
+    return X.transpose(-1, -2) @ X / counts[..., None, None], matvec(X.transpose(-1, -2), y) / counts[..., None], (y * y).sum(-1) / counts
 
 
 def mse(G: Tensor, c: Tensor, q: Tensor, beta: Tensor) -> Tensor:
@@ -384,32 +390,38 @@ def fit_source(
     )
 
 
-def ols_noise_variance(G: Tensor, c: Tensor, q: Tensor, num_samples: int) -> Tensor | None:
-    """Per-task unbiased noise variance from least-squares residuals (``n - d`` degrees of freedom).
+def ols_noise_variance(G: Tensor, c: Tensor, q: Tensor, num_samples: int | Tensor) -> Tensor | None:
+    """Per-task unbiased noise variance from least-squares residuals (``n - d`` degrees of freedom;
+    ``num_samples`` one ``n`` or per-task counts).
 
-    ``None`` when ``n <= d + 2`` (too few residual degrees of freedom).
+    ``None`` when some task has ``n <= d + 2`` (too few residual degrees of freedom).
     """
     d = c.shape[-1]
-    if num_samples <= d + 2:
+    n = torch.as_tensor(num_samples, dtype=c.dtype, device=c.device)
+    if bool((n <= d + 2).any()):
         return None
-    rss = (mse(G, c, q, spd_solve(G, c)) * num_samples).clamp_min(0)
-    return rss / (num_samples - d)
+    rss = (mse(G, c, q, spd_solve(G, c)) * n).clamp_min(0)
+    return rss / (n - d)
 
 
-def estimate_noise(G: Tensor, c: Tensor, q: Tensor, num_samples: int, rank: int) -> tuple[float, int]:
+def estimate_noise(G: Tensor, c: Tensor, q: Tensor, num_samples: int | Tensor, rank: int, lost: int = 0) -> tuple[float, int]:
     """Estimate the noise level ``sigma`` from source statistics; returns ``(sigma_hat, dof)``.
 
-    With ``n > d + 2`` samples per task, the pooled residual variance of per-task least squares
-    (``T (n - d)`` degrees of freedom, unbiased). Otherwise the residual of the top-``k`` moment
-    representation with ``n - k`` degrees of freedom each, which also counts the unexplained task
-    signal and so errs on the large side; it is returned with ``dof = 0`` so that users of the
-    estimate (target fine-tuning) prefer any unbiased estimate they have.
+    ``num_samples`` is every task's ``n`` or per-task counts ``n_t`` (``(T,)``, ragged tasks);
+    ``lost`` degrees of freedom per task were spent before (1 for a profiled-out intercept).
+    With ``n_t > d + 2 + lost`` samples in some tasks, the pooled residual variance of those tasks'
+    least-squares fits (``sum_t (n_t - d - lost)`` degrees of freedom, unbiased). Otherwise the residual
+    of the top-``k`` moment representation with ``n_t - k - lost`` degrees of freedom each, which also
+    counts the unexplained task signal and so errs on the large side; it is returned with ``dof = 0``
+    so that users of the estimate (target fine-tuning) prefer any unbiased estimate they have.
     """
-    T = c.shape[0]
-    n = num_samples
-    variance = ols_noise_variance(G, c, q, n)
-    if variance is not None:
-        return float(variance.mean().sqrt()), T * (n - c.shape[-1])
+    T, d = c.shape
+    n = torch.as_tensor(num_samples, dtype=c.dtype, device=c.device).expand(T)
+    usable = n > d + 2 + lost
+    if bool(usable.any()):
+        rss = (mse(G[usable], c[usable], q[usable], spd_solve(G[usable], c[usable])) * n[usable]).clamp_min(0)
+        dof = (n[usable] - d - lost).sum()
+        return float((rss.sum() / dof).sqrt()), int(dof)
     B = moment_inits(G, c, rank)[0]
     rss = (mse(G, c, q, predictor(B, HeadSolver.build(B, G)(c))) * n).clamp_min(0)
-    return float(math.sqrt(rss.sum() / (T * max(n - rank, 1)))), 0
+    return float(math.sqrt(rss.sum() / (n - rank - lost).clamp_min(1).sum())), 0

@@ -32,7 +32,8 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from .experiment import ConfigError, RunConfig, library_versions, read_yaml, resolve_config, run_seed
+from .evaluate import EvaluateConfig
+from .experiment import ConfigError, RunConfig, library_versions, read_yaml, resolve_config, run_unit
 from .store import Store, StoreError, describe_labels
 
 __all__ = [
@@ -61,7 +62,7 @@ class Run:
     """One unit of work: a resolved config and one seed. ``labels`` are the sweep's values for
     the keys it varies (they become columns of ``results.csv``)."""
 
-    config: RunConfig
+    config: Any  # RunConfig or EvaluateConfig
     seed: int
     labels: dict[str, Any] = field(default_factory=dict)
 
@@ -95,7 +96,7 @@ class SweepSpec(BaseModel):
         for key, values in grid.items():
             if key == "seeds":
                 raise ValueError("seeds: give seeds at the top level of the spec, not in the grid")
-            if key not in RunConfig.model_fields:
+            if key not in RunConfig.model_fields and key not in EvaluateConfig.model_fields:
                 raise ValueError(f"{key}: unknown key")
             if not values:
                 raise ValueError(f"{key}: needs at least one value")
@@ -164,7 +165,7 @@ def compute(
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    rows = run_seed(RunConfig(**config), seed, on_step)
+    rows = run_unit(config, seed, on_step)
     return rows, time.perf_counter() - start, library_versions()
 
 
