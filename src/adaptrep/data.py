@@ -196,8 +196,8 @@ class Tasks:
 
         return replace(
             self,
-            X=move(self.X),
-            y=move(self.y),
+            X=self.X.to(device=device, dtype=dtype),
+            y=self.y.to(device=device, dtype=dtype),
             beta=move(self.beta),
             representation=move(self.representation),
             mask=None if self.mask is None else self.mask.to(device),
@@ -409,7 +409,7 @@ def split_tasks(tasks: Tasks, target: float | Sequence[str], seed: int = 0) -> t
         chosen = order[:count].sort().values
     else:
         names = [tasks.task_name(t) for t in range(T)]
-        wanted = [str(name) for name in target]
+        wanted = [str(name) for name in target]  # type: ignore[union-attr]
         unknown = [name for name in wanted if name not in names]
         if unknown:
             raise DataError(f"target task {unknown[0]!r} is not in the data")

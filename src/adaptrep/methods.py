@@ -262,7 +262,9 @@ class _AdaptsRepresentation(Method):
 
     def _theta(self) -> Params:
         """The learned representation's parameters (``theta``)."""
-        return {self.spec.key: self.representation} if self.spec.key else dict(getattr(self, "theta", {}))
+        if self.spec.key and self.representation is not None:
+            return {self.spec.key: self.representation}
+        return dict(getattr(self, "theta", {}))
 
     def _check_generic_finetune(self) -> None:
         if self.finetune is None:
