@@ -96,6 +96,7 @@ class Spec:
     input_shape: tuple[int, ...]
     feature_names: tuple[str, ...] | None
     classes: int
+    prior: bool = False
 
     @property
     def exact(self) -> bool:
@@ -117,6 +118,9 @@ class Method(ABC):
     model: Any = None
     intercept: bool | None = None
     standardize: bool | None = None
+    prior: bool | None = None
+    #: the heads' prior learned from the source tasks: mean ``(k',)`` and covariance ``(k', k')``
+    head_prior: tuple[Tensor, Tensor] | None = None
 
     def fit(self, source: Tasks) -> Method:
         """Fit on the source tasks (their inputs and labels; ground truth only where a method says)."""
@@ -164,7 +168,14 @@ class Method(ABC):
             model = with_intercept(model)  # the exact linear path profiles the intercept out instead
         scaler = Standardizer.fit(source) if standardize else None
         classes = source.num_classes if source.loss == "multiclass" else 1
-        return Spec(model, key, kind, theta0, intercept, scaler, source.input_shape, source.feature_names, classes)
+        spec = Spec(model, key, kind, theta0, intercept, scaler, source.input_shape, source.feature_names, classes)
+        wants = getattr(self, "prior", None)
+        if wants and not (spec.exact and isinstance(self, _RepresentationMethod)):
+            raise ValueError(
+                "prior (the source heads' distribution as the target heads' prior) applies to adaptrep and frozenrep with the squared loss and linear model"
+            )
+        spec.prior = bool(not simulated if wants is None else wants) and spec.exact and isinstance(self, _RepresentationMethod)
+        return spec
 
     def _prepare(self, tasks: Tasks) -> Tasks:
         return tasks if self.spec.standardizer is None else self.spec.standardizer(tasks)
@@ -229,6 +240,7 @@ class _AdaptsRepresentation(Method):
     model: Any = field(default=None, kw_only=True)
     intercept: bool | None = field(default=None, kw_only=True)
     standardize: bool | None = field(default=None, kw_only=True)
+    prior: bool | None = field(default=None, kw_only=True)
 
     def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
         if self.representation is None:
@@ -236,6 +248,8 @@ class _AdaptsRepresentation(Method):
         if not self.spec.exact:
             return self._adapt_generic(target, generator)
         B = self.representation.to(target.X)
+        if self.head_prior is not None:
+            return self._adapt_with_prior(B, target, generator)
         X, y, mx, my = _centered(target, self.spec.intercept)
         if self.finetune is None:
             G, c, _ = sufficient_statistics(X, y, target.counts if target.ragged else None)
@@ -246,6 +260,29 @@ class _AdaptsRepresentation(Method):
             )
         bias = None if mx is None or my is None else my - (mx * beta).sum(-1)
         return Adapted(beta, bias=bias, loss="squared", strength=strength)
+
+    def _adapt_with_prior(self, B: Tensor, target: Tasks, generator: torch.Generator | None) -> Adapted:
+        """The exact path with the heads' prior (empirical Bayes, :class:`~adaptrep.finetune.ShrunkHeads`):
+        head ``(w, b)`` (with the intercept ``b`` as a constant feature, shrunk like the rest) drawn
+        toward the source heads' mean with precision ``(sigma^2 / m) S^{-1}``."""
+        assert self.head_prior is not None and self.noise_estimate is not None
+        mu, S = (value.to(target.X) for value in self.head_prior)
+        X, k = target.flat(), B.shape[1]
+        if self.spec.intercept:
+            X = torch.nn.functional.pad(X, (0, 1), value=1.0) * target.weight.unsqueeze(-1)
+            B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
+        counts = target.counts
+        P = (self.noise_estimate**2 / counts)[:, None, None] * torch.linalg.inv(S)
+        prior = (P, (P @ mu.unsqueeze(-1)).squeeze(-1).expand(target.num_tasks, -1))
+        if self.finetune is None:
+            G, c, _ = sufficient_statistics(X, target.y, counts if target.ragged else None)
+            beta, strength = fit_head(B, G, c, prior), None
+        else:
+            options = dict(noise=self.noise_estimate, noise_dof=self.noise_dof, mask=target.mask if target.ragged else None, prior=prior)
+            beta, strength = self.finetune.adapt(B, X, target.y, generator, **options)  # type: ignore[arg-type]
+        bias = beta[:, -1] if self.spec.intercept else None
+        del k
+        return Adapted(beta[:, : target.dim], bias=bias, loss="squared", strength=strength)
 
     def _adapt_generic(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
         """Other losses and models (:mod:`adaptrep.models`): heads with a cross-validated ridge,
@@ -306,6 +343,9 @@ class _RepresentationMethod(_AdaptsRepresentation):
         fit: SourceFit = fit_source(G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol)
         self.source_fit = fit
         self.representation = fit.B
+        if self.spec.prior:
+            assert self.noise_estimate is not None
+            self.head_prior = _head_prior(source, fit, self.spec.intercept, self.noise_estimate)
         synchronize(fit.B.device)
         self.info = {
             "source_objective": fit.objective,
@@ -351,6 +391,31 @@ class _RepresentationMethod(_AdaptsRepresentation):
         X, y, _, _ = _centered(source, self.spec.intercept)
         G, c, q = sufficient_statistics(X, y, source.counts if source.ragged else None)
         return estimate_noise(G, c, q, source.counts if source.ragged else source.num_samples, max(rank, 1))[0], p
+
+
+def _head_prior(source: Tasks, fit: SourceFit, intercept: bool, noise: float) -> tuple[Tensor, Tensor]:
+    """The source heads' population: mean and covariance of the heads ``h_t = (w_t, b_t)`` (``b_t``
+    the intercept ``ybar_t - xbar_t^T (B w_t + v_t)`` when there is one), by the method of moments
+    that random-effects models use: the spread of the fitted heads minus their average estimation
+    noise ``(sigma^2 / n_t) (B'^T G_t B')^{-1}`` (``B' = [B, 0; 0, 1]`` on inputs ``[x, 1]``),
+    with eigenvalues floored at ``1e-3`` times the largest so that it can be inverted."""
+    heads, B = fit.W, fit.B
+    G, _, _ = source.gram()
+    if intercept:
+        mx, my = source.means()
+        beta = fit.W @ fit.B.T + fit.V
+        heads = torch.cat([heads, (my - (mx * beta).sum(-1)).unsqueeze(-1)], -1)
+        top = torch.cat([G, mx.unsqueeze(-1)], -1)
+        G = torch.cat([top, torch.nn.functional.pad(mx, (0, 1), value=1.0).unsqueeze(-2)], -2)
+        B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
+    mu = heads.mean(0)
+    centred = heads - mu
+    spread = centred.T @ centred / max(1, heads.shape[0] - 1)
+    H = B.T @ G @ B
+    error = (noise**2 / source.counts)[:, None, None] * torch.linalg.pinv(H, hermitian=True)
+    values, vectors = torch.linalg.eigh(spread - error.mean(0))
+    values = values.clamp_min(1e-3 * values.max().clamp_min(1e-12))
+    return mu, (vectors * values) @ vectors.T
 
 
 def _moments(source: Tasks) -> tuple[Tensor, Tensor]:
@@ -710,7 +775,7 @@ METHODS: dict[str, Any] = {
 #: The keyword options :func:`make_method` passes on: to the meta-learners, and the inner loop to target-only.
 META_OPTIONS = ("inner_steps", "inner_lr", "outer_lr", "optimizer", "meta_batch", "iterations", "support", "compile", "chunk", "adapt_steps", "seed")
 #: Options every method that has them takes: the model, the rank ``k``, the intercept and the feature scaling.
-COMMON_OPTIONS = ("model", "rank", "intercept", "standardize")
+COMMON_OPTIONS = ("model", "rank", "intercept", "standardize", "prior")
 
 
 def make_method(name: str, options: dict[str, Any] | None = None) -> Method:

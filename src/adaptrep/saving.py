@@ -62,6 +62,8 @@ def save_method(method: Method, path: str | Path, data: dict[str, Any] | None = 
         tensors["w"] = method.w  # type: ignore[attr-defined]
     for name, value in (spec.theta0 or {}).items():
         tensors[f"theta0.{name}"] = value
+    if method.head_prior is not None:
+        tensors["prior.mean"], tensors["prior.cov"] = method.head_prior
     if spec.standardizer is not None:
         tensors["scale.mean"], tensors["scale.scale"] = spec.standardizer.mean, spec.standardizer.scale
     config = getattr(method, "config", None)
@@ -78,6 +80,7 @@ def save_method(method: Method, path: str | Path, data: dict[str, Any] | None = 
             "input_shape": list(spec.input_shape),
             "feature_names": list(spec.feature_names) if spec.feature_names is not None else None,
             "classes": spec.classes,
+            "prior": spec.prior,
         },
         "state": {
             "noise_estimate": method.noise_estimate,
@@ -159,6 +162,9 @@ def load_method(path: str | Path, module: torch.nn.Module | None = None, device:
     method.spec = Spec(
         model, spec_meta["key"], spec_meta["kind"], theta0 or None, spec_meta["intercept"], scaler, tuple(spec_meta["input_shape"]), names, spec_meta["classes"]
     )
+    method.spec.prior = bool(spec_meta.get("prior", False))
+    if "prior.mean" in tensors:
+        method.head_prior = (tensors["prior.mean"], tensors["prior.cov"])
     method.representation = tensors.get("representation")
     theta = {name.removeprefix("theta."): value for name, value in tensors.items() if name.startswith("theta.")}
     if theta:
