@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import cv
 from .solvers import HeadSolver, Prox, ball_prox, fit_perturbation, lipschitz, matvec, mse, ols_noise_variance, penalty_prox, predictor, sufficient_statistics
 
 
@@ -33,13 +34,10 @@ def fit_head(B: Tensor, G: Tensor, c: Tensor) -> Tensor:
 def fold_statistics(X: Tensor, y: Tensor, folds: int, generator: torch.Generator) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
     """Training and validation sufficient statistics ``(G, c, q)`` for a random K-fold split.
 
-    Returns tensors with a fold dimension after the task dimension: ``(R, K, d, d)`` etc.
+    Returns tensors with a fold dimension after the task dimension: ``(R, K, d, d)`` etc. The folds
+    are those of :func:`adaptrep.cv.fold_masks`.
     """
-    R, m, _ = X.shape
-    perm = torch.argsort(torch.rand(R, m, generator=generator, dtype=torch.float64), dim=-1)
-    fold_of = torch.empty(R, m, dtype=torch.long)
-    fold_of.scatter_(1, perm, (torch.arange(m) % folds).expand(R, m).contiguous())
-    held_out = (fold_of.unsqueeze(1) == torch.arange(folds).view(1, folds, 1)).to(X.device, X.dtype)  # (R, K, m)
+    held_out = cv.fold_masks(X, folds, generator).held_out  # (R, K, m)
 
     def stats(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         count = mask.sum(-1).clamp_min(1)
@@ -151,14 +149,7 @@ class FineTune:
         standard error — fine-tuning moves away from the learned representation only as far as
         the validation data show a real gain.
         """
-        mean = errors.mean(1)
-        best = mean.argmin(-1, keepdim=True)
-        if self.rule == "min":
-            return best
-        diff = errors - torch.gather(errors, 2, best.unsqueeze(1).expand(-1, errors.shape[1], 1))
-        se = diff.std(1) / errors.shape[1] ** 0.5
-        ok = diff.mean(1) <= se
-        return torch.argmax(ok.to(torch.int8), dim=-1, keepdim=True)
+        return cv.select(errors, self.rule).unsqueeze(-1)
 
     def adapt(
         self, B: Tensor, X: Tensor, y: Tensor, generator: torch.Generator | None = None, noise: float | None = None, noise_dof: int = 0
