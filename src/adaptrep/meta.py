@@ -334,7 +334,7 @@ def _chunk_loop(
     from torch._higher_order_ops.while_loop import while_loop
 
     chunk = cast(int, config.chunk)
-    Xs, ys, Xq, yq, sw, qw = data
+    Xs, ys, Xq, yq, sw, qw = data if len(data) == 6 else (*data, None, None)  # weights optional
     assert Xs is not None and ys is not None and Xq is not None and yq is not None
     same = Xq is Xs and yq is ys and qw is sw  # no support/query split
     B, names = ys.shape[0], list(theta)
