@@ -148,6 +148,24 @@ def test_weighted_heads_are_stationary_points_of_the_weighted_objective(loss):
     torch.testing.assert_close(fit_heads(model, theta, X, y, weight=2 * weight, ridge=ridge), w.detach(), rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("loss", ["squared", "logistic", "multiclass"])
+def test_integer_weights_equal_repeated_samples(loss):
+    """A weight of 2 is the sample twice, 0 is no sample: an independent check of the weighted fits
+    and of the class count inferred from the labels (no ``classes`` given)."""
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(2, 15, D, generator=g, dtype=F64)
+    y = _labels(loss, (2, 15), g)
+    counts = torch.randint(0, 3, (2, 15), generator=g)
+    counts[:, :N] = 1  # every class present in both tasks
+    if loss == "multiclass":
+        y[:, :N] = torch.arange(N, dtype=F64)
+    model, theta = linear_model(loss), {"B": torch.eye(D, dtype=F64)[:, :3]}
+    weighted = fit_heads(model, theta, X, y, weight=counts.to(F64), ridge=0.02)
+    for t in range(2):
+        repeated = fit_heads(model, theta, X[t].repeat_interleave(counts[t], 0)[None], y[t].repeat_interleave(counts[t])[None], ridge=0.02)
+        torch.testing.assert_close(weighted[t], repeated[0], rtol=1e-9, atol=1e-11)
+
+
 def test_multinomial_chunks_and_bad_labels():
     g = torch.Generator().manual_seed(2)
     Phi = torch.randn(7, 20, 3, generator=g, dtype=F64)
