@@ -13,9 +13,9 @@ largest count of folds of any task, and ``present`` marks the folds that a task 
 present fold holds out at least one real sample and no padding. The rules average over a task's
 present folds only.
 
-With equal-size tasks the draw is that of :func:`adaptrep.finetune.fold_statistics` before this
-module: a random order per task (``argsort`` of float64 uniforms from ``generator``) dealt to the
-folds in turn, so fold sizes differ by at most one.
+The draw: a random order of each task's real samples (``argsort`` of float64 uniforms from
+``generator``, padding sorted last) dealt to its folds in turn, so fold sizes differ by at most one.
+Equal-size tasks get the same folds with or without an all-ones ``weight``.
 """
 
 from __future__ import annotations
