@@ -154,7 +154,7 @@ def test_intercept_equals_least_squares_with_intercept():
     adapted = TargetOnly().fit(tasks).adapt(tasks)
     for t, (X, y) in enumerate(zip(Xs, ys, strict=True)):
         coef = np.linalg.lstsq(np.c_[X, np.ones(len(X))], y, rcond=None)[0]
-        scaled = adapted.w[t].numpy() / adapted.standardizer.scale.numpy()
+        scaled = adapted.w[t].numpy() / adapted.standardizer.scale.numpy() * adapted.standardizer.label_scale
         np.testing.assert_allclose(scaled, coef[:-1], rtol=1e-8, atol=1e-10)
         np.testing.assert_allclose(adapted.predict(tasks.X)[t, : len(y)].numpy(), np.c_[X, np.ones(len(X))] @ coef, atol=1e-8)
 

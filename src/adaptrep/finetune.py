@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import cv
 from .solvers import HeadSolver, Prox, ball_prox, fit_perturbation, lipschitz, matvec, mse, ols_noise_variance, penalty_prox, predictor, sufficient_statistics
 
 
@@ -62,18 +63,10 @@ def fold_statistics(
     """Training and validation sufficient statistics ``(G, c, q)`` for a random K-fold split
     (of the real samples only, with a ``mask`` of zero-padded ragged data).
 
-    Returns tensors with a fold dimension after the task dimension: ``(R, K, d, d)`` etc.
+    Returns tensors with a fold dimension after the task dimension: ``(R, K, d, d)`` etc. The folds
+    are those of :func:`adaptrep.cv.fold_masks`.
     """
-    R, m, _ = X.shape
-    key = torch.rand(R, m, generator=generator, dtype=torch.float64)
-    if mask is not None:
-        key = torch.where(mask.cpu(), key, torch.full_like(key, 2.0))  # padding sorts last
-    perm = torch.argsort(key, dim=-1)
-    fold_of = torch.empty(R, m, dtype=torch.long)
-    fold_of.scatter_(1, perm, (torch.arange(m) % folds).expand(R, m).contiguous())
-    held_out = (fold_of.unsqueeze(1) == torch.arange(folds).view(1, folds, 1)).to(X.device, X.dtype)  # (R, K, m)
-    if mask is not None:
-        held_out = held_out * mask.unsqueeze(1).to(X.dtype)
+    held_out = cv.fold_masks(X, folds, generator, weight=mask).held_out  # (R, K, m)
 
     def stats(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         count = mask.sum(-1).clamp_min(1)
@@ -187,14 +180,7 @@ class FineTune:
         standard error — fine-tuning moves away from the learned representation only as far as
         the validation data show a real gain.
         """
-        mean = errors.mean(1)
-        best = mean.argmin(-1, keepdim=True)
-        if self.rule == "min":
-            return best
-        diff = errors - torch.gather(errors, 2, best.unsqueeze(1).expand(-1, errors.shape[1], 1))
-        se = diff.std(1) / errors.shape[1] ** 0.5
-        ok = diff.mean(1) <= se
-        return torch.argmax(ok.to(torch.int8), dim=-1, keepdim=True)
+        return cv.select(errors, self.rule).unsqueeze(-1)
 
     def adapt(
         self,

@@ -121,6 +121,8 @@ class Method(ABC):
     prior: bool | None = None
     #: the heads' prior learned from the source tasks: mean ``(k',)`` and covariance ``(k', k')``
     head_prior: tuple[Tensor, Tensor] | None = None
+    #: whether the method uses the exact linear path where it applies (squared loss, linear model)
+    exact_path: bool = True
 
     def fit(self, source: Tasks) -> Method:
         """Fit on the source tasks (their inputs and labels; ground truth only where a method says)."""
@@ -156,18 +158,20 @@ class Method(ABC):
         intercept = (not simulated) if self.intercept is None else bool(self.intercept)
         standardize = (not simulated) if self.standardize is None else bool(self.standardize)
         theta0: Params | None = None
+        classes = source.num_classes if source.loss == "multiclass" else 1
+        count = classes if source.loss == "multiclass" else None
         if isinstance(self.model, torch.nn.Module):
-            model, theta0 = Model.from_module(self.model, source.loss)  # type: ignore[arg-type]
+            model, theta0 = Model.from_module(self.model, source.loss, count)  # type: ignore[arg-type]
             kind, key = "module", ""
         else:
             kind = self.model if self.model is not None else source.model
             if not isinstance(kind, str):
                 raise ValueError(f"model must be 'linear', 'relu', 'mlp' or a torch.nn.Module; got {type(self.model).__name__}")
-            model, key = model_for(source.loss, kind)  # type: ignore[arg-type]
-        if intercept and kind != "mlp" and not (kind == "linear" and source.loss == "squared"):
+            model, key = model_for(source.loss, kind, count)  # type: ignore[arg-type]
+        exact = kind == "linear" and source.loss == "squared" and self.exact_path
+        if intercept and kind != "mlp" and not exact:
             model = with_intercept(model)  # the exact linear path profiles the intercept out instead
         scaler = Standardizer.fit(source) if standardize else None
-        classes = source.num_classes if source.loss == "multiclass" else 1
         spec = Spec(model, key, kind, theta0, intercept, scaler, source.input_shape, source.feature_names, classes)
         wants = getattr(self, "prior", None)
         if wants and not (spec.exact and isinstance(self, _RepresentationMethod)):
@@ -200,9 +204,9 @@ class Method(ABC):
         return Adapted(w, spec.model, theta, stacked, None, spec.model.loss, spec.kind, spec.key, strength=strength)
 
 
-def _weight(tasks: Tasks) -> dict[str, Tensor]:
-    """``weight=`` for the generic path's functions when tasks are ragged (none otherwise)."""
-    return {"weight": tasks.weight} if tasks.ragged else {}
+def _weight(tasks: Tasks) -> Tensor | None:
+    """``weight=`` for the generic path's functions: the mask of ragged tasks (``None`` otherwise)."""
+    return tasks.weight if tasks.ragged else None
 
 
 def _centered(tasks: Tasks, intercept: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -292,7 +296,7 @@ class _AdaptsRepresentation(Method):
         assert self.representation is not None
         theta = self._theta()
         spec = self.spec
-        w, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, **_weight(target))
+        w, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, weight=_weight(target))
         if self.finetune is None:
             return self._adapted(theta, w, stacked=False)
         return _finetune_generic(self, theta, target, generator, ridge)
@@ -372,7 +376,7 @@ class _RepresentationMethod(_AdaptsRepresentation):
             starts: list[Params] = [spec.theta0]
         else:
             starts = [{spec.key: start} for start in moment_inits(*_moments(source), rank)]
-        fits = [fit_shared(spec.model, start, source.X, source.y, lam=lam, gamma=gamma, **_weight(source)) for start in starts]
+        fits = [fit_shared(spec.model, start, source.X, source.y, lam=lam, gamma=gamma, weight=_weight(source)) for start in starts]
         fit = min(fits, key=lambda candidate: candidate.objective)
         self.theta = fit.theta
         self.representation = fit.theta[spec.key] if spec.key else None
@@ -565,18 +569,18 @@ class TargetOnly(Method):
             else:
                 assert spec.theta0 is not None
                 theta = {name: value.to(target.X) for name, value in spec.theta0.items()}
-            _, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, **_weight(target))
+            _, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, weight=_weight(target))
             return _finetune_generic(self, theta, target, generator, ridge)
         X, y, mx, my = _centered(target, spec.intercept)
         if target.loss != "squared":
-            model = linear_model(target.loss)  # type: ignore[arg-type]
+            model = linear_model(target.loss, spec.classes if target.loss == "multiclass" else None)  # type: ignore[arg-type]
             if spec.intercept:
                 model = with_intercept(model)
             identity = {"B": torch.eye(target.dim, dtype=X.dtype, device=X.device)}
             if self.ridge > 0:
-                w = fit_heads(model, identity, target.flat(), target.y, ridge=self.ridge, **_weight(target))
+                w = fit_heads(model, identity, target.flat(), target.y, ridge=self.ridge, weight=_weight(target))
             else:
-                w = cv_heads(model, identity, target.flat(), target.y, generator, **_weight(target))[0]
+                w = cv_heads(model, identity, target.flat(), target.y, generator, weight=_weight(target))[0]
             return Adapted(w, model, identity, False, None, target.loss, "linear", "B")
         if self.ridge > 0:
             G, c, _ = sufficient_statistics(X, y, target.counts if target.ragged else None)
@@ -598,11 +602,11 @@ def _finetune_generic(method: Method, theta: Params, target: Tasks, generator: t
         if spec.intercept:  # the intercept's direction is inside the span: unpenalised but for the ridge
             X = torch.nn.functional.pad(X, (0, 1), value=1.0) * target.weight.unsqueeze(-1)
             B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
-        beta, strength = logistic_finetune(B, X, target.y, ridge, generator, **_weight(target))
+        beta, strength = logistic_finetune(B, X, target.y, ridge, generator, weight=_weight(target))
         linear = Adapted(beta[:, : target.dim], loss="logistic", strength=strength)
         linear.bias = beta[:, -1] if spec.intercept else None
         return linear
-    delta, w, steps = finetune(spec.model, theta, target.X, target.y, generator, ridge=ridge, **_weight(target))
+    delta, w, steps = finetune(spec.model, theta, target.X, target.y, generator, ridge=ridge, weight=_weight(target))
     adapted = {name: value + delta[name] for name, value in theta.items()}
     return method._adapted(adapted, w, stacked=True, strength=steps.to(target.X.dtype))
 
@@ -687,6 +691,8 @@ class MetaLearner(Method):
     intercept: bool | None = field(default=None, kw_only=True)
     standardize: bool | None = field(default=None, kw_only=True)
 
+    exact_path = False  # the meta-learners always train by gradient steps
+
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown meta-learning algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -729,7 +735,7 @@ class MetaLearner(Method):
         self.config = self.resolve(source)
         theta0, w0 = self._init(source)
         g = torch.Generator().manual_seed(self.seed + 1)
-        fit = meta_train(self.spec.model, theta0, w0, source.X, source.y, self.config, g, **_weight(source))
+        fit = meta_train(self.spec.model, theta0, w0, source.X, source.y, self.config, g, weight=_weight(source))
         self.theta, self.w = fit.theta, fit.w
         key = self.spec.key
         self.representation = torch.linalg.qr(fit.theta[key])[0] if key else None
@@ -753,7 +759,7 @@ class MetaLearner(Method):
         theta = {name: value.to(target.X) for name, value in self.theta.items()}
         head_only = self.algorithm == "anil"
         theta_t, w_t = inner_adapt(
-            self.spec.model, theta, self.w.to(target.X), target.X, target.y, steps=steps, lr=self.config.inner_lr, head_only=head_only, **_weight(target)
+            self.spec.model, theta, self.w.to(target.X), target.X, target.y, steps=steps, lr=self.config.inner_lr, head_only=head_only, weight=_weight(target)
         )
         return self._adapted(theta_t, w_t, stacked=True)
 

@@ -86,6 +86,7 @@ def save_method(method: Method, path: str | Path, data: dict[str, Any] | None = 
             "noise_estimate": method.noise_estimate,
             "noise_dof": method.noise_dof,
             "width": getattr(method, "width", None),
+            "labels": [spec.standardizer.label_mean, spec.standardizer.label_scale] if spec.standardizer is not None else None,
             "config": dataclasses.asdict(config) if isinstance(config, MetaConfig) else None,
         },
         "data": data or {},
@@ -151,13 +152,15 @@ def load_method(path: str | Path, module: torch.nn.Module | None = None, device:
         options["finetune"] = FineTune(**options["finetune"]["finetune"])
     method = cls(**options)
     loss = spec_meta["loss"]
+    count = spec_meta["classes"] if loss == "multiclass" else None
     if spec_meta["kind"] == "module":
-        model: Model = Model.from_module(module, loss)[0]  # type: ignore[arg-type]
+        model: Model = Model.from_module(module, loss, count)[0]  # type: ignore[arg-type]
     else:
-        model = model_for(loss, spec_meta["kind"])[0]
-    if spec_meta["intercept"] and spec_meta["kind"] != "mlp" and not (spec_meta["kind"] == "linear" and loss == "squared"):
+        model = model_for(loss, spec_meta["kind"], count)[0]
+    if spec_meta["intercept"] and spec_meta["kind"] != "mlp" and not (spec_meta["kind"] == "linear" and loss == "squared" and cls.exact_path):
         model = with_intercept(model)
-    scaler = Standardizer(tensors["scale.mean"], tensors["scale.scale"]) if "scale.mean" in tensors else None
+    labels = state.get("labels") or (0.0, 1.0)
+    scaler = Standardizer(tensors["scale.mean"], tensors["scale.scale"], *labels) if "scale.mean" in tensors else None
     names = tuple(spec_meta["feature_names"]) if spec_meta["feature_names"] is not None else None
     method.spec = Spec(
         model, spec_meta["key"], spec_meta["kind"], theta0 or None, spec_meta["intercept"], scaler, tuple(spec_meta["input_shape"]), names, spec_meta["classes"]
