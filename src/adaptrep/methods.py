@@ -247,7 +247,7 @@ class _AdaptsRepresentation(Method):
     prior: bool | None = field(default=None, kw_only=True)
 
     def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
-        if self.representation is None:
+        if self.representation is None and not getattr(self, "theta", None):
             raise RuntimeError(f"{type(self).__name__}.adapt called before fit")
         if not self.spec.exact:
             return self._adapt_generic(target, generator)
@@ -293,7 +293,6 @@ class _AdaptsRepresentation(Method):
         then fine-tuning: penalised for logistic tasks on a linear representation, else gradient
         descent with a cross-validated number of steps."""
         self._check_generic_finetune()
-        assert self.representation is not None
         theta = self._theta()
         spec = self.spec
         w, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, weight=_weight(target))
