@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .adapted import Adapted
+from .adaptive import cv_penalty
 from .data import DataError, Standardizer, Tasks
 from .finetune import FineTune, fit_head
 from .meta import ALGORITHMS, MetaConfig, inner_adapt, meta_train
@@ -50,7 +51,7 @@ from .models import (
     logistic_finetune,
     model_for,
 )
-from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, spd_solve, sufficient_statistics
+from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, predictor, spd_solve, sufficient_statistics
 
 __all__ = [
     "synchronize",
@@ -112,6 +113,8 @@ class Method(ABC):
     noise_dof: int = 0
     #: fine-tuning strengths chosen for the last targets (``(R,)``), ``None`` without fine-tuning
     last_strength: Tensor | None = None
+    #: each source task's own predictor after :meth:`fit` (``(T, d)``; ``B w_t + v_t`` for ADAPTREP), ``None`` if the method has none
+    source_predictors: Tensor | None = None
     info: dict[str, Any]
     spec: Spec
     #: options shared by every method (keyword-only dataclass fields of the subclasses)
@@ -220,6 +223,13 @@ def _centered(tasks: Tasks, intercept: bool) -> tuple[Tensor, Tensor, Tensor | N
     return (X - mx.unsqueeze(1)) * weight.unsqueeze(-1), (y - my.unsqueeze(1)) * weight, mx, my
 
 
+#: How :class:`AdaptRep` chooses its source penalty when none is given: ``"theory"`` or ``"cv"``.
+#: ``"cv"`` is not the default: on ``linear`` (d = 30, k = 5, T = 50, n = 100, sigma = 1, 5 seeds) it
+#: matches FROZENREP at delta = 0 (the theory formula is 1.33x worse there) but at delta = 0.6 its
+#: source-task max error is 0.727 against the formula's 0.684 (benchmarks/delta_sweep.py).
+DEFAULT_PENALTY = "theory"
+
+
 def theory_penalty(noise: float, dim: int, rank: int, num_tasks: int, num_samples: float) -> float:
     """The theory-shaped source penalty ``mu = sigma (sqrt(k d / (n T)) + sqrt(k / n))``.
 
@@ -251,6 +261,7 @@ class _AdaptsRepresentation(Method):
             raise RuntimeError(f"{type(self).__name__}.adapt called before fit")
         if not self.spec.exact:
             return self._adapt_generic(target, generator)
+        assert self.representation is not None
         B = self.representation.to(target.X)
         if self.head_prior is not None:
             return self._adapt_with_prior(B, target, generator)
@@ -342,13 +353,17 @@ class _RepresentationMethod(_AdaptsRepresentation):
             self._fit_generic(source, rank)
             return
         G, c, q = source.gram(center=self.spec.intercept)
+        self._chosen: SourceFit | None = None  # a fit that _penalty already made (penalty="cv")
         penalty, radius = self._penalty(source, rank, self._estimate_noise((G, c, q), source, rank))
-        fit: SourceFit = fit_source(G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol)
+        fit: SourceFit = self._chosen or fit_source(
+            G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol
+        )
         self.source_fit = fit
         self.representation = fit.B
         if self.spec.prior:
             assert self.noise_estimate is not None
             self.head_prior = _head_prior(source, fit, self.spec.intercept, self.noise_estimate)
+        self.source_predictors = predictor(fit.B, fit.W, fit.V)
         synchronize(fit.B.device)
         self.info = {
             "source_objective": fit.objective,
@@ -446,16 +461,18 @@ class AdaptRep(_RepresentationMethod):
 
         min_B mean_t min_{w_t, v_t} (1/n_t) ||y_t - X_t (B w_t + v_t)||^2 + mu ||v_t||_2
 
-    ``mu`` is ``penalty``; or ``2 sqrt(lam * gamma)`` when the paper's ``lam``, ``gamma`` are given
+    ``mu`` is ``penalty`` (a number); or ``2 sqrt(lam * gamma)`` when the paper's ``lam``, ``gamma`` are given
     (its objective uses ``1/(2n) ||r||^2``, half our mean squared error, and its stated equivalent
-    penalty ``sqrt(lam gamma) ||Delta_t w_t||``);
-    or by default the theory-shaped :func:`theory_penalty` with the noise level estimated from
-    the source data. ``radius`` switches to the constrained form ``||v_t|| <= radius``.
+    penalty ``sqrt(lam gamma) ||Delta_t w_t||``); ``penalty="theory"``: the theory-shaped
+    :func:`theory_penalty` with the noise level estimated from the source data (the default,
+    :data:`DEFAULT_PENALTY`); ``penalty="cv"``: chosen by cross-validation on the source tasks'
+    held-out samples along a warm-started path from FROZENREP down (:func:`adaptrep.adaptive.cv_penalty`;
+    its path is kept in ``penalty_path``). ``radius`` switches to the constrained form ``||v_t|| <= radius``.
     Target adaptation: :class:`FineTune` (cross-validated strength) by default.
     """
 
     finetune: FineTune | None = field(default_factory=FineTune)
-    penalty: float | None = None
+    penalty: float | str | None = None
     lam: float | None = None
     gamma: float | None = None
     radius: float | None = None
@@ -466,13 +483,24 @@ class AdaptRep(_RepresentationMethod):
             if not self.radius >= 0:
                 raise ValueError(f"radius must be non-negative; got {self.radius}")
             return math.inf, float(self.radius)
-        if self.penalty is not None:
-            mu = float(self.penalty)
-        elif self.lam is not None and self.gamma is not None:
-            mu = 2 * math.sqrt(self.lam * self.gamma)
-        else:
+        rule = self.penalty if isinstance(self.penalty, str) else None
+        if rule is None and self.penalty is None and (self.lam is None or self.gamma is None):
+            rule = DEFAULT_PENALTY
+        if rule is not None and rule not in ("cv", "theory"):
+            raise ValueError(f"the ADAPTREP penalty must be a number, 'cv' or 'theory'; got {rule!r}")
+        if rule == "cv":
+            X, y, _, _ = _centered(source, self.spec.intercept)
+            path = cv_penalty(X, y, rank, source.mask, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol)
+            self.penalty_path, self._chosen = path, path.fit
+            return path.penalty, None
+        if rule == "theory":
             sigma = self.noise if self.noise is not None else noise
             mu = theory_penalty(sigma, source.dim, rank, source.num_tasks, _mean_count(source))
+        elif self.penalty is not None:
+            mu = float(self.penalty)
+        else:
+            assert self.lam is not None and self.gamma is not None
+            mu = 2 * math.sqrt(self.lam * self.gamma)
         if not mu >= 0:
             raise ValueError(f"the ADAPTREP penalty must be non-negative; got {mu}")
         return mu, None
@@ -490,7 +518,9 @@ class AdaptRep(_RepresentationMethod):
             raise ValueError("noise applies to the exact linear path only (squared loss, linear model)")
         if self.lam is not None and self.gamma is not None:
             return float(self.lam), float(self.gamma)
-        if self.penalty is not None:
+        if self.penalty == "cv":
+            raise ValueError("penalty='cv' is implemented for linear tasks with the squared loss only; use 'theory' or a number")
+        if self.penalty is not None and not isinstance(self.penalty, str):
             return float(self.penalty), 1e-4
         sigma, p = self._generic_scale(source, rank)
         n, T = _mean_count(source), source.num_tasks
@@ -611,7 +641,7 @@ def _finetune_generic(method: Method, theta: Params, target: Tasks, generator: t
 
 
 #: Methods that need a true representation ``B*`` or a moment start (not for ``mlp`` tasks).
-MODEL_METHODS = ("adaptrep", "frozenrep", "frozenrep-ft", "oracle-head", "oracle-ft")
+MODEL_METHODS = ("adaptrep", "frozenrep", "frozenrep-ft", "oracle-head", "oracle-ft", "perm", "spectral", "mom")
 
 #: Step of the inner loop relative to the curvature: ``inner_lr = INNER_STEP / (c v)`` (see :func:`meta_defaults`).
 INNER_STEP = 0.1
@@ -767,6 +797,14 @@ class MetaLearner(Method):
 META_METHODS = ALGORITHMS
 
 
+def _competitor(name: str) -> Method:
+    """The linear-representation competitors of :mod:`adaptrep.competitors` (imported here, not at
+    the top, because that module builds on :class:`Method`)."""
+    from .competitors import COMPETITORS
+
+    return COMPETITORS[name]()
+
+
 METHODS: dict[str, Any] = {
     "adaptrep": AdaptRep,
     "frozenrep": FrozenRep,
@@ -775,6 +813,7 @@ METHODS: dict[str, Any] = {
     "oracle-head": Oracle,
     "oracle-ft": lambda: Oracle(finetune=FineTune()),
     **{name: (lambda name=name: MetaLearner(algorithm=name)) for name in ALGORITHMS},
+    **{name: (lambda name=name: _competitor(name)) for name in ("perm", "spectral", "mom")},
 }
 
 #: The keyword options :func:`make_method` passes on: to the meta-learners, and the inner loop to target-only.
