@@ -111,3 +111,24 @@ def test_readme_links_and_figure_exist():
     for target in targets:
         assert (ROOT / target).exists(), target
     assert len(readme.splitlines()) <= 150
+
+
+def test_docs_yaml_examples_are_valid_configs():
+    """The sweep spec of docs/sweeps.md expands to its 3 deltas x 2 noises x 3 seeds, and the config files
+    in docs/configs/ and the example of docs/cli.md resolve (every key known, every value valid)."""
+    import yaml
+
+    from adaptrep.experiment import resolve_config
+    from adaptrep.sweep import SweepSpec, expand
+
+    (spec_text,) = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "sweeps.md").read_text(), re.S)
+    runs = expand(SweepSpec(**yaml.safe_load(spec_text)))
+    assert len(runs) == 3 * 2 * 3
+    assert sorted({(run.config.delta, run.config.noise) for run in runs}) == [(d, s) for d in (0.1, 0.3, 0.5) for s in (0.25, 0.5)]
+    examples = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "cli.md").read_text(), re.S)]
+    examples += [yaml.safe_load(path.read_text()) for path in sorted((ROOT / "docs" / "configs").glob("*.yaml"))]
+    assert len(examples) >= 3
+    for example in examples:
+        for experiment in example["experiments"]:
+            config = resolve_config(experiment)
+            assert config.setting == experiment["setting"]
