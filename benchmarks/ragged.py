@@ -46,9 +46,8 @@ def main() -> None:
     parser.add_argument("--loss", default="squared", choices=["squared", "logistic"])
     args = parser.parse_args()
     ragged, equal = layouts(args.tasks, args.dim, args.rank, args.loss)
-    print(
-        f"T={args.tasks}, d={args.dim}, k={args.rank}, loss={args.loss}: ragged sizes 10..60 ({int(ragged.counts.sum())} samples), equal {equal.num_samples} each"
-    )
+    total = int(ragged.counts.sum())
+    print(f"T={args.tasks}, d={args.dim}, k={args.rank}, loss={args.loss}: ragged sizes 10..60 ({total} samples), equal {equal.num_samples} each")
     for method in (AdaptRep, FrozenRep):
         times: dict[str, list[float]] = {"ragged": [], "equal": []}
         for _ in range(args.repeats):
