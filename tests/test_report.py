@@ -1,7 +1,9 @@
 """The report layer: method styles in the figures and the 95% interval of the summary."""
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+import pytest
 
 from adaptrep import report
 from adaptrep.methods import METHODS
@@ -35,3 +37,20 @@ def test_risk_figure_draws_each_method_in_its_own_style(tmp_path, monkeypatch):
     plt.close(figures[0])
     assert set(names) <= set(lines)
     assert len({lines[name] for name in names}) == len(names)
+
+
+def test_t_quantile_is_exact():
+    dof = pd.Series([1, 2, 16, 20, 29, 30, 100, 0])
+    expected = [12.7062, 4.3027, 2.1199, 2.0860, 2.0452, 2.0423, 1.9840]
+    got = report.t_quantile_975(dof)
+    assert got.iloc[:-1].tolist() == pytest.approx(expected, abs=1e-4)
+    assert np.isnan(got.iloc[-1])
+
+
+def test_summary_interval_uses_t_for_the_seed_count():
+    seeds = 21  # 20 degrees of freedom
+    values = np.linspace(0.5, 1.5, seeds)
+    results = pd.DataFrame({"method": "adaptrep", "m": 10, "seed": range(seeds), "excess_risk": values})
+    row = report.summarise(results).iloc[0]
+    half = 2.0860 * values.std(ddof=1) / np.sqrt(seeds)
+    assert row["ci_high"] - row["mean"] == pytest.approx(half, rel=1e-4)

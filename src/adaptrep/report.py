@@ -63,13 +63,12 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns="std")
 
 
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
-
-
 def t_quantile_975(dof: pd.Series) -> pd.Series:
-    """0.975 quantile of Student's t with ``dof`` degrees of freedom (normal 1.96 beyond 30)."""
-    table = {i + 1: q for i, q in enumerate(_T975)}
-    return dof.map(lambda n: table.get(int(n), 2.042 if n <= 30 else 1.96) if n >= 1 else np.nan)
+    """0.975 quantile of Student's t with ``dof`` degrees of freedom (exact; NaN below 1)."""
+    from scipy.stats import t
+
+    values = dof.to_numpy(dtype=float)
+    return pd.Series(np.where(values >= 1, t.ppf(0.975, np.maximum(values, 1.0)), np.nan), index=dof.index)
 
 
 def risk_figure(results: pd.DataFrame, config: dict[str, Any], path: Path) -> Path:
