@@ -1,5 +1,6 @@
 """Sweeps: spec expansion, the SQLite store, failures, kill -9 and resume, concurrent drivers, Ray."""
 
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -14,7 +15,7 @@ import yaml
 from adaptrep import sweep as sweep_module
 from adaptrep.experiment import ConfigError
 from adaptrep.store import Store
-from adaptrep.sweep import InProcess, SweepSpec, execute, expand, load_spec
+from adaptrep.sweep import InProcess, ProcessPool, SweepSpec, execute, expand, load_spec
 
 BASE = {
     "setting": "linear",
@@ -160,6 +161,22 @@ def wait_for_done(db_path, at_least, timeout=240.0):
                 return done
         time.sleep(0.02)
     raise AssertionError("the sweep did not progress")
+
+
+def test_closing_a_pool_stops_its_workers_and_no_other_process():
+    foreign = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(120,), daemon=True)
+    foreign.start()
+    try:
+        pool = ProcessPool(1)
+        worker = pool._pool.submit(os.getpid).result(timeout=300)
+        assert worker not in (os.getpid(), foreign.pid)
+        pool.close()
+        with pytest.raises(ProcessLookupError):  # the pool's worker is gone (and reaped)
+            os.kill(worker, 0)
+        assert foreign.is_alive(), "close() stopped a process that is not one of its workers"
+    finally:
+        foreign.terminate()
+        foreign.join()
 
 
 def test_kill_9_part_way_then_resume_gives_the_uninterrupted_results(tmp_path, reference):

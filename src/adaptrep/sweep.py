@@ -265,12 +265,19 @@ class ProcessPool(_Windowed):
         except Exception as error:  # noqa: BLE001 - recorded as the run's failure
             return error
 
+    def processes(self) -> list[multiprocessing.process.BaseProcess]:
+        """This pool's worker processes (none once it is closed)."""
+        return list((getattr(self._pool, "_processes", None) or {}).values())
+
     def close(self) -> None:
+        """Stop this pool's workers (runs in flight are abandoned); other processes are left alone."""
+        workers = self.processes()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for child in multiprocessing.active_children():
-            child.terminate()
-        for child in multiprocessing.active_children():
-            child.join(timeout=10)
+        for process in workers:
+            if process.is_alive():
+                process.terminate()
+        for process in workers:
+            process.join(timeout=10)
 
 
 class RayBackend(_Windowed):
