@@ -269,6 +269,25 @@ def test_fit_heads_solve_their_penalised_objectives():
     torch.testing.assert_close(fit_heads(linear_model(), theta, X, y, weight=weight, ridge=0.3), dropped)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fit_heads_minimise_the_weighted_task_loss_plus_ridge(name):
+    """With weights that are not 0 or 1, the heads are a stationary point of task_loss's weighted
+    mean (linear in the weights) + ridge ||w||^2 (autograd), for each task and its own ridge."""
+    factory, loss, key = MODELS[name]
+    X, y, theta, _, _ = _problem(loss, T=3, n=40, d=5, k=2, seed=6)
+    model, theta = factory(loss), {key: theta["B"] + 0.3}
+    weight = 0.1 + 2.9 * torch.rand(3, 40, generator=torch.Generator().manual_seed(7), dtype=F64)
+    ridge = torch.tensor([0.01, 0.1, 0.5], dtype=F64)
+    heads = fit_heads(model, theta, X, y, weight=weight, ridge=ridge)
+    for t in range(3):
+        w = heads[t].clone().requires_grad_()
+        objective = task_loss(model, theta, None, w, X[t], y[t], weight[t]) + ridge[t] * (w * w).sum()
+        (grad,) = torch.autograd.grad(objective, w)
+        assert grad.abs().max() < 1e-9, (t, grad)
+        unweighted = fit_heads(model, theta, X[t : t + 1], y[t : t + 1], ridge=ridge[t : t + 1])[0]
+        assert (unweighted - heads[t]).abs().max() > 1e-3  # the weights matter: the test can tell them apart
+
+
 @pytest.mark.parametrize("compiling", [False, True])
 def test_mlp_features_with_stacked_parameters_equal_each_tasks_own(monkeypatch, compiling):
     """Stacked parameters (eager: one baddbmm a layer; under torch.compile: a batched product plus the

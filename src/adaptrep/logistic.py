@@ -220,13 +220,15 @@ def _penalties(penalty: float | Tensor, num_tasks: int, like: Tensor) -> Tensor:
     return lam
 
 
-def _losses(margin: Tensor, y: Tensor) -> Tensor:
-    """Mean log-loss ``mean_i [softplus(m_i) - y_i m_i]``, written as ``y softplus(-m) + (1 - y) softplus(m)``.
+def _losses(margin: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean log-loss ``mean_i [softplus(m_i) - y_i m_i]``, written as ``y softplus(-m) + (1 - y) softplus(m)``
+    (each term times ``weight_i`` when given).
 
     The two forms are equal for every ``y``; the second keeps its accuracy when ``|m|`` is large
     and the loss tiny (nearly separated data).
     """
-    return (y * softplus(-margin) + (1 - y) * softplus(margin)).mean(-1)
+    values = y * softplus(-margin) + (1 - y) * softplus(margin)
+    return (values if weight is None else values * weight).mean(-1)
 
 
 def logistic_objective(X: Tensor, y: Tensor, theta: Tensor, penalty: float | Tensor) -> Tensor:
@@ -246,10 +248,12 @@ def fit_logistic(
     init: Tensor | None = None,
     max_iter: int = 100,
     tol: float = 1e-10,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """L2-regularised logistic regression without intercept, every task at once (damped Newton).
 
-    Minimises, per task ``t``, ``f_t(theta) = mean_i [softplus(<x_i, theta>) - y_i <x_i, theta>] + (lambda_t / 2) ||theta||^2``.
+    Minimises, per task ``t``, ``f_t(theta) = mean_i [softplus(<x_i, theta>) - y_i <x_i, theta>] + (lambda_t / 2) ||theta||^2``
+    (with ``weight``: each sample's term times ``weight_ti``, still divided by ``n``).
     Each iteration takes the Newton direction ``-(H + eps I)^{-1} g`` (Cholesky, :func:`spd_solve`;
     ``eps`` a ``1e-12`` relative jitter so that a singular Hessian still gives a descent direction)
     and a backtracking (Armijo) line search per task, starting from the full step. A task is
@@ -271,6 +275,7 @@ def fit_logistic(
         init: starting point ``(T, d)`` (default 0).
         max_iter: the most Newton iterations.
         tol: gradient-norm tolerance.
+        weight: non-negative sample weights ``(T, n)`` (default: all 1).
 
     Returns:
         ``theta`` of shape ``(T, d)``.
@@ -283,8 +288,11 @@ def fit_logistic(
         raise ValueError("labels y must lie in [0, 1]")
     if max_iter < 0 or not tol >= 0:
         raise ValueError(f"max_iter and tol must be non-negative; got {max_iter}, {tol}")
+    if weight is not None and (weight.shape != y.shape or not bool((torch.isfinite(weight) & (weight >= 0)).all())):
+        raise ValueError(f"weight must be finite, non-negative and of shape {tuple(y.shape)}")
     T, n, d = X.shape
     y = y.to(X.dtype)
+    weights = torch.ones_like(y) if weight is None else weight.to(X.dtype)
     lam = _penalties(penalty, T, X)
     if init is None:
         theta = torch.zeros(T, d, dtype=X.dtype, device=X.device)
@@ -296,19 +304,19 @@ def fit_logistic(
     eye = torch.eye(d, dtype=X.dtype, device=X.device)
     active = torch.arange(T, device=X.device)
     for _ in range(max_iter):
-        Xa, ya, la, th = X[active], y[active], lam[active], theta[active]
+        Xa, ya, wa, la, th = X[active], y[active], weights[active], lam[active], theta[active]
         margin = matvec(Xa, th)
-        grad = matvec(Xa.transpose(-1, -2), torch.sigmoid(margin) - ya) / n + la.unsqueeze(-1) * th
+        grad = matvec(Xa.transpose(-1, -2), (torch.sigmoid(margin) - ya) * wa) / n + la.unsqueeze(-1) * th
         todo = grad.norm(dim=-1) > tol
         if not bool(todo.all()):
-            active, Xa, ya, la, th, margin, grad = (v[todo] for v in (active, Xa, ya, la, th, margin, grad))
+            active, Xa, ya, wa, la, th, margin, grad = (v[todo] for v in (active, Xa, ya, wa, la, th, margin, grad))
         if active.numel() == 0:
             break
-        weight = torch.sigmoid(margin) * torch.sigmoid(-margin)
-        H = matmul(Xa.transpose(-1, -2) * weight.unsqueeze(-2), Xa) / n + la[:, None, None] * eye
+        curvature = torch.sigmoid(margin) * torch.sigmoid(-margin) * wa
+        H = matmul(Xa.transpose(-1, -2) * curvature.unsqueeze(-2), Xa) / n + la[:, None, None] * eye
         jitter = 1e-12 * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
         step = -spd_solve(H + jitter[:, None, None] * eye, grad)
-        value = _losses(margin, ya) + la / 2 * (th * th).sum(-1)
+        value = _losses(margin, ya, wa) + la / 2 * (th * th).sum(-1)
         slope = (grad * step).sum(-1)
         slack = 16 * eps * value.abs()  # accept steps whose change is below rounding (near the minimum)
         t = torch.ones_like(value)
@@ -316,7 +324,7 @@ def fit_logistic(
         new = th
         for _ in range(MAX_HALVINGS):
             candidate = th + t.unsqueeze(-1) * step
-            trial = _losses(matvec(Xa, candidate), ya) + la / 2 * (candidate * candidate).sum(-1)
+            trial = _losses(matvec(Xa, candidate), ya, wa) + la / 2 * (candidate * candidate).sum(-1)
             ok = ~accepted & torch.isfinite(trial) & (trial <= value + ARMIJO * t * slope + slack)
             new = torch.where(ok.unsqueeze(-1), candidate, new)
             accepted = accepted | ok

@@ -243,23 +243,23 @@ def task_loss(model: Model, theta: Params, delta: Params | None, w: Tensor, X: T
 
 
 def fit_heads(model: Model, theta: Params, X: Tensor, y: Tensor, weight: Tensor | None = None, ridge: float | Tensor = 1e-6) -> Tensor:
-    """Per-task heads on fixed features (``(T, k)``): ridge least squares, or L2-regularised
-    logistic regression (Newton), with penalty ``ridge ||w||^2`` (a number or ``(T,)``) on the
-    mean (weighted) loss."""
+    """Per-task heads on fixed features (``(T, k)``): the minimiser of :func:`task_loss` (its mean
+    weighted by ``weight``, linearly) plus ``ridge ||w||^2`` (a number or ``(T,)``): ridge least
+    squares, or L2-regularised logistic regression (Newton)."""
     Phi = vmap(model.features, in_dims=(None, 0))(theta, X)
     n = Phi.shape[1]
     if weight is None:
         weight = torch.ones(Phi.shape[:2], dtype=Phi.dtype, device=Phi.device)
-    Phi, y, count = Phi * weight.unsqueeze(-1), y * weight, weight.sum(-1)
+    count = weight.sum(-1)
     ridge = torch.as_tensor(ridge, dtype=Phi.dtype, device=Phi.device).expand(Phi.shape[0])
     if model.loss == "squared":
-        G = matmul(Phi.transpose(-1, -2), Phi) / count[:, None, None]
-        c = (Phi.transpose(-1, -2) @ y.unsqueeze(-1)).squeeze(-1) / count[:, None]
+        weighted = (Phi * weight.unsqueeze(-1)).transpose(-1, -2)  # Phi^T diag(weight)
+        G = matmul(weighted, Phi) / count[:, None, None]
+        c = (weighted @ y.unsqueeze(-1)).squeeze(-1) / count[:, None]
         eye = torch.eye(Phi.shape[-1], dtype=Phi.dtype, device=Phi.device)
         return spd_solve(G + ridge[:, None, None] * eye, c)
-    # rows zeroed by the weight add a constant to fit_logistic's loss (a mean over all n rows) and
-    # nothing to its gradient; its penalty (lambda / 2) ||w||^2 is rescaled to match ours
-    return fit_logistic(Phi, y, 2 * ridge * count / n)
+    # fit_logistic divides the weighted loss by n, not by the weights' sum: its penalty (lambda / 2) ||w||^2 is rescaled to match
+    return fit_logistic(Phi, y, 2 * ridge * count / n, weight=weight)
 
 
 #: Ridge strengths that :func:`cv_heads` chooses from.
