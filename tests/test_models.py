@@ -192,6 +192,18 @@ def test_relu_methods_run_and_fine_tuning_helps_with_many_samples():
     assert risks["adaptrep"] < risks["frozenrep"] and risks["oracle-ft"] < risks["frozenrep"], risks
 
 
+def test_target_only_on_relu_tasks_is_reproducible_without_a_generator():
+    from adaptrep.environments import ReluNetEnvironment
+
+    env = ReluNetEnvironment(dim=6, rank=2, noise=0.1, seed=0)
+    target = env.sample_tasks(2, 12, torch.Generator().manual_seed(1))
+    torch.manual_seed(10)
+    first = TargetOnly().adapt(target)
+    torch.manual_seed(11)  # the global random state must not matter
+    torch.testing.assert_close(TargetOnly().adapt(target), first, rtol=0, atol=0)
+    assert not torch.equal(TargetOnly(seed=1).adapt(target), first)  # its own seed does
+
+
 def test_relu_hard_environment_and_its_separation():
     """The nonlinear hard case with the default source training: ADAPTREP's layer keeps the opt
     block, FROZENREP's (the frozen objective's minimum, see the README) only in part, and head-only

@@ -285,7 +285,8 @@ class TargetOnly(Method):
     cross-validation (:func:`adaptrep.models.cv_heads`) unless ``ridge > 0`` is given. For the
     ``mlp`` tasks of ``sinusoid``: the meta-learners' inner loop (``inner_steps`` gradient steps of
     size ``inner_lr`` on all parameters) from a fresh :func:`~adaptrep.models.init_mlp` network drawn
-    from ``seed``.
+    from ``seed``. For ``relu`` tasks: fine-tuning (as ADAPTREP adapts) from a random unit-norm first
+    layer drawn from ``generator`` (or, without one, from ``seed``).
     """
 
     ridge: float = 0.0
@@ -303,6 +304,7 @@ class TargetOnly(Method):
         assert target.representation is not None
         if target.model == "relu":
             # the same network and fine-tuning, from a random first layer instead of a learned one
+            generator = generator if generator is not None else torch.Generator().manual_seed(self.seed)  # reproducible without one too
             W = torch.randn(target.dim, target.representation.shape[1], generator=generator, dtype=torch.float64).to(target.X)
             beta, self.last_strength = _finetune_generic(W / W.norm(dim=0, keepdim=True), target, generator)
             return beta
