@@ -32,6 +32,17 @@ def adaptrep(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "adaptrep.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+def in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``adaptrep ARGS`` run by the console script's entry point in this process: (exit status, stdout, stderr)."""
+    from adaptrep.cli import entry
+
+    monkeypatch.setattr(sys, "argv", ["adaptrep", *args])
+    with pytest.raises(SystemExit) as exit_:
+        entry()
+    captured = capsys.readouterr()
+    return int(exit_.value.code or 0), captured.out, captured.err
+
+
 CONFIG_FILES = {
     "malformed.yaml": b"dim: [1, 2\n",
     "unknown.yaml": b"setting: linear\ndimension: 5\n",
@@ -99,6 +110,20 @@ def test_bad_input_gives_one_line_and_status_2(case, tmp_path):
     assert culprit in lines[0], lines[0]
     if case == "non-empty out":
         assert (tmp_path / "full" / "old.csv").read_text() == "keep me"
+
+
+def test_messages_are_not_wrapped_at_the_console_width(tmp_path, monkeypatch, capsys):
+    """Output that is not a terminal is 80 columns wide for rich; a message with a long path (and
+    brackets, which rich would read as markup) must still come out whole, on one line."""
+    from adaptrep.store import Store
+
+    folder = tmp_path / ("runs[nan]-" + "x" * 190)
+    folder.mkdir()
+    with Store(folder / "sweep.db"):
+        pass  # a sweep folder without finished runs
+    status, _, err = in_process(monkeypatch, capsys, "report", str(folder))
+    assert status == 0, err
+    assert err.splitlines() == [f"no finished runs in {folder / 'sweep.db'} yet"]
 
 
 def test_tiny_end_to_end_run(tmp_path):

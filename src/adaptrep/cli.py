@@ -26,7 +26,10 @@ from .store import Store, StoreError, describe_labels
 from .sweep import Run, SweepOutcome, SweepSpec, check_backend, execute, expand, load_spec, make_backend
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Fine-tuning-based meta-learning of representations (ADAPTREP vs FROZENREP).")
-console = Console(stderr=True)
+#: Messages for people on stderr: never wrapped at the console width (rich wraps output that is not a
+#: terminal at 80 columns, which would break a message and its paths mid-sentence) and taken literally
+#: (no markup, so "[...]" in an error or a path is printed as it is).
+console = Console(stderr=True, soft_wrap=True, markup=False)
 
 
 class UserError(Exception):
@@ -277,7 +280,8 @@ def _publish(store: Store, out_dir: Path) -> None:
             values = dict(zip(rows["m"], rows["mean"], strict=True))
             table.add_row(str(method), *[f"{values[m]:.4f}" if m in values else "" for m in ms])
         out.print(table)
-    out.print(f"results: {out_dir / 'results.csv'}\nreport:  {report_path}\nfigures: {out_dir / 'figures'}\nstore:   {out_dir / STORE}")
+    where = f"results: {out_dir / 'results.csv'}\nreport:  {report_path}\nfigures: {out_dir / 'figures'}\nstore:   {out_dir / STORE}"
+    out.print(where, soft_wrap=True, markup=False)
 
 
 def entry() -> None:
