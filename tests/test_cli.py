@@ -1,4 +1,8 @@
-"""The ``adaptrep run`` contract: bad input -> one line and exit status 2; a tiny end-to-end run."""
+"""The ``adaptrep run`` contract: bad input -> one line and exit status 2; a tiny end-to-end run.
+
+Error cases run in this process through the console script's entry point (:func:`adaptrep.cli.entry`);
+a few tests run the real command in a subprocess for its exit status and output.
+"""
 
 import importlib.util
 import subprocess
@@ -96,20 +100,28 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_gives_one_line_and_status_2(case, tmp_path):
+def test_bad_input_gives_one_line_and_status_2(case, tmp_path, monkeypatch, capsys):
     for name, content in CONFIG_FILES.items():
         (tmp_path / name).write_bytes(content)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "old.csv").write_text("keep me")
+    monkeypatch.chdir(tmp_path)  # a run that wrongly starts writes here, not into the repository
     args, culprit = BAD_INPUT[case]
-    result = adaptrep(*(arg.format(tmp=tmp_path) for arg in args))
-    assert result.returncode == 2, (case, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert culprit in lines[0], lines[0]
+    status, out, err = in_process(monkeypatch, capsys, *(arg.format(tmp=tmp_path) for arg in args))
+    assert status == 2, (case, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("adaptrep: error: ") and culprit in lines[0], lines[0]
+    assert out == ""
     if case == "non-empty out":
         assert (tmp_path / "full" / "old.csv").read_text() == "keep me"
+
+
+def test_the_console_command_exits_with_status_2_on_bad_input():
+    result = adaptrep("run", "--setting", "cubic")
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("adaptrep: error: ") and "'cubic'" in line
 
 
 def test_messages_are_not_wrapped_at_the_console_width(tmp_path, monkeypatch, capsys):
