@@ -163,12 +163,22 @@ def wait_for_done(db_path, at_least, timeout=240.0):
     raise AssertionError("the sweep did not progress")
 
 
+def test_a_process_pool_gives_the_in_process_results(tmp_path, reference):
+    """Runs computed by the pool (its workers, and the driver's thread while they start) are the
+    in-process runs, number for number."""
+    pool = ProcessPool(2)
+    with Store(tmp_path / "sweep.db") as store:
+        outcome = execute(expand(SweepSpec(**SPEC)), store, pool)
+        assert outcome.done == 10 and outcome.failed == 0, outcome.errors
+        pd.testing.assert_frame_equal(comparable(store.results()), reference)
+
+
 def test_closing_a_pool_stops_its_workers_and_no_other_process():
     foreign = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(120,), daemon=True)
     foreign.start()
     try:
         pool = ProcessPool(1)
-        worker = pool._pool.submit(os.getpid).result(timeout=300)
+        worker = pool._executor().submit(os.getpid).result(timeout=300)
         assert worker not in (os.getpid(), foreign.pid)
         pool.close()
         with pytest.raises(ProcessLookupError):  # the pool's worker is gone (and reaped)

@@ -21,7 +21,6 @@ except ImportError:  # pragma: no cover - older typer on click
     from click import ClickException as CommandLineError  # type: ignore[no-redef,assignment]
 
 from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, read_yaml, resolve_config, steps_per_seed
-from .report import summarise, write_report
 from .store import Store, StoreError, describe_labels
 from .sweep import Run, SweepOutcome, SweepSpec, check_backend, execute, expand, load_spec, make_backend
 
@@ -253,6 +252,8 @@ def _execute(runs: list[Run], out_dir: Path, how: Execution, title: str) -> None
 
 def _publish(store: Store, out_dir: Path) -> None:
     """results.csv (and .parquet with pyarrow), figures and report.md from the store; a summary."""
+    from .report import summarise, write_report  # matplotlib: imported only when a report is written
+
     results = store.results()
     failed = store.runs().query("status == 'failed'")
     if results.empty:
