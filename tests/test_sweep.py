@@ -86,13 +86,19 @@ def test_spec_expands_to_stable_runs_with_labels():
         ([1, 2], "mapping"),
     ],
 )
-def test_bad_spec_is_one_line_naming_the_culprit(tmp_path, spec, culprit):
+def test_bad_spec_is_one_line_naming_the_culprit(tmp_path, spec, culprit, monkeypatch, capsys):
+    from adaptrep.cli import entry
+
     path = write_spec(tmp_path / "bad.yaml", spec)
     with pytest.raises(ConfigError, match=culprit) as error:
         expand(load_spec(path))
     assert "\n" not in str(error.value)
-    result = adaptrep("sweep", str(path), "--out", str(tmp_path / "out"))
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and culprit in result.stderr, result.stderr
+    monkeypatch.setattr(sys, "argv", ["adaptrep", "sweep", str(path), "--out", str(tmp_path / "out")])  # the command, in this process
+    with pytest.raises(SystemExit) as exit_:
+        entry()
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and stderr.splitlines() == [f"adaptrep: error: {error.value}"], stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_store_commits_runs_atomically_and_claims_them_once(tmp_path):
