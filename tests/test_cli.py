@@ -172,6 +172,7 @@ def test_two_experiments_of_one_setting_are_kept_apart(tmp_path):
     assert {p.name for p in (tmp_path / "out" / "figures").iterdir()} == {"0-linear_risk.png", "1-linear_risk.png"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting, column", [("logistic", "excess_error01"), ("relu-net", "excess_risk_se")])
 def test_other_settings_run_from_the_command_line(tmp_path, setting, column):
     sizes = ["--dim", "6", "--rank", "2", "--tasks", "20", "--samples", "20", "--target-samples", "10,40", "--target-tasks", "3", "--seeds", "1"]
@@ -182,6 +183,7 @@ def test_other_settings_run_from_the_command_line(tmp_path, setting, column):
     assert "adaptrep run --setting linear-hard" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_sinusoid_meta_learners_run_from_the_command_line(tmp_path):
     out = tmp_path / "out"
     sizes = ["--tasks", "30", "--target-samples", "5,10", "--target-tasks", "3", "--meta-iterations", "5", "--meta-batch", "10", "--adapt-steps", "3"]

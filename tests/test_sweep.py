@@ -195,6 +195,7 @@ def test_closing_a_pool_stops_its_workers_and_no_other_process():
         foreign.join()
 
 
+@pytest.mark.slow
 def test_kill_9_part_way_then_resume_gives_the_uninterrupted_results(tmp_path, reference):
     spec, out = write_spec(tmp_path / "spec.yaml"), tmp_path / "out"
     process = subprocess.Popen(
@@ -219,6 +220,7 @@ def test_kill_9_part_way_then_resume_gives_the_uninterrupted_results(tmp_path, r
     assert {"delta", "experiment", "run_id"} <= set(resumed.columns)
 
 
+@pytest.mark.slow
 def test_two_sweeps_on_one_store_leave_it_consistent(tmp_path, reference):
     spec, out = write_spec(tmp_path / "spec.yaml"), tmp_path / "out"
     command = sweep_command(spec, out, 1)
@@ -232,6 +234,7 @@ def test_two_sweeps_on_one_store_leave_it_consistent(tmp_path, reference):
         pd.testing.assert_frame_equal(comparable(store.results()), reference)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path):
     spec, out = write_spec(tmp_path / "spec.yaml"), tmp_path / "out"
     process = subprocess.Popen(
@@ -253,6 +256,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path):
     assert report.returncode == 0 and (out / "report.md").is_file(), report.stderr
 
 
+@pytest.mark.slow
 def test_ray_backend_matches_the_local_backend(tmp_path, reference):
     pytest.importorskip("ray")
     from adaptrep.sweep import RayBackend
