@@ -248,8 +248,10 @@ def _context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():  # pragma: no cover - Windows
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    # every worker runs the driver's main module again: preload what it imports (the CLI when it is the driver)
-    context.set_forkserver_preload([name for name in (__name__, "adaptrep.cli") if name in sys.modules])
+    # every worker runs the driver's main module again: preload what it imports (the CLI when it is the driver,
+    # as the console script or as python -m adaptrep.cli)
+    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    context.set_forkserver_preload([name for name in (__name__, "adaptrep.cli") if name in sys.modules or name == main])
     return context
 
 
