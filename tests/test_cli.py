@@ -1,4 +1,8 @@
-"""The ``adaptrep run`` contract: bad input -> one line and exit status 2; a tiny end-to-end run."""
+"""The ``adaptrep run`` contract: bad input -> one line and exit status 2; a tiny end-to-end run.
+
+Error cases run in this process through the console script's entry point (:func:`adaptrep.cli.entry`);
+a few tests run the real command in a subprocess for its exit status and output.
+"""
 
 import importlib.util
 import subprocess
@@ -30,6 +34,17 @@ TINY = [
 
 def adaptrep(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "adaptrep.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``adaptrep ARGS`` run by the console script's entry point in this process: (exit status, stdout, stderr)."""
+    from adaptrep.cli import entry
+
+    monkeypatch.setattr(sys, "argv", ["adaptrep", *args])
+    with pytest.raises(SystemExit) as exit_:
+        entry()
+    captured = capsys.readouterr()
+    return int(exit_.value.code or 0), captured.out, captured.err
 
 
 CONFIG_FILES = {
@@ -85,20 +100,42 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
-def test_bad_input_gives_one_line_and_status_2(case, tmp_path):
+def test_bad_input_gives_one_line_and_status_2(case, tmp_path, monkeypatch, capsys):
     for name, content in CONFIG_FILES.items():
         (tmp_path / name).write_bytes(content)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "old.csv").write_text("keep me")
+    monkeypatch.chdir(tmp_path)  # a run that wrongly starts writes here, not into the repository
     args, culprit = BAD_INPUT[case]
-    result = adaptrep(*(arg.format(tmp=tmp_path) for arg in args))
-    assert result.returncode == 2, (case, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert culprit in lines[0], lines[0]
+    status, out, err = in_process(monkeypatch, capsys, *(arg.format(tmp=tmp_path) for arg in args))
+    assert status == 2, (case, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("adaptrep: error: ") and culprit in lines[0], lines[0]
+    assert out == ""
     if case == "non-empty out":
         assert (tmp_path / "full" / "old.csv").read_text() == "keep me"
+
+
+def test_the_console_command_exits_with_status_2_on_bad_input():
+    result = adaptrep("run", "--setting", "cubic")
+    assert result.returncode == 2 and result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("adaptrep: error: ") and "'cubic'" in line
+
+
+def test_messages_are_not_wrapped_at_the_console_width(tmp_path, monkeypatch, capsys):
+    """Output that is not a terminal is 80 columns wide for rich; a message with a long path (and
+    brackets, which rich would read as markup) must still come out whole, on one line."""
+    from adaptrep.store import Store
+
+    folder = tmp_path / ("runs[nan]-" + "x" * 190)
+    folder.mkdir()
+    with Store(folder / "sweep.db"):
+        pass  # a sweep folder without finished runs
+    status, _, err = in_process(monkeypatch, capsys, "report", str(folder))
+    assert status == 0, err
+    assert err.splitlines() == [f"no finished runs in {folder / 'sweep.db'} yet"]
 
 
 def test_tiny_end_to_end_run(tmp_path):
@@ -135,6 +172,7 @@ def test_two_experiments_of_one_setting_are_kept_apart(tmp_path):
     assert {p.name for p in (tmp_path / "out" / "figures").iterdir()} == {"0-linear_risk.png", "1-linear_risk.png"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting, column", [("logistic", "excess_error01"), ("relu-net", "excess_risk_se")])
 def test_other_settings_run_from_the_command_line(tmp_path, setting, column):
     sizes = ["--dim", "6", "--rank", "2", "--tasks", "20", "--samples", "20", "--target-samples", "10,40", "--target-tasks", "3", "--seeds", "1"]
@@ -145,6 +183,7 @@ def test_other_settings_run_from_the_command_line(tmp_path, setting, column):
     assert "adaptrep run --setting linear-hard" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_sinusoid_meta_learners_run_from_the_command_line(tmp_path):
     out = tmp_path / "out"
     sizes = ["--tasks", "30", "--target-samples", "5,10", "--target-tasks", "3", "--meta-iterations", "5", "--meta-batch", "10", "--adapt-steps", "3"]

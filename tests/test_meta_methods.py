@@ -98,6 +98,17 @@ def test_sinusoid_tasks_and_excess_risk_match_an_independent_evaluation():
     assert env.grid.shape == (1000,) and env.grid[0] == -5 and env.grid[-1] == 5
 
 
+def test_sinusoid_covariance_diagonal_is_the_inputs_variance():
+    env = SinusoidEnvironment()
+    Z, _ = env.sample_inputs(1, 400_000, torch.Generator().manual_seed(1))
+    tasks = env.make_tasks(env.sample_parameters(1, torch.Generator()), Z, torch.zeros(1, 400_000, dtype=torch.float64))
+    assert torch.equal(tasks.X, Z)  # the data stay as they were: x ~ U[-5, 5], unscaled
+    # the sample variance's standard error is sqrt((mu4 - sigma^4) / N) = sqrt((125 - 625 / 9) / N) ~ 0.012
+    assert env.covariance_diagonal.shape == (1,)
+    assert abs(float(env.covariance_diagonal[0]) - float(tasks.X.var())) < 0.06
+    assert math.isclose(float(env.covariance_diagonal[0]), 25 / 3)
+
+
 def test_representation_methods_refuse_sinusoid():
     env = SinusoidEnvironment()
     source = env.sample_tasks(5, 10, torch.Generator().manual_seed(0))

@@ -192,6 +192,18 @@ def test_relu_methods_run_and_fine_tuning_helps_with_many_samples():
     assert risks["adaptrep"] < risks["frozenrep"] and risks["oracle-ft"] < risks["frozenrep"], risks
 
 
+def test_target_only_on_relu_tasks_is_reproducible_without_a_generator():
+    from adaptrep.environments import ReluNetEnvironment
+
+    env = ReluNetEnvironment(dim=6, rank=2, noise=0.1, seed=0)
+    target = env.sample_tasks(2, 12, torch.Generator().manual_seed(1))
+    torch.manual_seed(10)
+    first = TargetOnly().adapt(target)
+    torch.manual_seed(11)  # the global random state must not matter
+    torch.testing.assert_close(TargetOnly().adapt(target), first, rtol=0, atol=0)
+    assert not torch.equal(TargetOnly(seed=1).adapt(target), first)  # its own seed does
+
+
 def test_relu_hard_environment_and_its_separation():
     """The nonlinear hard case with the default source training: ADAPTREP's layer keeps the opt
     block, FROZENREP's (the frozen objective's minimum, see the README) only in part, and head-only
@@ -243,8 +255,12 @@ def test_gradient_fine_tuning_stays_finite_under_a_strong_head_ridge():
     X = torch.randn(4, 40, 20, generator=g, dtype=F64)
     y = torch.randn(4, 40, generator=g, dtype=F64)
     W = torch.randn(20, 5, generator=g, dtype=F64)
-    delta, w, steps = finetune(relu_model(), {"W": W / W.norm(dim=0)}, X, y, g, ridge=1.0)
-    assert torch.isfinite(delta["W"]).all() and torch.isfinite(w).all() and (steps >= 0).all()
+    theta = {"W": W / W.norm(dim=0)}
+    delta, w, steps = finetune(relu_model(), theta, X, y, g, ridge=1.0)
+    assert torch.isfinite(delta["W"]).all() and torch.isfinite(w).all()
+    # the labels are pure noise: cross-validation keeps the head-only start, (0, the ridge head)
+    assert steps.tolist() == [0, 0, 0, 0] and not delta["W"].any()
+    torch.testing.assert_close(w, fit_heads(relu_model(), theta, X, y, ridge=1.0))
 
 
 def test_fit_heads_solve_their_penalised_objectives():
@@ -267,6 +283,25 @@ def test_fit_heads_solve_their_penalised_objectives():
     weight[:, 20:] = 0
     dropped = fit_heads(linear_model(), theta, X[:, :20], y[:, :20], ridge=0.3)
     torch.testing.assert_close(fit_heads(linear_model(), theta, X, y, weight=weight, ridge=0.3), dropped)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fit_heads_minimise_the_weighted_task_loss_plus_ridge(name):
+    """With weights that are not 0 or 1, the heads are a stationary point of task_loss's weighted
+    mean (linear in the weights) + ridge ||w||^2 (autograd), for each task and its own ridge."""
+    factory, loss, key = MODELS[name]
+    X, y, theta, _, _ = _problem(loss, T=3, n=40, d=5, k=2, seed=6)
+    model, theta = factory(loss), {key: theta["B"] + 0.3}
+    weight = 0.1 + 2.9 * torch.rand(3, 40, generator=torch.Generator().manual_seed(7), dtype=F64)
+    ridge = torch.tensor([0.01, 0.1, 0.5], dtype=F64)
+    heads = fit_heads(model, theta, X, y, weight=weight, ridge=ridge)
+    for t in range(3):
+        w = heads[t].clone().requires_grad_()
+        objective = task_loss(model, theta, None, w, X[t], y[t], weight[t]) + ridge[t] * (w * w).sum()
+        (grad,) = torch.autograd.grad(objective, w)
+        assert grad.abs().max() < 1e-9, (t, grad)
+        unweighted = fit_heads(model, theta, X[t : t + 1], y[t : t + 1], ridge=ridge[t : t + 1])[0]
+        assert (unweighted - heads[t]).abs().max() > 1e-3  # the weights matter: the test can tell them apart
 
 
 @pytest.mark.parametrize("compiling", [False, True])

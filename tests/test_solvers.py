@@ -155,7 +155,11 @@ def test_ball_constrained_finetune_stays_in_the_ball_and_is_optimal():
     torch.testing.assert_close(grid[:, -1], v_weak.norm(dim=-1))
     assert (grid[:, 0] == 0).all() and (grid.diff(dim=-1) > 0).all()
     beta_cv, radii = tuner.adapt(B, target.X, target.y)
-    assert beta_cv.shape == (6, 10) and (radii >= 0).all()
+    # each target's radius is a point of its own grid, and beta the ball-constrained fit at that radius
+    G, c, q = target.gram()
+    own_grid = tuner.strength_grid(B, G, c, 40, FineTune.noise_level(G, c, q, 40, None, 0))
+    assert torch.isclose(own_grid, radii.unsqueeze(-1), rtol=1e-12, atol=0).any(-1).all()
+    torch.testing.assert_close(beta_cv, predictor(B, *tuner.solve(B, G, c, radii)))
 
 
 @pytest.mark.parametrize("kwargs", [dict(penalty=0.1), dict(radius=0.3), dict(penalty=math.inf)])
@@ -203,4 +207,6 @@ def test_early_stopped_finetune_follows_gradient_descent_and_cross_validates():
     w, v = tuner.solve(B, G, c, torch.full((4,), 20000.0, dtype=torch.float64))
     torch.testing.assert_close(predictor(B, w, v), torch.linalg.solve(G, c.unsqueeze(-1)).squeeze(-1), rtol=1e-6, atol=1e-8)
     beta, counts = tuner.adapt(B, target.X, target.y)
-    assert beta.shape == (4, 8) and ((counts >= 0) & (counts <= 64)).all()
+    # each count is a point of the grid (0, then geometric up to 64 steps), beta the fit after that many steps
+    assert torch.isin(counts, tuner.strength_grid(B, G, c, 30, None)[0]).all()
+    torch.testing.assert_close(beta, predictor(B, *tuner.solve(B, G, c, counts)))

@@ -1,5 +1,6 @@
 """Sweeps: spec expansion, the SQLite store, failures, kill -9 and resume, concurrent drivers, Ray."""
 
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -14,7 +15,7 @@ import yaml
 from adaptrep import sweep as sweep_module
 from adaptrep.experiment import ConfigError
 from adaptrep.store import Store
-from adaptrep.sweep import InProcess, SweepSpec, execute, expand, load_spec
+from adaptrep.sweep import InProcess, ProcessPool, SweepSpec, execute, expand, load_spec
 
 BASE = {
     "setting": "linear",
@@ -85,13 +86,19 @@ def test_spec_expands_to_stable_runs_with_labels():
         ([1, 2], "mapping"),
     ],
 )
-def test_bad_spec_is_one_line_naming_the_culprit(tmp_path, spec, culprit):
+def test_bad_spec_is_one_line_naming_the_culprit(tmp_path, spec, culprit, monkeypatch, capsys):
+    from adaptrep.cli import entry
+
     path = write_spec(tmp_path / "bad.yaml", spec)
     with pytest.raises(ConfigError, match=culprit) as error:
         expand(load_spec(path))
     assert "\n" not in str(error.value)
-    result = adaptrep("sweep", str(path), "--out", str(tmp_path / "out"))
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and culprit in result.stderr, result.stderr
+    monkeypatch.setattr(sys, "argv", ["adaptrep", "sweep", str(path), "--out", str(tmp_path / "out")])  # the command, in this process
+    with pytest.raises(SystemExit) as exit_:
+        entry()
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and stderr.splitlines() == [f"adaptrep: error: {error.value}"], stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_store_commits_runs_atomically_and_claims_them_once(tmp_path):
@@ -162,6 +169,33 @@ def wait_for_done(db_path, at_least, timeout=240.0):
     raise AssertionError("the sweep did not progress")
 
 
+def test_a_process_pool_gives_the_in_process_results(tmp_path, reference):
+    """Runs computed by the pool (its workers, and the driver's thread while they start) are the
+    in-process runs, number for number."""
+    pool = ProcessPool(2)
+    with Store(tmp_path / "sweep.db") as store:
+        outcome = execute(expand(SweepSpec(**SPEC)), store, pool)
+        assert outcome.done == 10 and outcome.failed == 0, outcome.errors
+        pd.testing.assert_frame_equal(comparable(store.results()), reference)
+
+
+def test_closing_a_pool_stops_its_workers_and_no_other_process():
+    foreign = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(120,), daemon=True)
+    foreign.start()
+    try:
+        pool = ProcessPool(1)
+        worker = pool._executor().submit(os.getpid).result(timeout=300)
+        assert worker not in (os.getpid(), foreign.pid)
+        pool.close()
+        with pytest.raises(ProcessLookupError):  # the pool's worker is gone (and reaped)
+            os.kill(worker, 0)
+        assert foreign.is_alive(), "close() stopped a process that is not one of its workers"
+    finally:
+        foreign.terminate()
+        foreign.join()
+
+
+@pytest.mark.slow
 def test_kill_9_part_way_then_resume_gives_the_uninterrupted_results(tmp_path, reference):
     spec, out = write_spec(tmp_path / "spec.yaml"), tmp_path / "out"
     process = subprocess.Popen(
@@ -186,6 +220,7 @@ def test_kill_9_part_way_then_resume_gives_the_uninterrupted_results(tmp_path, r
     assert {"delta", "experiment", "run_id"} <= set(resumed.columns)
 
 
+@pytest.mark.slow
 def test_two_sweeps_on_one_store_leave_it_consistent(tmp_path, reference):
     spec, out = write_spec(tmp_path / "spec.yaml"), tmp_path / "out"
     command = sweep_command(spec, out, 1)
@@ -199,6 +234,7 @@ def test_two_sweeps_on_one_store_leave_it_consistent(tmp_path, reference):
         pd.testing.assert_frame_equal(comparable(store.results()), reference)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path):
     spec, out = write_spec(tmp_path / "spec.yaml"), tmp_path / "out"
     process = subprocess.Popen(
@@ -211,7 +247,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr and "rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr and "rerun the same command to resume" in " ".join(stderr.split())  # whatever the width
     with Store(out / "sweep.db") as store:
         counts = store.counts()
         assert "running" not in counts and counts["done"] >= 2
@@ -220,6 +256,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path):
     assert report.returncode == 0 and (out / "report.md").is_file(), report.stderr
 
 
+@pytest.mark.slow
 def test_ray_backend_matches_the_local_backend(tmp_path, reference):
     pytest.importorskip("ray")
     from adaptrep.sweep import RayBackend

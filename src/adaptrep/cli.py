@@ -22,12 +22,14 @@ except ImportError:  # pragma: no cover - older typer on click
 
 from .data import DataError
 from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, read_yaml, resolve_config, steps_per_seed
-from .report import metric_of, summarise, write_report
 from .store import Store, StoreError, describe_labels
 from .sweep import Run, SweepOutcome, SweepSpec, check_backend, execute, expand, load_spec, make_backend
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="Fine-tuning-based meta-learning of representations (ADAPTREP vs FROZENREP).")
-console = Console(stderr=True)
+#: Messages for people on stderr: never wrapped at the console width (rich wraps output that is not a
+#: terminal at 80 columns, which would break a message and its paths mid-sentence) and taken literally
+#: (no markup, so "[...]" in an error or a path is printed as it is).
+console = Console(stderr=True, soft_wrap=True, markup=False)
 
 
 class UserError(Exception):
@@ -396,6 +398,8 @@ def _execute(runs: list[Run], out_dir: Path, how: Execution, title: str) -> None
 
 def _publish(store: Store, out_dir: Path) -> None:
     """results.csv (and .parquet with pyarrow), figures and report.md from the store; a summary."""
+    from .report import metric_of, summarise, write_report  # matplotlib: imported only when a report is written
+
     results = store.results()
     failed = store.runs().query("status == 'failed'")
     if results.empty:
@@ -424,7 +428,8 @@ def _publish(store: Store, out_dir: Path) -> None:
             values = dict(zip(rows["m"], rows["mean"], strict=True))
             table.add_row(str(method), *[f"{values[m]:.4f}" if m in values else "" for m in ms])
         out.print(table)
-    out.print(f"results: {out_dir / 'results.csv'}\nreport:  {report_path}\nfigures: {out_dir / 'figures'}\nstore:   {out_dir / STORE}")
+    where = f"results: {out_dir / 'results.csv'}\nreport:  {report_path}\nfigures: {out_dir / 'figures'}\nstore:   {out_dir / STORE}"
+    out.print(where, soft_wrap=True, markup=False)
 
 
 def entry() -> None:

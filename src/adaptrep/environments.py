@@ -421,10 +421,16 @@ class SinusoidEnvironment(Environment):
 
     def __init__(self, noise: float = 0.0, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64) -> None:
         super().__init__(1, 1, noise, device, dtype)
-        # scale 1 leaves the inputs of sample_inputs (x ~ U[-5, 5]) as they are in make_tasks; it is
-        # not sqrt diag Sigma here (the variance is 25/3, not the 1 that covariance_diagonal reports)
+        # the multiplier of make_tasks: 1, as sample_inputs draws x ~ U[-5, 5] at its scale already
+        # (so it is not sqrt diag Sigma here: see covariance_diagonal)
         self.input_scale = torch.ones(1, dtype=torch.float64)
         self.grid = torch.linspace(*self.INPUT_RANGE, self.GRID_POINTS, dtype=torch.float64)
+
+    @property
+    def covariance_diagonal(self) -> Tensor:
+        """The inputs' variance ``(high - low)^2 / 12`` (``25/3`` for ``U[-5, 5]``), shape ``(1,)``."""
+        low, high = self.INPUT_RANGE
+        return torch.full((1,), (high - low) ** 2 / 12, dtype=self.dtype, device=self.device)
 
     @property
     def representation(self) -> Tensor | None:  # type: ignore[override]

@@ -128,7 +128,7 @@ class FineTune:
         """Fine-tuned ``(w, v)`` for a fixed strength per problem (leading dims of ``G`` and ``strength`` broadcast)."""
         heads = heads_for(B, G, prior)
         L = lipschitz(G)
-        v = torch.zeros(torch.broadcast_shapes(c.shape, strength.shape + (1,)), dtype=G.dtype, device=G.device)
+        v = torch.zeros(torch.broadcast_tensors(c, strength.unsqueeze(-1))[0].shape, dtype=G.dtype, device=G.device)  # not broadcast_shapes: it imports sympy
         if self.constraint != "early-stop":
             return fit_perturbation(heads, c, L, v, self._prox, strength, self.steps)
         for step in range(1, int(strength.max().item()) + 1 if strength.numel() else 1):

@@ -252,7 +252,8 @@ def fit_logistic(
 ) -> Tensor:
     """L2-regularised logistic regression without intercept, every task at once (damped Newton).
 
-    Minimises, per task ``t``, ``f_t(theta) = mean_i [softplus(<x_i, theta>) - y_i <x_i, theta>] + (lambda_t / 2) ||theta||^2``.
+    Minimises, per task ``t``, ``f_t(theta) = mean_i [softplus(<x_i, theta>) - y_i <x_i, theta>] + (lambda_t / 2) ||theta||^2``
+    (with ``weight``: each sample's term times ``weight_ti``, still divided by ``n``).
     Each iteration takes the Newton direction ``-(H + eps I)^{-1} g`` (Cholesky, :func:`spd_solve`;
     ``eps`` a ``1e-12`` relative jitter so that a singular Hessian still gives a descent direction)
     and a backtracking (Armijo) line search per task, starting from the full step. A task is

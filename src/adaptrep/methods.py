@@ -593,6 +593,7 @@ class TargetOnly(Method):
         if spec.kind in ("relu", "module"):
             if spec.kind == "relu":
                 # the same network and fine-tuning, from a random first layer instead of a learned one
+                generator = generator if generator is not None else torch.Generator().manual_seed(self.seed)  # reproducible without one too
                 W = torch.randn(target.dim, self.width, generator=generator, dtype=torch.float64).to(target.X)
                 theta = {"W": W / W.norm(dim=0, keepdim=True)}
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pandas as pd  # noqa: E402
 from .store import describe_labels  # noqa: E402
 from .theory import oracle_head_risk, target_only_risk  # noqa: E402
 
+#: Colour and marker of each method in the figures (every name in :data:`adaptrep.methods.METHODS`).
 STYLE = {
     "adaptrep": ("tab:red", "o"),
     "frozenrep": ("tab:blue", "s"),
@@ -22,7 +24,28 @@ STYLE = {
     "target-only": ("tab:gray", "^"),
     "oracle-head": ("tab:green", "v"),
     "oracle-ft": ("tab:olive", "P"),
+    "maml": ("tab:purple", "*"),
+    "fomaml": ("tab:pink", "X"),
+    "anil": ("tab:brown", "h"),
+    "reptile": ("tab:orange", "<"),
+    "pooled": ("black", ">"),
 }
+
+#: Styles handed out, in turn, to methods without an entry in :data:`STYLE`.
+_FALLBACK_COLORS = ("navy", "teal", "darkgoldenrod", "crimson", "indigo", "sienna", "darkslategray", "magenta")
+_FALLBACK_MARKERS = ("d", "p", "H", "8", "1", "2", "+", "|")
+
+
+def styles(methods: list[str]) -> dict[str, tuple[str, str]]:
+    """``(color, marker)`` for each method: its :data:`STYLE` entry, or else the next pair of a fallback
+    cycle (colours and markers of its own), so that no two methods of one figure look the same."""
+    n = len(_FALLBACK_COLORS)
+    cycle = ((_FALLBACK_COLORS[i % n], _FALLBACK_MARKERS[(i + i // n) % n]) for i in range(n * n))  # every pair once
+    spare = itertools.chain(cycle, itertools.repeat(("black", "x")))
+    out: dict[str, tuple[str, str]] = {}
+    for method in dict.fromkeys(methods):
+        out[method] = STYLE[method] if method in STYLE else next(spare)
+    return out
 
 
 def metric_of(results: pd.DataFrame) -> str:
@@ -51,21 +74,21 @@ def summarise(results: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     return out.drop(columns="std")
 
 
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
-
-
 def t_quantile_975(dof: pd.Series) -> pd.Series:
-    """0.975 quantile of Student's t with ``dof`` degrees of freedom (normal 1.96 beyond 30)."""
-    table = {i + 1: q for i, q in enumerate(_T975)}
-    return dof.map(lambda n: table.get(int(n), 2.042 if n <= 30 else 1.96) if n >= 1 else np.nan)
+    """0.975 quantile of Student's t with ``dof`` degrees of freedom (exact; NaN below 1)."""
+    from scipy.stats import t
+
+    values = dof.to_numpy(dtype=float)
+    return pd.Series(np.where(values >= 1, t.ppf(0.975, np.maximum(values, 1.0)), np.nan), index=dof.index)
 
 
 def risk_figure(results: pd.DataFrame, config: dict[str, Any], path: Path) -> Path:
     """Excess risk vs m (log-log), mean and 95% interval per method, closed forms overlaid."""
     summary = summarise(results)
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    look = styles([str(method) for method in summary["method"].unique()])
     for method, part in summary.groupby("method", sort=False):
-        color, marker = STYLE.get(str(method), ("black", "x"))
+        color, marker = look[str(method)]
         ax.plot(part["m"], part["mean"], marker=marker, color=color, label=str(method))
         ax.fill_between(part["m"], part["ci_low"].clip(lower=1e-6), part["ci_high"], color=color, alpha=0.15)
     ms = np.unique(np.geomspace(min(summary["m"]), max(summary["m"]), 200).round().astype(int))
@@ -95,10 +118,11 @@ def representation_figure(results: pd.DataFrame, path: Path) -> Path:
     """Hard cases: share of each method's learned span in the opt block (per seed, and mean)."""
     per_seed = results.dropna(subset=["opt_block_share"]).groupby(["method", "seed"], sort=False)["opt_block_share"].first().reset_index()
     methods = list(dict.fromkeys(per_seed["method"]))
+    look = styles([str(method) for method in methods])
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     for i, method in enumerate(methods):
         values = per_seed.loc[per_seed["method"] == method, "opt_block_share"].to_numpy()
-        color, _ = STYLE.get(method, ("black", "x"))
+        color, _ = look[str(method)]
         ax.bar(i, values.mean(), color=color, alpha=0.6)
         ax.scatter(np.full(len(values), i) + np.linspace(-0.15, 0.15, len(values)), values, color="black", s=10, zorder=3)
     ax.set_xticks(range(len(methods)), methods, rotation=20)

@@ -20,6 +20,8 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -234,28 +236,98 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _ready() -> int:
+    """A no-op task: its answer says that the workers are up."""
+    return os.getpid()
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """How workers start: forked from a fork server that has imported the library once (so a
+    worker starts in milliseconds instead of importing torch and pandas itself), or spawned where
+    there is no fork server. The fork server is a fresh process without threads or a CUDA context,
+    so its children may use CUDA, unlike children forked from the driver."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # pragma: no cover - Windows
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # every worker runs the driver's main module again: preload what it imports (the CLI when it is the driver,
+    # as the console script or as python -m adaptrep.cli)
+    main = getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None)
+    context.set_forkserver_preload([name for name in (__name__, "adaptrep.cli") if name in sys.modules or name == main])
+    return context
+
+
+class _Here:
+    """A run computed by a thread of the driver (see :class:`ProcessPool`); a :class:`Future`."""
+
+    def __init__(self, run: Run, threads: int) -> None:
+        self.future: Future = Future()
+        self.future.set_running_or_notify_cancel()
+        threading.Thread(target=self._compute, args=(run, threads), daemon=True, name="adaptrep-run").start()
+
+    def _compute(self, run: Run, threads: int) -> None:
+        previous = torch.get_num_threads()
+        try:
+            self.future.set_result(compute(run.stored_config(), run.seed, threads))
+        except BaseException as error:  # noqa: BLE001 - handed to the driver like a worker's exception
+            self.future.set_exception(error)
+        finally:
+            torch.set_num_threads(previous)
+
+
 class ProcessPool(_Windowed):
     """A pool of ``workers`` processes on this machine (``--backend local``), each using
-    ``cores // workers`` threads."""
+    ``cores // workers`` threads.
+
+    The workers start once, when the pool is made, all together and in the background (forked from
+    one fork server, which imports the library once); they serve every run of the sweep. Until they
+    are up, the driver computes CPU runs itself, one at a time in a thread, instead of waiting: a
+    sweep of short runs does not lose the start-up time. Once the workers are up, at most ``workers``
+    runs are in flight in all.
+    """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self.window = workers
         self.threads = max(1, cpu_count() // workers)
-        self._pool = self._start()
+        self._up = threading.Event()
+        self._pool: ProcessPoolExecutor | None = None
+        self._failure: BaseException | None = None
+        self._starter = threading.Thread(target=self._start_in_background, daemon=True, name="adaptrep-pool-start")
+        self._starter.start()
+
+    @property
+    def window(self) -> int:  # type: ignore[override]
+        return self.workers if self._up.is_set() else 1
+
+    def _start_in_background(self) -> None:
+        try:
+            self._pool = self._start()
+            self._pool.submit(_ready).result()
+        except BaseException as error:  # noqa: BLE001 - raised by _executor (or, for a worker that died, at the next submit)
+            self._failure = error
+        finally:
+            self._up.set()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        self._starter.join()
+        if self._pool is None:
+            raise self._failure or RuntimeError("the worker pool did not start")
+        return self._pool
 
     def _start(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(self.threads,))
+        return ProcessPoolExecutor(self.workers, mp_context=_context(), initializer=_init_worker, initargs=(self.threads,))
 
     def _submit(self, run: Run) -> Future:
+        if not self._up.is_set() and torch.device(run.config.device).type == "cpu":
+            return _Here(run, self.threads).future
         try:
-            return self._pool.submit(compute, run.stored_config(), run.seed)
+            return self._executor().submit(compute, run.stored_config(), run.seed)
         except BrokenProcessPool:
             self._pool = self._start()
             return self._pool.submit(compute, run.stored_config(), run.seed)
 
     def _wait(self, handles: list[Any]) -> list[Any]:
-        done, _ = wait(handles, return_when=FIRST_COMPLETED)
+        starting = not self._up.is_set()  # wake up when the workers are, to give them runs
+        done, _ = wait(handles, timeout=0.05 if starting else None, return_when=FIRST_COMPLETED)
         return [handle for handle in handles if handle in done]
 
     def _result(self, handle: Any) -> Outcome:
@@ -266,12 +338,22 @@ class ProcessPool(_Windowed):
         except Exception as error:  # noqa: BLE001 - recorded as the run's failure
             return error
 
+    def processes(self) -> list[multiprocessing.process.BaseProcess]:
+        """This pool's worker processes (none once it is closed)."""
+        self._starter.join()
+        return list((getattr(self._pool, "_processes", None) or {}).values())
+
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for child in multiprocessing.active_children():
-            child.terminate()
-        for child in multiprocessing.active_children():
-            child.join(timeout=10)
+        """Stop this pool's workers (runs in flight are abandoned); other processes are left alone.
+        A run in flight in the driver's thread finishes there, unrecorded."""
+        workers = self.processes()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers:
+            if process.is_alive():
+                process.terminate()
+        for process in workers:
+            process.join(timeout=10)
 
 
 class RayBackend(_Windowed):
