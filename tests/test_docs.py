@@ -44,6 +44,18 @@ def test_readme_python_example_runs_and_shows_its_output():
         assert math.isclose(shown[name], value, rel_tol=2e-3, abs_tol=2e-4), (name, shown[name], value)
 
 
+def test_readme_own_module_example_runs_and_shows_its_output():
+    """The README's CNN on generated 5-way image tasks: every method well above chance (0.2), as shown."""
+    readme = ROOT / "README.md"
+    (code,) = [block for block in python_blocks(readme) if "nn.Conv2d" in block]
+    assert len(code.strip().splitlines()) <= 25
+    printed = run_printing(code, "README.md")
+    accuracy = {line.split()[0]: float(line.split()[-1]) for line in printed.splitlines()}
+    assert set(accuracy) == {"adaptrep", "frozenrep", "anil"} and min(accuracy.values()) > 0.4, printed
+    shown = {line.split()[0]: float(line.split()[-1]) for line in shown_output(readme, code).splitlines()}
+    assert all(abs(shown[name] - value) <= 0.011 for name, value in accuracy.items()), (printed, shown)
+
+
 def test_meta_learning_example_runs_and_learns():
     """The docs' example of MAML on a user's ``nn.Module``: the meta loss falls, as the page shows."""
     page = ROOT / "docs" / "methods.md"
