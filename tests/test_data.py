@@ -226,3 +226,20 @@ def test_foreign_model_file_is_refused(tmp_path):
     path.write_bytes(b"not a model at all")
     with pytest.raises(DataError, match="is not an adaptrep model file"):
         load_method(path)
+
+
+def test_query_loss_minus_noise_is_the_exact_excess_risk():
+    """Scoring without ground truth agrees with the exact excess risk: on simulated `linear` targets,
+    the mean squared error on fresh query samples minus sigma^2 equals ||beta_hat - beta||^2 within
+    Monte Carlo error."""
+    env = LinearEnvironment(dim=8, rank=2, delta=0.3, noise=0.5, seed=1)
+    g = torch.Generator().manual_seed(4)
+    source = env.sample_tasks(60, 30, g)
+    support = env.sample_tasks(10, 15, g)
+    query = env.sample_tasks(10, 4000, g, beta=support.beta)
+    adapted = AdaptRep().fit(source).adapt(support, torch.Generator().manual_seed(0))
+    exact = env.excess_risk(adapted.beta, support.beta)
+    estimate = adapted.score(query)["loss"] - env.noise**2
+    errors = (adapted.predict(query.X) - query.y) ** 2  # their spread gives the Monte Carlo error
+    se = errors.std(-1) / math.sqrt(errors.shape[-1])
+    assert bool(((estimate - exact).abs() < 4 * se).all()), (estimate, exact, se)
