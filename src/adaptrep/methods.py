@@ -282,7 +282,7 @@ class _AdaptsRepresentation(Method):
         toward the source heads' mean with precision ``(sigma^2 / m) S^{-1}``."""
         assert self.head_prior is not None and self.noise_estimate is not None
         mu, S = (value.to(target.X) for value in self.head_prior)
-        X, k = target.flat(), B.shape[1]
+        X = target.flat()
         if self.spec.intercept:
             X = torch.nn.functional.pad(X, (0, 1), value=1.0) * target.weight.unsqueeze(-1)
             B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
@@ -296,7 +296,6 @@ class _AdaptsRepresentation(Method):
             options = dict(noise=self.noise_estimate, noise_dof=self.noise_dof, mask=target.mask if target.ragged else None, prior=prior)
             beta, strength = self.finetune.adapt(B, X, target.y, generator, **options)  # type: ignore[arg-type]
         bias = beta[:, -1] if self.spec.intercept else None
-        del k
         return Adapted(beta[:, : target.dim], bias=bias, loss="squared", strength=strength)
 
     def _adapt_generic(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
