@@ -130,10 +130,11 @@ def test_fit_source_is_the_same_on_samples_statistics_and_both_b_solvers(penalty
     # after a fixed number of iterations they agree to rounding, converged or not
     _, tasks = _tasks(T=60, n=8, d=12, k=2, seed=8)
     fits = {}
+    options = dict(cg_rtol=1e-13, gtol=0.0, tol=0.0, max_iter=25, select_after=5)
     for representation in ("gram", "samples"):
         stats = task_statistics(tasks.X, tasks.y, representation=representation)
         for solver in ("dense", "cg"):
-            fits[representation, solver] = fit_source(*stats, 2, penalty=penalty, b_solver=solver, cg_rtol=1e-13, gtol=0.0, tol=0.0, max_iter=25, select_after=5)
+            fits[representation, solver] = fit_source(*stats, 2, penalty=penalty, b_solver=solver, **options)
     ref = fits["gram", "dense"]
     for key, fit in fits.items():
         assert fit.b_solver == key[1] and fit.iterations == ref.iterations

@@ -41,7 +41,7 @@ from .models import (
     model_for,
     task_parameters,
 )
-from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, spd_solve, sufficient_statistics
+from .solvers import Gram, SourceFit, estimate_noise, fit_source, moment_inits, spd_solve, sufficient_statistics, task_statistics
 
 __all__ = [
     "synchronize",
@@ -124,7 +124,7 @@ class _AdaptsRepresentation(Method):
         beta, self.last_strength = _finetune_generic(B, target, generator)
         return beta
 
-    def _estimate_noise(self, stats: tuple[Tensor, Tensor, Tensor], source: Tasks, rank: int) -> float:
+    def _estimate_noise(self, stats: tuple[Tensor | Gram, Tensor, Tensor], source: Tasks, rank: int) -> float:
         self.noise_estimate, self.noise_dof = estimate_noise(*stats, source.num_samples, rank)
         return self.noise_estimate
 
@@ -154,7 +154,7 @@ class _RepresentationMethod(_AdaptsRepresentation):
         if _generic(source):
             return self._fit_generic(source, rank)
         start = time.perf_counter()
-        G, c, q = source.gram()
+        G, c, q = task_statistics(source.X, source.y)  # the samples themselves when n < d
         penalty, radius = self._penalty(source, rank, self._estimate_noise((G, c, q), source, rank))
         fit: SourceFit = fit_source(G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol)
         self.source_fit = fit

@@ -791,7 +791,7 @@ def fit_source(
     gtol: float = 1e-6,
     select_after: int = 25,
     b_solver: Literal["auto", "dense", "cg"] = "auto",
-    cg_rtol: float = 1e-3,
+    cg_rtol: float = 0.1,
 ) -> SourceFit:
     """Fit ADAPTREP (finite ``penalty`` or a ``radius``) or FROZENREP (``penalty = inf``) on source statistics.
 
