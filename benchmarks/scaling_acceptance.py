@@ -1,7 +1,7 @@
 """Issue 15 acceptance: linear ADAPTREP source training at d = 768, T = 10,000 (one run, measured).
 
 ``python benchmarks/scaling_acceptance.py big [--n 40 --k 32 --threads 2 --max-iter K]``: ``T`` tasks of the
-``linear`` environment (delta 0.3, noise 0.5), generated in chunks of 1000 tasks into one
+``linear`` environment (delta 0.3, noise 0.5), generated in chunks of 250 tasks into one
 preallocated ``X`` (so that generation does not hold two copies), then ``AdaptRep().fit`` (the
 default: noise estimate, theory penalty, ``fit_source`` on the samples). Prints the wall time of
 each phase, the fit's diagnostics, the peak resident memory and the largest principal angle
@@ -29,7 +29,7 @@ def sin_distance(B: torch.Tensor, B_star: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(B @ B.T - B_star @ B_star.T, ord=2))
 
 
-def chunked_tasks(env: LinearEnvironment, T: int, n: int, chunk: int = 1000) -> Tasks:
+def chunked_tasks(env: LinearEnvironment, T: int, n: int, chunk: int = 250) -> Tasks:
     X = torch.empty(T, n, env.dim, dtype=torch.float64)
     y = torch.empty(T, n, dtype=torch.float64)
     beta = torch.empty(T, env.dim, dtype=torch.float64)

@@ -669,6 +669,13 @@ DENSE_MAX = 512
 CG_MAX_ITER = 100
 
 
+def _auto_b_solver(gram: Gram, d: int, k: int) -> Literal["dense", "cg"]:
+    """Dense while ``d k <= DENSE_MAX`` on dense Gram matrices; always CG on samples, where the
+    dense normal matrix would first rebuild every ``G_t`` (``O(T n d^2)``, measured 2 to 10 times
+    the CG step's cost in ``benchmarks/scaling.py``)."""
+    return "dense" if isinstance(gram, DenseGram) and d * k <= DENSE_MAX else "cg"
+
+
 def _normal_jitter(W: Tensor, gram: Gram) -> Tensor:
     """The ridge added to the normal equations: ``max(1e-12, 100 eps)`` times their mean diagonal entry."""
     d, k = gram.dim, W.shape[-1]
@@ -759,14 +766,15 @@ def solve_representation(
     time, ``O(d^2 k^2)`` memory). ``"cg"``: conjugate gradients, matrix-free (each iteration one
     product ``G_t (P w_t)`` for every task, ``O(T d k)`` plus the products' cost), preconditioned by
     ``Sigma (x) W^T W`` and warm-started from ``B0``; stops at ``max(atol, rtol * r0)`` in the
-    residual norm (see :func:`conjugate_gradients`). ``"auto"``: dense while ``d k <= DENSE_MAX``.
+    residual norm (see :func:`conjugate_gradients`). ``"auto"``: dense while ``d k <= DENSE_MAX`` on
+    dense Gram matrices, CG on samples.
     """
     gram = as_gram(G)
     d, k = gram.dim, W.shape[-1]
     batch = W.shape[:-2]
     R = rhs.transpose(-1, -2) @ W  # (..., d, k)
     jitter = _normal_jitter(W, gram)
-    if method == "dense" or (method == "auto" and d * k <= DENSE_MAX):
+    if method == "dense" or (method == "auto" and _auto_b_solver(gram, d, k) == "dense"):
         WW = (W.unsqueeze(-1) * W.unsqueeze(-2)).reshape(*batch, W.shape[-2], k * k)
         M = gram.normal_matrix(WW).reshape(*batch, d, d, k, k)
         M = M.permute(*range(M.ndim - 4), -4, -2, -3, -1).reshape(*batch, d * k, d * k)
@@ -802,7 +810,8 @@ def fit_source(
     1. heads and perturbations for the current ``B``: exact heads, ``inner_steps`` FISTA steps on
        the perturbations (warm-started) — every task at once;
     2. ``B`` by least squares given heads and perturbations (:func:`solve_representation`): an
-       exact ``dk x dk`` solve while ``d k <= DENSE_MAX``, else conjugate gradients warm-started
+       exact ``dk x dk`` solve while ``d k <= DENSE_MAX`` on dense Gram matrices, else (and always
+       on samples) conjugate gradients warm-started
        from the current ``B`` until the residual (``T/2`` times the gradient in ``B``) has fallen by
        ``cg_rtol`` or below ``gtol T / 20``; then re-orthonormalised by QR with the heads
        transformed so that the objective is unchanged.
@@ -837,7 +846,7 @@ def fit_source(
     objective = torch.full((S,), math.inf, dtype=dtype, device=device)
     restart_objectives: list[float] = []
     history: list[float] = []
-    method = b_solver if b_solver != "auto" else ("dense" if d * rank <= DENSE_MAX else "cg")
+    method = b_solver if b_solver != "auto" else _auto_b_solver(gram, d, rank)
     cg_iterations = 0
 
     def task_terms(B: Tensor, LB: Tensor, W: Tensor, A: Tensor) -> Tensor:
