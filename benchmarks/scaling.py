@@ -244,7 +244,7 @@ def plot(rows: list[dict[str, float | int | str]], sweeps: dict[str, list[int]],
         lines = ax.get_legend_handles_labels()
         extra = twin.get_legend_handles_labels()
         ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=7, loc="upper left")
-    fig.suptitle("linear ADAPTREP source training: one iteration (samples path when n < d, CG B step when dk > 512)")
+    fig.suptitle("linear ADAPTREP source training: one iteration (samples when n < d; CG B step on samples or when dk > 512)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
