@@ -23,7 +23,21 @@ import torch
 from torch import Tensor
 
 from . import cv
-from .solvers import HeadSolver, Prox, ball_prox, fit_perturbation, lipschitz, matvec, mse, ols_noise_variance, penalty_prox, predictor, sufficient_statistics
+from .solvers import (
+    Gram,
+    HeadSolver,
+    Prox,
+    as_gram,
+    ball_prox,
+    fit_perturbation,
+    lipschitz,
+    matvec,
+    mse,
+    ols_noise_variance,
+    penalty_prox,
+    predictor,
+    sufficient_statistics,
+)
 
 
 def fit_head(B: Tensor, G: Tensor, c: Tensor, prior: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -42,19 +56,20 @@ class ShrunkHeads(HeadSolver):
 
     Pmu: Tensor | None = None
 
-    def __call__(self, c: Tensor, v: Tensor | None = None) -> Tensor:
-        r = c if v is None else c - matvec(self.G, v)
+    def solve(self, Bc: Tensor, h: Tensor | None = None) -> Tensor:
+        r = Bc if h is None else Bc - self.G.reduce(self.B, self.LB, h)
         assert self.Pmu is not None
-        return matvec(self.pinv, matvec(self.B.transpose(-1, -2), r) + self.Pmu)
+        return matvec(self.pinv, r + self.Pmu)
 
 
-def heads_for(B: Tensor, G: Tensor, prior: tuple[Tensor, Tensor] | None) -> HeadSolver:
+def heads_for(B: Tensor, G: Tensor | Gram, prior: tuple[Tensor, Tensor] | None) -> HeadSolver:
     """The exact head solver for ``B`` on statistics ``G``, with the prior ``(P, P mu)`` if given."""
     if prior is None:
         return HeadSolver.build(B, G)
     P, Pmu = prior
-    M = B.transpose(-1, -2) @ G @ B + P
-    return ShrunkHeads(B, G, torch.linalg.inv(M), Pmu)
+    gram = as_gram(G)
+    LB = gram.times(B)
+    return ShrunkHeads(B, gram, LB, torch.linalg.inv(gram.basis_gram(B, LB) + P), Pmu)
 
 
 def fold_statistics(

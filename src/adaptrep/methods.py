@@ -51,7 +51,7 @@ from .models import (
     logistic_finetune,
     model_for,
 )
-from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, predictor, spd_solve, sufficient_statistics
+from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, predictor, spd_solve, sufficient_statistics, task_statistics
 
 __all__ = [
     "synchronize",
@@ -197,7 +197,7 @@ class Method(ABC):
             raise ValueError(f"rank must be between 1 and the input dimension {source.dim}; got {rank}")
         return int(rank)
 
-    def _estimate_noise(self, stats: tuple[Tensor, Tensor, Tensor], source: Tasks, rank: int) -> float:
+    def _estimate_noise(self, stats: tuple[Any, Tensor, Tensor], source: Tasks, rank: int) -> float:
         counts = source.counts if source.ragged else source.num_samples
         self.noise_estimate, self.noise_dof = estimate_noise(*stats, counts, rank, lost=int(self.spec.intercept))
         return self.noise_estimate
@@ -351,7 +351,8 @@ class _RepresentationMethod(_AdaptsRepresentation):
         if not self.spec.exact:
             self._fit_generic(source, rank)
             return
-        G, c, q = source.gram(center=self.spec.intercept)
+        X, y, _, _ = _centered(source, self.spec.intercept)
+        G, c, q = task_statistics(X, y, source.counts if source.ragged else None)  # the samples themselves when n < d
         self._chosen: SourceFit | None = None  # a fit that _penalty already made (penalty="cv")
         penalty, radius = self._penalty(source, rank, self._estimate_noise((G, c, q), source, rank))
         fit: SourceFit = self._chosen or fit_source(
@@ -417,18 +418,18 @@ def _head_prior(source: Tasks, fit: SourceFit, intercept: bool, noise: float) ->
     noise ``(sigma^2 / n_t) (B'^T G_t B')^{-1}`` (``B' = [B, 0; 0, 1]`` on inputs ``[x, 1]``),
     with eigenvalues floored at ``1e-3`` times the largest so that it can be inverted."""
     heads, B = fit.W, fit.B
-    G, _, _ = source.gram()
+    X = source.flat()
     if intercept:
         mx, my = source.means()
         beta = fit.W @ fit.B.T + fit.V
         heads = torch.cat([heads, (my - (mx * beta).sum(-1)).unsqueeze(-1)], -1)
-        top = torch.cat([G, mx.unsqueeze(-1)], -1)
-        G = torch.cat([top, torch.nn.functional.pad(mx, (0, 1), value=1.0).unsqueeze(-2)], -2)
+        X = torch.nn.functional.pad(X, (0, 1), value=1.0) * source.weight.unsqueeze(-1)
         B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
+    Z = X @ B  # (T, n, k'): the heads' design, from the samples (no d x d statistics)
+    H = Z.transpose(-1, -2) @ Z / source.counts[:, None, None]
     mu = heads.mean(0)
     centred = heads - mu
     spread = centred.T @ centred / max(1, heads.shape[0] - 1)
-    H = B.T @ G @ B
     error = (noise**2 / source.counts)[:, None, None] * torch.linalg.pinv(H, hermitian=True)
     values, vectors = torch.linalg.eigh(spread - error.mean(0))
     values = values.clamp_min(1e-3 * values.max().clamp_min(1e-12))

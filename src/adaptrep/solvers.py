@@ -26,8 +26,10 @@ The objective depends on ``B`` only through its span, because the heads ``w_t`` 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -95,6 +97,358 @@ def ball_prox(v: Tensor, strength: Tensor, step: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# the per-task Gram operators: dense sufficient statistics, or the samples themselves
+
+
+class Gram(ABC):
+    """The per-task Gram matrices ``G_t = X_t^T X_t / n_t`` as an operator.
+
+    Every product with ``G_t`` factors as ``G_t v = expand(half(v))``: :class:`DenseGram` keeps
+    the ``d x d`` matrices (``half = G_t v``, ``expand`` the identity), :class:`SampleGram` the
+    samples (``half = X_t v`` of length ``n``, ``expand = X_t^T h / n_t``), so that a product costs
+    ``O(d^2)`` or ``O(n d)`` per task, whichever representation is smaller. The task dimension is
+    the one before the last of vectors (``(..., T, d)``); leading dimensions (restarts) broadcast.
+    A basis ``B`` (``(..., d, k)``, or ``(..., 1, d, k)`` / ``(..., T, d, k)`` with the task
+    dimension explicit) enters through ``LB = times(B)`` (``G_t B`` or ``X_t B``), from which
+    ``B^T G_t B``, ``G_t B w_t`` and ``B^T G_t v`` follow without another pass over the data.
+    """
+
+    #: per-task sample counts ``n_t`` (``(T,)``, in the data's dtype), or ``None`` when unknown
+    counts: Tensor | None
+
+    @property
+    @abstractmethod
+    def dim(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abstractmethod
+    def half(self, v: Tensor) -> Tensor:
+        """The first factor of ``G_t v``."""
+
+    @abstractmethod
+    def expand(self, h: Tensor) -> Tensor:
+        """The second factor: ``G_t v = expand(half(v))``."""
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``G_t v_t`` for ``v`` of shape ``(..., T, d)``."""
+        return self.expand(self.half(v))
+
+    @abstractmethod
+    def quad(self, v: Tensor) -> Tensor:
+        """``v_t^T G_t v_t`` (``(..., T)``)."""
+
+    @abstractmethod
+    def times(self, B: Tensor) -> Tensor:
+        """``LB``: the product of the first factor with a basis ``B``."""
+
+    @abstractmethod
+    def basis_gram(self, B: Tensor, LB: Tensor) -> Tensor:
+        """``B^T G_t B`` (``(..., T, k, k)``)."""
+
+    @abstractmethod
+    def lift(self, LB: Tensor, w: Tensor) -> Tensor:
+        """``half(B w_t)`` from ``LB``."""
+
+    @abstractmethod
+    def reduce(self, B: Tensor, LB: Tensor, h: Tensor) -> Tensor:
+        """``B^T G_t v_t`` from ``h = half(v)``."""
+
+    @abstractmethod
+    def trace(self) -> Tensor:
+        """``tr G_t`` (``(T,)``)."""
+
+    @abstractmethod
+    def lambda_max(self) -> Tensor:
+        """Largest eigenvalue of each ``G_t``."""
+
+    @abstractmethod
+    def ridge_solve(self, ridge: Tensor, c: Tensor) -> Tensor:
+        """``(G_t + ridge_t I)^{-1} c_t`` (``ridge`` of shape ``(T,)``, positive)."""
+
+    @abstractmethod
+    def mean_gram(self) -> Tensor:
+        """An estimate of the average ``mean_t G_t`` (``d x d``), for preconditioning."""
+
+    @abstractmethod
+    def normal_matrix(self, WW: Tensor) -> Tensor:
+        """``sum_t G_t (x) WW_t`` as ``(..., d, d, k*k)`` for ``WW = w_t w_t^T`` flattened (``(..., T, k*k)``)."""
+
+    # perturbation coordinates: fit_source keeps each v_t as coordinates a_t, v_t = coord_vector(a_t)
+
+    @abstractmethod
+    def coord_dim(self) -> int:
+        """Length of a perturbation's coordinates."""
+
+    @abstractmethod
+    def coord_half(self, a: Tensor) -> Tensor:
+        """``half(v)`` for the perturbation with coordinates ``a``."""
+
+    @abstractmethod
+    def coord_sqnorm(self, a: Tensor) -> Tensor:
+        """``||v||^2`` for the perturbation with coordinates ``a``."""
+
+    @abstractmethod
+    def coord_vector(self, a: Tensor) -> Tensor:
+        """The perturbation ``v`` (``(..., T, d)``) with coordinates ``a``."""
+
+    @abstractmethod
+    def target(self, c: Tensor) -> Tensor:
+        """``b`` with ``expand(b) = c``: the gradient of the loss in ``v`` is ``2 expand(half(beta) - b)``."""
+
+    @abstractmethod
+    def coord_loss(self, B: Tensor, LB: Tensor, w: Tensor, a: Tensor, c: Tensor, q: Tensor) -> Tensor:
+        """``loss_t(B w_t + v_t)`` for the perturbation with coordinates ``a``."""
+
+
+def _shared_basis(B: Tensor) -> bool:
+    return B.ndim >= 3 and B.shape[-3] == 1
+
+
+@dataclass(eq=False)
+class DenseGram(Gram):
+    """The Gram matrices themselves, ``G`` of shape ``(..., d, d)`` (any leading dimensions)."""
+
+    G: Tensor
+    counts: Tensor | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.G.shape[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.G.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.G.device
+
+    def half(self, v: Tensor) -> Tensor:
+        return matvec(self.G, v)
+
+    def expand(self, h: Tensor) -> Tensor:
+        return h
+
+    def quad(self, v: Tensor) -> Tensor:
+        return (v * matvec(self.G, v)).sum(-1)
+
+    def times(self, B: Tensor) -> Tensor:
+        return matmul(self.G, B)
+
+    def basis_gram(self, B: Tensor, LB: Tensor) -> Tensor:
+        return matmul(B.transpose(-1, -2), LB)
+
+    def lift(self, LB: Tensor, w: Tensor) -> Tensor:
+        return matvec(LB, w)
+
+    def reduce(self, B: Tensor, LB: Tensor, h: Tensor) -> Tensor:
+        return matvec(B.transpose(-1, -2), h)
+
+    def trace(self) -> Tensor:
+        return torch.diagonal(self.G, dim1=-2, dim2=-1).sum(-1)
+
+    def lambda_max(self) -> Tensor:
+        return torch.linalg.eigvalsh(self.G)[..., -1]
+
+    def ridge_solve(self, ridge: Tensor, c: Tensor) -> Tensor:
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+        return spd_solve(self.G + ridge[..., None, None] * eye, c)
+
+    def mean_gram(self) -> Tensor:
+        return self.G.reshape(-1, self.dim, self.dim).mean(0)
+
+    def normal_matrix(self, WW: Tensor) -> Tensor:
+        T, d = self.G.shape[-3], self.dim
+        return torch.einsum("tp,...tq->...pq", self.G.reshape(T, d * d), WW).reshape(*WW.shape[:-2], d, d, WW.shape[-1])
+
+    # the coordinates of a perturbation are the perturbation itself
+
+    def coord_dim(self) -> int:
+        return self.dim
+
+    def coord_half(self, a: Tensor) -> Tensor:
+        return self.half(a)
+
+    def coord_sqnorm(self, a: Tensor) -> Tensor:
+        return a.square().sum(-1)
+
+    def coord_vector(self, a: Tensor) -> Tensor:
+        return a
+
+    def target(self, c: Tensor) -> Tensor:
+        return c
+
+    def coord_loss(self, B: Tensor, LB: Tensor, w: Tensor, a: Tensor, c: Tensor, q: Tensor) -> Tensor:
+        beta = predictor(B, w, a)
+        return self.quad(beta) - 2 * (c * beta).sum(-1) + q
+
+
+@dataclass(eq=False)
+class SampleGram(Gram):
+    """The samples: ``X`` ``(T, n, d)`` and ``y`` ``(T, n)``, zero-padded rows past each task's count ``n_t``.
+
+    ``G_t = X_t^T X_t / n_t``; padded (zero) rows add nothing to ``X_t^T X_t`` or ``X_t v``.
+    Costs ``O(n d)`` memory and time per task and product instead of ``O(d^2)``.
+
+    Perturbations are kept as coordinates ``a_t`` in R^n with ``v_t = X_t^T a_t / n_t``: the
+    optimal ``v_t`` lies in the row space of ``X_t`` (a component outside it changes no loss and
+    only adds to ``||v_t||``), and so does every proximal-gradient iterate from ``v = 0``, so the
+    perturbation steps cost ``O(n^2)`` per task through ``K_t = X_t X_t^T`` instead of ``O(n d)``.
+    """
+
+    X: Tensor
+    counts: Tensor  # type: ignore[assignment]  # never None here
+    y: Tensor
+    _trace: Tensor | None = field(default=None, init=False, repr=False)
+    _mean: Tensor | None = field(default=None, init=False, repr=False)
+    _kernel: Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.X.shape[-1])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.X.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.X.device
+
+    def half(self, v: Tensor) -> Tensor:
+        return torch.einsum("tnd,...td->...tn", self.X, v)
+
+    def expand(self, h: Tensor) -> Tensor:
+        return torch.einsum("tnd,...tn->...td", self.X, h) / self.counts[:, None]
+
+    def quad(self, v: Tensor) -> Tensor:
+        return self.half(v).square().sum(-1) / self.counts
+
+    def times(self, B: Tensor) -> Tensor:
+        if _shared_basis(B):
+            B = B.squeeze(-3)
+        elif B.ndim >= 3:  # one basis per task
+            return torch.einsum("tnd,...tdk->...tnk", self.X, B)
+        return torch.einsum("tnd,...dk->...tnk", self.X, B)
+
+    def basis_gram(self, B: Tensor, LB: Tensor) -> Tensor:
+        return torch.einsum("...tnk,...tnl->...tkl", LB, LB) / self.counts[:, None, None]
+
+    def lift(self, LB: Tensor, w: Tensor) -> Tensor:
+        return torch.einsum("...tnk,...tk->...tn", LB, w)
+
+    def reduce(self, B: Tensor, LB: Tensor, h: Tensor) -> Tensor:
+        return torch.einsum("...tnk,...tn->...tk", LB, h) / self.counts[:, None]
+
+    def trace(self) -> Tensor:
+        if self._trace is None:
+            self._trace = self.X.square().sum((-1, -2)) / self.counts
+        return self._trace
+
+    def lambda_max(self) -> Tensor:
+        n, d = self.X.shape[-2:]
+        small = self.kernel() if n <= d else self.X.transpose(-1, -2) @ self.X
+        return torch.linalg.eigvalsh(small)[..., -1] / self.counts
+
+    def ridge_solve(self, ridge: Tensor, c: Tensor) -> Tensor:
+        # Woodbury: (X^T X / n + r I)^{-1} = (I - X^T (n r I + X X^T)^{-1} X) / r, an n x n solve per task
+        n = self.X.shape[-2]
+        K = self.kernel() + (self.counts * ridge)[:, None, None] * torch.eye(n, dtype=self.dtype, device=self.device)
+        return (c - self.expand(spd_solve(K, self.half(c)) * self.counts[:, None])) / ridge[:, None]
+
+    def mean_gram(self) -> Tensor:
+        """The average Gram matrix of an evenly spaced subset of tasks with about ``16 d`` samples in all."""
+        if self._mean is None:
+            T, n, d = self.X.shape
+            m = min(T, max(1, math.ceil(16 * d / max(float(self.counts.mean()), 1.0))))
+            index = torch.linspace(0, T - 1, m, device=self.device).round().long()
+            Xs = (self.X[index] / self.counts[index, None, None].sqrt()).reshape(-1, d)
+            self._mean = Xs.transpose(0, 1) @ Xs / m
+        return self._mean
+
+    def kernel(self) -> Tensor:
+        """``K_t = X_t X_t^T`` (``(T, n, n)``)."""
+        if self._kernel is None:
+            self._kernel = self.X @ self.X.transpose(-1, -2)
+        return self._kernel
+
+    def coord_dim(self) -> int:
+        return int(self.X.shape[-2])
+
+    def coord_half(self, a: Tensor) -> Tensor:
+        return matvec(self.kernel(), a) / self.counts[:, None]
+
+    def coord_sqnorm(self, a: Tensor) -> Tensor:
+        return (a * matvec(self.kernel(), a)).sum(-1) / self.counts.square()
+
+    def coord_vector(self, a: Tensor) -> Tensor:
+        return self.expand(a)
+
+    def target(self, c: Tensor) -> Tensor:
+        return self.y
+
+    def coord_loss(self, B: Tensor, LB: Tensor, w: Tensor, a: Tensor, c: Tensor, q: Tensor) -> Tensor:
+        return (self.lift(LB, w) + self.coord_half(a) - self.y).square().sum(-1) / self.counts
+
+    def normal_matrix(self, WW: Tensor) -> Tensor:
+        T, _, d = self.X.shape
+        chunk = max(1, 2**23 // (d * d))
+        M = torch.zeros(*WW.shape[:-2], d * d, WW.shape[-1], dtype=self.dtype, device=self.device)
+        for start in range(0, T, chunk):  # chunks of tasks: G_t for a chunk at a time
+            Xc = self.X[start : start + chunk]
+            Gc = (Xc.transpose(-1, -2) @ Xc / self.counts[start : start + chunk, None, None]).reshape(-1, d * d)
+            M += torch.einsum("tp,...tq->...pq", Gc, WW[..., start : start + chunk, :])
+        return M.reshape(*WW.shape[:-2], d, d, WW.shape[-1])
+
+
+def as_gram(G: Tensor | Gram) -> Gram:
+    """``G`` as a :class:`Gram` operator (a tensor of Gram matrices becomes a :class:`DenseGram`)."""
+    return G if isinstance(G, Gram) else DenseGram(G)
+
+
+class TaskStatistics(NamedTuple):
+    """What the squared loss needs of the source tasks: ``(gram, c, q)``; unpacks like ``(G, c, q)``."""
+
+    gram: Gram
+    c: Tensor
+    q: Tensor
+
+
+def task_statistics(X: Tensor, y: Tensor, counts: Tensor | None = None, representation: Literal["auto", "gram", "samples"] = "auto") -> TaskStatistics:
+    """Per-task statistics of the squared loss for ``X (T, n, d)``, ``y (T, n)``, chosen by shape.
+
+    ``counts`` (``(T,)``) are the tasks' sample sizes ``n_t`` when they differ (ragged tasks):
+    the rows of ``X`` and ``y`` past ``n_t`` must be zero, and every average is over ``n_t``.
+    ``representation="auto"`` keeps the ``d x d`` Gram matrices (:class:`DenseGram`) when
+    ``n >= d`` and the samples (:class:`SampleGram`) when ``n < d``, whichever is smaller.
+    ``c = X^T y / n_t``, ``q = y^T y / n_t``.
+    """
+    if X.ndim != 3 or y.shape != X.shape[:2]:
+        raise ValueError(f"task_statistics needs X of shape (T, n, d) and y of shape (T, n); got {tuple(X.shape)} and {tuple(y.shape)}")
+    T, n, d = X.shape
+    if counts is None:
+        n_t = torch.full((T,), float(n), dtype=X.dtype, device=X.device)
+    else:
+        if counts.shape != (T,) or bool((counts < 1).any()) or bool((counts > n).any()) or bool((counts != counts.round()).any()):
+            raise ValueError(f"counts must be {T} integers between 1 and {n} (one per task); got shape {tuple(counts.shape)}")
+        n_t = counts.to(X.device, X.dtype)
+    if representation not in ("auto", "gram", "samples"):
+        raise ValueError(f"representation must be 'auto', 'gram' or 'samples'; got {representation!r}")
+    c = torch.einsum("tnd,tn->td", X, y) / n_t[:, None]
+    q = (y * y).sum(-1) / n_t
+    if representation == "samples" or (representation == "auto" and n < d):
+        return TaskStatistics(SampleGram(X, n_t, y), c, q)
+    return TaskStatistics(DenseGram(X.transpose(-1, -2) @ X / n_t[:, None, None], n_t), c, q)
+
+
+# ---------------------------------------------------------------------------------------------
 # the squared loss and the per-task problem for a fixed representation
 
 
@@ -110,32 +464,65 @@ def sufficient_statistics(X: Tensor, y: Tensor, counts: Tensor | None = None) ->
     return X.transpose(-1, -2) @ X / counts[..., None, None], matvec(X.transpose(-1, -2), y) / counts[..., None], (y * y).sum(-1) / counts
 
 
-def mse(G: Tensor, c: Tensor, q: Tensor, beta: Tensor) -> Tensor:
+def mse(G: Tensor | Gram, c: Tensor, q: Tensor, beta: Tensor) -> Tensor:
     """Mean squared error ``beta^T G beta - 2 c^T beta + q`` (batched)."""
-    Gb = matvec(G, beta)
-    return (beta * Gb).sum(-1) - 2 * (c * beta).sum(-1) + q
+    return as_gram(G).quad(beta) - 2 * (c * beta).sum(-1) + q
 
 
-def lipschitz(G: Tensor) -> Tensor:
+def lipschitz(G: Tensor | Gram) -> Tensor:
     """``2 lambda_max(G)``, the Lipschitz constant of the gradient of the squared loss."""
-    return 2 * torch.linalg.eigvalsh(G)[..., -1].clamp_min(torch.finfo(G.dtype).tiny)
+    gram = as_gram(G)
+    return 2 * gram.lambda_max().clamp_min(torch.finfo(gram.dtype).tiny)
 
 
 @dataclass
 class HeadSolver:
-    """Exact minimiser over the head for a fixed representation: ``w = (B^T G B)^+ B^T (c - G v)``."""
+    """Exact minimiser over the head for a fixed representation: ``w = (B^T G B)^+ B^T (c - G v)``.
+
+    ``LB`` is ``G``'s product with the basis (:meth:`Gram.times`), kept for the FISTA steps.
+    """
 
     B: Tensor
-    G: Tensor
+    G: Gram
+    LB: Tensor
     pinv: Tensor
 
     @classmethod
-    def build(cls, B: Tensor, G: Tensor) -> HeadSolver:
-        return cls(B, G, torch.linalg.pinv(matmul(B.transpose(-1, -2), matmul(G, B)), hermitian=True))
+    def build(cls, B: Tensor, G: Tensor | Gram, LB: Tensor | None = None) -> HeadSolver:
+        gram = as_gram(G)
+        LB = gram.times(B) if LB is None else LB
+        return cls(B, gram, LB, pseudo_inverse(gram.basis_gram(B, LB)))
+
+    def project(self, c: Tensor) -> Tensor:
+        """``B^T c``."""
+        return matvec(self.B.transpose(-1, -2), c)
+
+    def solve(self, Bc: Tensor, h: Tensor | None = None) -> Tensor:
+        """The head from ``B^T c`` and ``h = G.half(v)``."""
+        r = Bc if h is None else Bc - self.G.reduce(self.B, self.LB, h)
+        return matvec(self.pinv, r)
 
     def __call__(self, c: Tensor, v: Tensor | None = None) -> Tensor:
-        r = c if v is None else c - matvec(self.G, v)
-        return matvec(self.pinv, matvec(self.B.transpose(-1, -2), r))
+        return self.solve(self.project(c), None if v is None else self.G.half(v))
+
+
+def pseudo_inverse(A: Tensor) -> Tensor:
+    """Pseudo-inverse of symmetric positive semi-definite matrices (batched).
+
+    By Cholesky where the factor shows a well-conditioned matrix (its pivots within a factor
+    ``1e-8`` of each other, so the condition number is not far above ``1e8``; there the inverse
+    equals the pseudo-inverse to rounding), by ``torch.linalg.pinv`` (an eigendecomposition, ten
+    times slower on small batched matrices) for the others.
+    """
+    factor, info = torch.linalg.cholesky_ex(A)
+    pivots = torch.diagonal(factor, dim1=-2, dim2=-1).square()
+    good = (info == 0) & (pivots.amin(-1) > 1e-8 * pivots.amax(-1))
+    inverse = torch.cholesky_inverse(torch.where(good[..., None, None], factor, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)))
+    if bool(good.all()):
+        return inverse
+    bad = ~good
+    inverse[bad] = torch.linalg.pinv(A.expand_as(inverse)[bad], hermitian=True)
+    return inverse
 
 
 def predictor(B: Tensor, w: Tensor, v: Tensor | None = None) -> Tensor:
@@ -149,19 +536,33 @@ def fit_perturbation(heads: HeadSolver, c: Tensor, L: Tensor, v0: Tensor, prox: 
 
     The head is minimised exactly at every step (it enters the loss unpenalised), so this is
     accelerated proximal gradient descent on the convex function ``v -> min_w loss(B w + v)``.
-    ``prox`` is :func:`penalty_prox` or :func:`ball_prox`; the step is ``1/L``.
+    ``prox`` is :func:`penalty_prox` or :func:`ball_prox`; the step is ``1/L``. One product with
+    ``G`` per step: ``h = half(z)`` gives both the head and the gradient
+    ``2 (G (B w + z) - c) = 2 expand(lift(w) + h - target)``. With a :class:`SampleGram` the
+    perturbations ``v0`` and the result are coordinates (:meth:`Gram.coord_vector` gives ``v``).
     """
     G = heads.G
+    Bc = heads.project(c)
+    b = G.target(c)
     v, z, t = v0, v0, 1.0
     step = 1 / L
     for _ in range(steps):
-        w = heads(c, z)
-        grad = 2 * (matvec(G, predictor(heads.B, w, z)) - c)
-        v_next = prox(z - grad * step.unsqueeze(-1), strength, step)
+        h = G.coord_half(z)
+        w = heads.solve(Bc, h)
+        grad = 2 * (G.lift(heads.LB, w) + h - b)  # the gradient's coordinates
+        v_next = _prox_coordinates(G, z - grad * step.unsqueeze(-1), prox, strength, step)
         t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
         z = v_next + ((t - 1) / t_next) * (v_next - v)
         v, t = v_next, t_next
-    return heads(c, v), v
+    return heads.solve(Bc, G.coord_half(v)), v
+
+
+def _prox_coordinates(G: Gram, a: Tensor, prox: Prox, strength: Tensor, step: Tensor) -> Tensor:
+    """``prox`` on the perturbation with coordinates ``a``: both proxes scale ``v`` by a factor of ``||v||``."""
+    if isinstance(G, DenseGram):
+        return prox(a, strength, step)
+    norm = G.coord_sqnorm(a).clamp_min(0).sqrt().unsqueeze(-1)
+    return a * (prox(norm, strength, step) / norm.clamp_min(torch.finfo(a.dtype).tiny))
 
 
 def penalty_value(v: Tensor, strength: Tensor, constrained: bool) -> Tensor:
@@ -185,7 +586,8 @@ class SourceFit:
     ``history`` the value of F after each of them (the best restart's; never increasing).
     ``stop_reason`` is ``"gradient"`` (the gradient norm fell below ``gtol``: ``converged``),
     ``"objective"`` (F stopped decreasing to the relative tolerance ``tol`` before that) or
-    ``"max_iter"``.
+    ``"max_iter"``. ``b_solver`` is how the ``B`` step was solved (``"dense"`` or ``"cg"``) and
+    ``cg_iterations`` the conjugate-gradient iterations over all ``B`` steps (0 for dense).
     """
 
     B: Tensor
@@ -198,24 +600,26 @@ class SourceFit:
     stop_reason: str
     restart_objectives: list[float]
     history: list[float]
+    b_solver: str = "dense"
+    cg_iterations: int = 0
 
 
-def task_objective(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, q: Tensor, penalty: float) -> Tensor:
+def task_objective(B: Tensor, W: Tensor, V: Tensor, G: Tensor | Gram, c: Tensor, q: Tensor, penalty: float) -> Tensor:
     """Per-task terms ``loss_t(B w_t + v_t) + mu ||v_t||`` (``B`` broadcast against the task dimension)."""
     reg = penalty_value(V, torch.as_tensor(penalty, dtype=V.dtype, device=V.device), constrained=math.isinf(penalty))
     return mse(G, c, q, predictor(B, W, V)) + reg
 
 
-def source_objective(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, q: Tensor, penalty: float) -> Tensor:
+def source_objective(B: Tensor, W: Tensor, V: Tensor, G: Tensor | Gram, c: Tensor, q: Tensor, penalty: float) -> Tensor:
     """The ADAPTREP source objective ``mean_t [loss_t(B w_t + v_t) + mu ||v_t||]`` (``mu = inf``: FROZENREP, V = 0)."""
     return task_objective(B.unsqueeze(-3), W, V, G, c, q, penalty).mean(-1)
 
 
-def source_gradient(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penalty: float) -> tuple[Tensor, Tensor, Tensor]:
+def source_gradient(B: Tensor, W: Tensor, V: Tensor, G: Tensor | Gram, c: Tensor, penalty: float) -> tuple[Tensor, Tensor, Tensor]:
     """Analytic gradient of :func:`source_objective` in ``(B, W, V)`` (V's where ``v_t != 0``)."""
     T = W.shape[-2]
     beta = predictor(B.unsqueeze(-3), W, V)
-    resid = 2 * (matvec(G, beta) - c) / T  # d F / d beta_t
+    resid = 2 * (as_gram(G).matvec(beta) - c) / T  # d F / d beta_t
     gB = resid.transpose(-1, -2) @ W
     gW = matvec(B.transpose(-1, -2).unsqueeze(-3), resid)
     gV = resid.clone()
@@ -225,7 +629,7 @@ def source_gradient(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penal
     return gB, gW, gV
 
 
-def stationarity(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penalty: float, radius: float | None) -> Tensor:
+def stationarity(B: Tensor, W: Tensor, V: Tensor, G: Tensor | Gram, c: Tensor, penalty: float, radius: float | None) -> Tensor:
     """Norm of the minimum-norm element of the (Riemannian in B) subdifferential of F."""
     T = W.shape[-2]
     gB, gW, gv = source_gradient(B, W, V, G, c, math.inf)  # gv: the loss part only
@@ -246,17 +650,16 @@ def stationarity(B: Tensor, W: Tensor, V: Tensor, G: Tensor, c: Tensor, penalty:
     return (gB.square().sum((-1, -2)) + gW.square().sum((-1, -2)) + gv.square().sum((-1, -2))).sqrt()
 
 
-def moment_inits(G: Tensor, c: Tensor, rank: int) -> Tensor:
+def moment_inits(G: Tensor | Gram, c: Tensor, rank: int) -> Tensor:
     """Deterministic, rotation-equivariant starting representations ``(4, d, k)``.
 
     Top-``k`` eigenvectors of ``sum_t a_t a_t^T`` for ``a_t`` = the moment ``c_t`` (an estimate
     of ``Sigma beta_t``) and a ridge estimate of ``beta_t``, each with and without normalising
     ``a_t`` to unit length (the normalised forms keep a few loud tasks from dominating).
     """
-    d = G.shape[-1]
-    ridge = 1e-2 * torch.diagonal(G, dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    eye = torch.eye(d, dtype=G.dtype, device=G.device)
-    beta = spd_solve(G + ridge * eye, c)
+    gram = as_gram(G)
+    ridge = 1e-2 * gram.trace() / gram.dim
+    beta = gram.ridge_solve(ridge, c)
     inits = []
     for a in (c, beta):
         for normalise in (False, True):
@@ -266,28 +669,130 @@ def moment_inits(G: Tensor, c: Tensor, rank: int) -> Tensor:
     return torch.stack(inits)
 
 
-def solve_representation(W: Tensor, G: Tensor, rhs: Tensor) -> Tensor:
+#: the ``B`` step is solved exactly (a dense ``dk x dk`` Cholesky) up to this ``d k``, by conjugate gradients above
+DENSE_MAX = 512
+#: at most this many conjugate-gradient iterations per ``B`` step of :func:`fit_source`
+CG_MAX_ITER = 100
+
+
+def _auto_b_solver(gram: Gram, d: int, k: int) -> Literal["dense", "cg"]:
+    """Dense while ``d k <= DENSE_MAX`` on dense Gram matrices; always CG on samples, where the
+    dense normal matrix would first rebuild every ``G_t`` (``O(T n d^2)``, measured 2 to 10 times
+    the CG step's cost in ``benchmarks/scaling.py``)."""
+    return "dense" if isinstance(gram, DenseGram) and d * k <= DENSE_MAX else "cg"
+
+
+def _normal_jitter(W: Tensor, gram: Gram) -> Tensor:
+    """The ridge added to the normal equations: ``max(1e-12, 100 eps)`` times their mean diagonal entry."""
+    d, k = gram.dim, W.shape[-1]
+    mean_diag = (gram.trace() * W.square().sum(-1)).sum(-1) / (d * k)
+    return max(1e-12, 100 * torch.finfo(W.dtype).eps) * mean_diag
+
+
+def _normal_operator(W: Tensor, gram: Gram, jitter: Tensor) -> Callable[[Tensor], Tensor]:
+    """``P -> sum_t G_t P w_t w_t^T + jitter P``, matrix-free: one product with every ``G_t``."""
+
+    def apply(P: Tensor) -> Tensor:
+        u = torch.einsum("...dk,...tk->...td", P, W)
+        return torch.einsum("...td,...tk->...dk", gram.matvec(u), W) + jitter[..., None, None] * P
+
+    return apply
+
+
+def _kronecker_preconditioner(W: Tensor, gram: Gram) -> Callable[[Tensor], Tensor]:
+    """``R -> Sigma^{-1} R (W^T W)^{-1}``: the inverse of ``Sigma (x) W^T W``, which the normal
+    operator equals when every ``G_t`` is the average Gram matrix ``Sigma``."""
+    d, k = gram.dim, W.shape[-1]
+    eye_d = torch.eye(d, dtype=W.dtype, device=W.device)
+    eye_k = torch.eye(k, dtype=W.dtype, device=W.device)
+    S = gram.mean_gram()
+    S_factor = torch.linalg.cholesky(S + 1e-8 * S.diagonal().mean().clamp_min(torch.finfo(W.dtype).tiny) * eye_d)
+    WtW = W.transpose(-1, -2) @ W
+    W_factor = torch.linalg.cholesky(WtW + 1e-8 * torch.diagonal(WtW, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(W.dtype).tiny)[..., None, None] * eye_k)
+
+    def apply(R: Tensor) -> Tensor:
+        Y = torch.cholesky_solve(R, S_factor)
+        return torch.cholesky_solve(Y.transpose(-1, -2), W_factor).transpose(-1, -2)
+
+    return apply
+
+
+def _inner(A: Tensor, B: Tensor) -> Tensor:
+    return (A * B).sum((-1, -2))
+
+
+def conjugate_gradients(
+    operator: Callable[[Tensor], Tensor], rhs: Tensor, x0: Tensor, preconditioner: Callable[[Tensor], Tensor], rtol: float, atol: float, max_iter: int
+) -> tuple[Tensor, int]:
+    """Preconditioned conjugate gradients for ``operator(x) = rhs`` on matrices ``(..., d, k)`` (SPD operator).
+
+    Batched over leading dimensions; stops each problem when its residual norm is at most
+    ``max(atol, rtol * ||rhs - operator(x0)||)`` (a reduction of the warm start's residual).
+    Every iterate lowers ``<x, operator(x)> / 2 - <rhs, x>``. Returns ``(x, iterations)``.
+    """
+    x = x0
+    r = rhs - operator(x)
+    threshold = torch.clamp(rtol * r.square().sum((-1, -2)).sqrt(), min=atol)
+    z = preconditioner(r)
+    p = z
+    rz = _inner(r, z)
+    iterations = 0
+    for iterations in range(max_iter + 1):  # noqa: B007 - used after the loop
+        active = r.square().sum((-1, -2)).sqrt() > threshold
+        if iterations == max_iter or not bool(active.any()):
+            break
+        Ap = operator(p)
+        pAp = _inner(p, Ap)
+        alpha = torch.where(active & (pAp > 0), rz / torch.where(pAp > 0, pAp, torch.ones_like(pAp)), torch.zeros_like(pAp))
+        x = x + alpha[..., None, None] * p
+        r = r - alpha[..., None, None] * Ap
+        z = preconditioner(r)
+        rz_next = _inner(r, z)
+        beta = torch.where(active & (rz > 0), rz_next / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz))
+        p = z + beta[..., None, None] * p
+        rz = rz_next
+    return x, iterations
+
+
+def solve_representation(
+    W: Tensor,
+    G: Tensor | Gram,
+    rhs: Tensor,
+    B0: Tensor | None = None,
+    method: Literal["auto", "dense", "cg"] = "auto",
+    rtol: float = 1e-12,
+    atol: float = 0.0,
+    max_iter: int = 500,
+) -> Tensor:
     """Least squares in ``B`` for fixed heads: solve ``sum_t G_t B w_t w_t^T = sum_t rhs_t w_t^T``.
 
-    ``W`` holds the heads (``(..., T, k)``); ``rhs`` is ``c_t - G_t v_t`` (``(..., T, d)``).
-    The ``dk x dk`` normal matrix is built with one matrix product over tasks.
+    ``W`` holds the heads (``(..., T, k)``); ``rhs`` is ``c_t - G_t v_t`` (``(..., T, d)``). Both
+    methods add the same tiny ridge (:func:`_normal_jitter`). ``"dense"``: the ``dk x dk`` normal
+    matrix, built with one matrix product over tasks, and a Cholesky solve (exact; ``O(T d^2 k^2)``
+    time, ``O(d^2 k^2)`` memory). ``"cg"``: conjugate gradients, matrix-free (each iteration one
+    product ``G_t (P w_t)`` for every task, ``O(T d k)`` plus the products' cost), preconditioned by
+    ``Sigma (x) W^T W`` and warm-started from ``B0``; stops at ``max(atol, rtol * r0)`` in the
+    residual norm (see :func:`conjugate_gradients`). ``"auto"``: dense while ``d k <= DENSE_MAX`` on
+    dense Gram matrices, CG on samples.
     """
-    T, d = G.shape[-3], G.shape[-1]
-    k = W.shape[-1]
-    WW = (W.unsqueeze(-1) * W.unsqueeze(-2)).reshape(*W.shape[:-2], T, k * k)
-    M = torch.einsum("tp,...tq->...pq", G.reshape(T, d * d), WW).reshape(*W.shape[:-2], d, d, k, k)
-    M = M.permute(*range(M.ndim - 4), -4, -2, -3, -1).reshape(*W.shape[:-2], d * k, d * k)
+    gram = as_gram(G)
+    d, k = gram.dim, W.shape[-1]
+    batch = W.shape[:-2]
     R = rhs.transpose(-1, -2) @ W  # (..., d, k)
-    jitter = (
-        max(1e-12, 100 * torch.finfo(M.dtype).eps)
-        * torch.diagonal(M, dim1=-2, dim2=-1).mean(-1)[..., None, None]
-        * torch.eye(d * k, dtype=M.dtype, device=M.device)
-    )
-    return spd_solve(M + jitter, R.reshape(*W.shape[:-2], d * k)).reshape(*W.shape[:-2], d, k)
+    jitter = _normal_jitter(W, gram)
+    if method == "dense" or (method == "auto" and _auto_b_solver(gram, d, k) == "dense"):
+        WW = (W.unsqueeze(-1) * W.unsqueeze(-2)).reshape(*batch, W.shape[-2], k * k)
+        M = gram.normal_matrix(WW).reshape(*batch, d, d, k, k)
+        M = M.permute(*range(M.ndim - 4), -4, -2, -3, -1).reshape(*batch, d * k, d * k)
+        M = M + jitter[..., None, None] * torch.eye(d * k, dtype=M.dtype, device=M.device)
+        return spd_solve(M, R.reshape(*batch, d * k)).reshape(*batch, d, k)
+    x0 = torch.zeros_like(R) if B0 is None else B0.expand_as(R)
+    B, _ = conjugate_gradients(_normal_operator(W, gram, jitter), R, x0, _kronecker_preconditioner(W, gram), rtol, atol, max_iter)
+    return B
 
 
 def fit_source(
-    G: Tensor,
+    G: Tensor | Gram,
     c: Tensor,
     q: Tensor,
     rank: int,
@@ -299,87 +804,122 @@ def fit_source(
     tol: float = 1e-14,
     gtol: float = 1e-6,
     select_after: int = 25,
+    b_solver: Literal["auto", "dense", "cg"] = "auto",
+    cg_rtol: float = 0.1,
 ) -> SourceFit:
     """Fit ADAPTREP (finite ``penalty`` or a ``radius``) or FROZENREP (``penalty = inf``) on source statistics.
 
+    ``G`` is the tasks' Gram matrices ``(T, d, d)`` or a :class:`Gram` operator from
+    :func:`task_statistics` (the samples themselves when ``n < d``, ragged tasks included).
     Alternating minimisation, batched over tasks and over restarts:
 
     1. heads and perturbations for the current ``B``: exact heads, ``inner_steps`` FISTA steps on
        the perturbations (warm-started) — every task at once;
-    2. ``B`` by exact least squares given heads and perturbations (one ``dk x dk`` solve), then
-       re-orthonormalised by QR with the heads transformed so that the objective is unchanged.
+    2. ``B`` by least squares given heads and perturbations (:func:`solve_representation`): an
+       exact ``dk x dk`` solve while ``d k <= DENSE_MAX`` on dense Gram matrices, else (and always
+       on samples) conjugate gradients warm-started
+       from the current ``B`` until the residual (``T/2`` times the gradient in ``B``) has fallen by
+       ``cg_rtol`` or below ``gtol T / 20``; then re-orthonormalised by QR with the heads
+       transformed so that the objective is unchanged.
 
-    No step increases F (a task's FISTA update is kept only if it lowers its objective). It stops
-    when the norm of the (sub)gradient falls below ``gtol`` (checked every 5 iterations) or the
-    relative decrease of F below ``tol``. Restarts start from :func:`moment_inits` (plus any
-    ``inits``) and run together for ``select_after`` iterations; then only the one with the lowest
-    objective goes on (``restart_objectives`` records their values at that point).
+    No step increases F (a task's FISTA update is kept only if it lowers its objective; every
+    conjugate-gradient iterate lowers F in ``B``). It stops when the norm of the (sub)gradient
+    falls below ``gtol`` (checked every 5 iterations) or the relative decrease of F below
+    ``tol``. Restarts start from :func:`moment_inits` (plus any ``inits``) and run together for
+    ``select_after`` iterations; then only the one with the lowest objective goes on
+    (``restart_objectives`` records their values at that point). Works in the dtype of ``c``.
     """
+    gram = as_gram(G)
     T, d = c.shape
-    starts = moment_inits(G, c, rank)
+    dtype, device = c.dtype, c.device
+    starts = moment_inits(gram, c, rank)
     if inits is not None:
         starts = torch.cat([starts, inits.to(starts)])
     B = torch.linalg.qr(starts)[0]
     S = B.shape[0]
     frozen = radius is None and math.isinf(penalty)
-    V = torch.zeros(S, T, d, dtype=G.dtype, device=G.device)
-    L = lipschitz(G)
+    A = torch.zeros(S, T, gram.coord_dim(), dtype=dtype, device=device)  # the perturbations' coordinates
+    L = lipschitz(gram)
+    target = gram.target(c)
     if radius is not None:
         prox: Prox = ball_prox
-        strength = torch.full((T,), float(radius), dtype=G.dtype, device=G.device)
+        strength = torch.full((T,), float(radius), dtype=dtype, device=device)
         weight = math.inf
     else:
         prox = penalty_prox
-        strength = torch.full((T,), float(penalty), dtype=G.dtype, device=G.device)
+        strength = torch.full((T,), float(penalty), dtype=dtype, device=device)
         weight = penalty
-    objective = torch.full((S,), math.inf, dtype=G.dtype, device=G.device)
+    objective = torch.full((S,), math.inf, dtype=dtype, device=device)
     restart_objectives: list[float] = []
     history: list[float] = []
+    method = b_solver if b_solver != "auto" else _auto_b_solver(gram, d, rank)
+    cg_iterations = 0
 
-    def heads_and_perturbations(B: Tensor, V: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    def task_terms(B: Tensor, LB: Tensor, W: Tensor, A: Tensor) -> Tensor:
+        """``loss_t(B w_t + v_t) + mu ||v_t||`` from coordinates (``B`` with its task dimension)."""
+        terms = gram.coord_loss(B, LB, W, A, c, q)
+        if not math.isinf(weight):
+            terms = terms + weight * gram.coord_sqnorm(A).clamp_min(0).sqrt()
+        return terms
+
+    def heads_and_perturbations(B: Tensor, LB: Tensor, A: Tensor, steps: int) -> tuple[Tensor, Tensor]:
         """Step 1 for every task: exact heads, then warm-started FISTA on the perturbations.
 
         FISTA is not monotone, so per task the new perturbation is kept only if it is no worse.
         """
-        heads = HeadSolver.build(B.unsqueeze(-3), G)
+        heads = HeadSolver.build(B.unsqueeze(-3), gram, LB)
         if frozen:
-            return heads(c), V
-        W_old = heads(c, V)
-        W_new, V_new = fit_perturbation(heads, c, L, V, prox, strength, steps)
-        better = task_objective(B.unsqueeze(-3), W_new, V_new, G, c, q, weight) <= task_objective(B.unsqueeze(-3), W_old, V, G, c, q, weight)
-        return torch.where(better.unsqueeze(-1), W_new, W_old), torch.where(better.unsqueeze(-1), V_new, V)
+            return heads(c), A
+        W_old = heads.solve(heads.project(c), gram.coord_half(A))
+        W_new, A_new = fit_perturbation(heads, c, L, A, prox, strength, steps)
+        better = task_terms(B.unsqueeze(-3), LB, W_new, A_new) <= task_terms(B.unsqueeze(-3), LB, W_old, A)
+        return torch.where(better.unsqueeze(-1), W_new, W_old), torch.where(better.unsqueeze(-1), A_new, A)
+
+    def representation_step(B: Tensor, W: Tensor, A: Tensor) -> Tensor:
+        nonlocal cg_iterations
+        rhs = c if frozen else gram.expand(target - gram.coord_half(A))  # c_t - G_t v_t
+        if method == "dense":
+            return solve_representation(W, gram, rhs, method="dense")
+        R = rhs.transpose(-1, -2) @ W
+        jitter = _normal_jitter(W, gram)
+        B_new, its = conjugate_gradients(_normal_operator(W, gram, jitter), R, B, _kronecker_preconditioner(W, gram), cg_rtol, gtol * T / 20, CG_MAX_ITER)
+        cg_iterations += its
+        return B_new
 
     stop_reason, iterations = "max_iter", 0
-    gtol = max(gtol, math.sqrt(torch.finfo(G.dtype).eps))  # float32 cannot resolve smaller gradients
+    gtol = max(gtol, math.sqrt(torch.finfo(dtype).eps))  # float32 cannot resolve smaller gradients
+    LB = gram.times(B.unsqueeze(-3))
     for iterations in range(1, max_iter + 1):  # noqa: B007 - used after the loop
-        W, V = heads_and_perturbations(B, V, inner_steps)
+        W, A = heads_and_perturbations(B, LB, A, inner_steps)
         # heads and perturbations are (nearly) optimal for B here, so this measures B's residual
-        if iterations % 5 == 0 and stationarity(B, W, V, G, c, weight, radius).max() < gtol:
+        if iterations % 5 == 0 and stationarity(B, W, gram.coord_vector(A), gram, c, weight, radius).max() < gtol:
             stop_reason = "gradient"
             break
-        B_new, Rr = torch.linalg.qr(solve_representation(W, G, c - matvec(G, V)))
+        B_new, Rr = torch.linalg.qr(representation_step(B, W, A))
         W = matvec(Rr.unsqueeze(-3), W)
         B = B_new
-        new_objective = source_objective(B, W, V, G, c, q, weight)
+        LB = gram.times(B.unsqueeze(-3))
+        new_objective = task_terms(B.unsqueeze(-3), LB, W, A).mean(-1)
         change = (objective - new_objective).abs().max() / new_objective.abs().max().clamp_min(1e-30)
         objective = new_objective
         history.append(float(objective.min()))
         if iterations == select_after and B.shape[0] > 1:
             restart_objectives = [float(o) for o in objective]
             keep = torch.argmin(objective).reshape(1)
-            B, W, V, objective = B[keep], W[keep], V[keep], objective[keep]
+            B, W, A, LB, objective = B[keep], W[keep], A[keep], LB[keep], objective[keep]
         if change < tol:
             stop_reason = "objective"
             break
     # final exact heads (and more perturbation steps) for the returned representation
-    W, V = heads_and_perturbations(B, V, 10 * inner_steps)
-    objective = source_objective(B, W, V, G, c, q, weight)
+    W, A = heads_and_perturbations(B, LB, A, 10 * inner_steps)
+    objective = task_terms(B.unsqueeze(-3), LB, W, A).mean(-1)
     best = int(torch.argmin(objective))
-    grad = stationarity(B[best], W[best], V[best], G, c, weight, radius)
+    V = gram.coord_vector(A[best])
+    grad = stationarity(B[best], W[best], V, gram, c, weight, radius)
     return SourceFit(
         B=B[best],
         W=W[best],
-        V=V[best],
+        V=V,
         objective=float(objective[best]),
         grad_norm=float(grad),
         iterations=len(history),
@@ -387,41 +927,62 @@ def fit_source(
         stop_reason=stop_reason,
         restart_objectives=restart_objectives or [float(o) for o in objective],
         history=history,
+        b_solver=method,
+        cg_iterations=cg_iterations,
     )
 
 
-def ols_noise_variance(G: Tensor, c: Tensor, q: Tensor, num_samples: int | Tensor) -> Tensor | None:
-    """Per-task unbiased noise variance from least-squares residuals (``n - d`` degrees of freedom;
-    ``num_samples`` one ``n`` or per-task counts).
+def _sample_counts(G: Gram, num_samples: int | Tensor | None, T: int, like: Tensor) -> Tensor:
+    """Per-task sample counts: the operator's own, else ``num_samples`` (one number or ``(T,)``)."""
+    if G.counts is not None:
+        return G.counts.to(like)
+    if num_samples is None:
+        raise ValueError("the number of samples per task is needed (num_samples) when the Gram matrices carry no counts")
+    return torch.as_tensor(num_samples, dtype=like.dtype, device=like.device).expand(T)
 
-    ``None`` when some task has ``n <= d + 2`` (too few residual degrees of freedom).
+
+def ols_noise_variance(G: Tensor | Gram, c: Tensor, q: Tensor, num_samples: int | Tensor | None) -> Tensor | None:
+    """Per-task unbiased noise variance from least-squares residuals (``n_t - d`` degrees of freedom).
+
+    ``None`` when ``n_t <= d + 2`` for every task (too few residual degrees of freedom); tasks
+    with too few samples get NaN. ``None`` too for a :class:`SampleGram` (chosen when ``n < d``).
     """
     d = c.shape[-1]
-    n = torch.as_tensor(num_samples, dtype=c.dtype, device=c.device)
-    if bool((n <= d + 2).any()):
+    gram = as_gram(G)
+    if not isinstance(gram, DenseGram):
         return None
-    rss = (mse(G, c, q, spd_solve(G, c)) * n).clamp_min(0)
-    return rss / (n - d)
+    if isinstance(num_samples, int) and gram.counts is None:
+        if num_samples <= d + 2:
+            return None
+        n: Tensor = torch.as_tensor(float(num_samples), dtype=c.dtype, device=c.device)
+    else:
+        n = _sample_counts(gram, num_samples, c.shape[-2], c)
+        if not bool((n > d + 2).any()):
+            return None
+    Gd = gram.G
+    rss = (mse(Gd, c, q, spd_solve(Gd, c)) * n).clamp_min(0)
+    return torch.where(n > d + 2, rss / (n - d), torch.full_like(rss, math.nan))
 
 
-def estimate_noise(G: Tensor, c: Tensor, q: Tensor, num_samples: int | Tensor, rank: int, lost: int = 0) -> tuple[float, int]:
+def estimate_noise(G: Tensor | Gram, c: Tensor, q: Tensor, num_samples: int | Tensor | None, rank: int, lost: int = 0) -> tuple[float, int]:
     """Estimate the noise level ``sigma`` from source statistics; returns ``(sigma_hat, dof)``.
 
-    ``num_samples`` is every task's ``n`` or per-task counts ``n_t`` (``(T,)``, ragged tasks);
+    With ``n_t > d + 2`` samples per task, the pooled residual variance of per-task least squares
+    (``sum_t (n_t - d)`` degrees of freedom over those tasks, unbiased). Otherwise the residual of
+    the top-``k`` moment representation with ``n_t - k`` degrees of freedom each, which also counts
+    the unexplained task signal and so errs on the large side; it is returned with ``dof = 0`` so
+    that users of the estimate (target fine-tuning) prefer any unbiased estimate they have.
+    ``num_samples`` (one number or per-task counts) is ignored when ``G`` carries its counts;
     ``lost`` degrees of freedom per task were spent before (1 for a profiled-out intercept).
-    With ``n_t > d + 2 + lost`` samples in some tasks, the pooled residual variance of those tasks'
-    least-squares fits (``sum_t (n_t - d - lost)`` degrees of freedom, unbiased). Otherwise the residual
-    of the top-``k`` moment representation with ``n_t - k - lost`` degrees of freedom each, which also
-    counts the unexplained task signal and so errs on the large side; it is returned with ``dof = 0``
-    so that users of the estimate (target fine-tuning) prefer any unbiased estimate they have.
     """
+    gram = as_gram(G)
     T, d = c.shape
-    n = torch.as_tensor(num_samples, dtype=c.dtype, device=c.device).expand(T)
-    usable = n > d + 2 + lost
-    if bool(usable.any()):
-        rss = (mse(G[usable], c[usable], q[usable], spd_solve(G[usable], c[usable])) * n[usable]).clamp_min(0)
-        dof = (n[usable] - d - lost).sum()
-        return float((rss.sum() / dof).sqrt()), int(dof)
-    B = moment_inits(G, c, rank)[0]
-    rss = (mse(G, c, q, predictor(B, HeadSolver.build(B, G)(c))) * n).clamp_min(0)
+    n = _sample_counts(gram, num_samples, T, c)
+    variance = ols_noise_variance(gram, c, q, n)
+    ok = n > d + 2 + lost
+    if variance is not None and bool(ok.any()):
+        rss, dof = variance[ok] * (n - d)[ok], (n - d - lost)[ok]
+        return float((rss.sum() / dof.sum()).sqrt()), int(dof.sum())
+    B = moment_inits(gram, c, rank)[0]
+    rss = (mse(gram, c, q, predictor(B, HeadSolver.build(B, gram)(c))) * n).clamp_min(0)
     return float(math.sqrt(rss.sum() / (n - rank - lost).clamp_min(1).sum())), 0
