@@ -305,3 +305,35 @@ def test_evaluate_digits_two_way_end_to_end() -> None:
     assert zero.classes is not None and one.classes is not None
     assert set(zero.classes[12:].long().flatten().tolist()) == {0, 1, 2, 3, 4}
     assert set(one.classes[12:].long().flatten().tolist()) == {1, 2, 3, 4, 5}
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [("mnist", "unknown dataset 'mnist'"), ("omniglot", "needs the option root="), ("hsb82:foo=1", "has no option 'foo'")],
+)
+def test_cli_bad_dataset_one_line(dataset: str, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from adaptrep.cli import entry
+
+    monkeypatch.setattr(sys, "argv", ["adaptrep", "evaluate", "--dataset", dataset, "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        entry()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("adaptrep: error:") and message in err and "\n" not in err and not (tmp_path / "out").exists()
+
+
+def test_cli_dataset_defaults_are_not_overridden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Options not given on the command line take the dataset's defaults (digits: the novel tasks are the targets)."""
+    import adaptrep.cli as cli
+
+    seen: dict[str, object] = {}
+
+    def stop(values: dict[str, object]) -> None:
+        seen.update(values)
+        raise cli.UserError("stop")
+
+    monkeypatch.setattr(cli, "resolve_config", stop)
+    monkeypatch.setattr(sys, "argv", ["adaptrep", "evaluate", "--dataset", "digits:target_tasks=4", "--shots", "2"])
+    with pytest.raises(SystemExit):
+        cli.entry()
+    assert seen["target_tasks"] == [f"novel-{i}" for i in range(4)] and seen["shots"] == "2" and seen["loss"] == "multiclass" and seen["seeds"] == 3
