@@ -39,11 +39,12 @@ the same meta-batch, in float32 (ours eager: :func:`adaptrep.meta.meta_gradient`
 compiled step's first Adam moment, ``m_1 = (1 - beta1) g``) and in float64 (eager) as a check; ours is
 also compared with the plain-autograd reference of ``peers.py`` (no peer needed).
 
-Run from the repository root (peers live in their own environment and are skipped when not importable)::
+Run from the repository root (peers live in their own environment, ``PEERS`` as in ``benchmarks/peers.py``,
+and are skipped when not importable)::
 
-    /work/peers-venv/bin/python benchmarks/maml_throughput.py --json maml.json   # all, several minutes
+    PEERS/bin/python benchmarks/maml_throughput.py --json maml.json   # all, several minutes
     .venv/bin/python benchmarks/maml_throughput.py --quick --no-compile           # smoke test, ours only
-    /work/peers-venv/bin/python benchmarks/maml_throughput.py --chunk 1 --peers learn2learn --cases sinusoid-maml-5
+    PEERS/bin/python benchmarks/maml_throughput.py --chunk 1 --peers learn2learn --cases sinusoid-maml-5
 
 The ``src/`` next to this file is put first on ``sys.path``, so the checkout the script lives in is benchmarked.
 """

@@ -1,13 +1,15 @@
 """Peer meta-learning libraries (learn2learn, higher, TorchOpt) doing the same MAML / ANIL meta-gradient
 step as a plain per-task autograd loop, for side-by-side timings and gradient checks.
 
-The peers are never a dependency of ``adaptrep``; they live in a separate virtual environment::
+The peers are never a dependency of ``adaptrep``; they live in a separate virtual environment,
+``PEERS`` below, where learn2learn 0.2.0, higher 0.2.1 and TorchOpt 0.7.3 import beside torch (on
+Python 3.11, learn2learn 0.2.0's sdist needs its C sources regenerated from the .pyx with Cython 0.29,
+and only its MAML path, not torchvision, is needed)::
 
-    bash /work/shared/peers/setup_peers.sh /work/peers-venv
-    /work/peers-venv/bin/pip install --no-deps -e .   # plus pandas pyyaml pydantic typer rich matplotlib
-    /work/peers-venv/bin/python benchmarks/peers.py --check     # meta-gradients agree (float64)
-    /work/peers-venv/bin/python benchmarks/peers.py --time      # it/s per peer and configuration (float32)
-    /work/peers-venv/bin/python benchmarks/peers.py --memory    # peak memory per configuration
+    PEERS/bin/pip install --no-deps -e .   # plus pandas pyyaml pydantic typer rich matplotlib
+    PEERS/bin/python benchmarks/peers.py --check     # meta-gradients agree (float64)
+    PEERS/bin/python benchmarks/peers.py --time      # it/s per peer and configuration (float32)
+    PEERS/bin/python benchmarks/peers.py --memory    # peak memory per configuration
 
 Problems (``problem``), each a meta-batch of tasks ``(Xs (B,ns,d), ys (B,ns), Xq (B,nq,d), yq (B,nq))``:
 

@@ -1,4 +1,4 @@
-"""Where does the frozen objective of ``relu-hard`` have its minimum? (the README's evidence)
+"""Where does the frozen objective of ``relu-hard`` have its minimum? (the evidence in docs/environments.md)
 
 For each seed of the ``relu-hard`` preset, FROZENREP's source objective is trained (the default
 ``fit_shared``) from 17 starts: the 4 moment starts that the method uses, 12 random first layers and

@@ -1,4 +1,4 @@
-"""The closed forms of PAPER_NOTES are reproduced by the environments + methods within Monte-Carlo error."""
+"""The closed forms (docs/model.md, adaptrep.theory) are reproduced by the environments + methods within Monte-Carlo error."""
 
 import pytest
 import torch

@@ -77,6 +77,12 @@ class Adapted:
         X = X.to(self.w)
         if self.standardizer is not None:
             X = self.standardizer.transform(X)
+        out = self._raw(X)
+        if self.standardizer is not None and self.loss == "squared":
+            out = self.standardizer.restore(out)
+        return out
+
+    def _raw(self, X: Tensor) -> Tensor:
         if self.model is None:
             out = torch.einsum("rnd,rd->rn", X.reshape(X.shape[0], X.shape[1], -1), self.w)
             return out if self.bias is None else out + self.bias.unsqueeze(-1)

@@ -338,9 +338,9 @@ def evaluate(
         values = {**dataset_defaults(dataset), **{key: value for key, value in values.items() if value is not None and key not in ("task_col", "label_col")}}
     values = {key: value for key, value in values.items() if value is not None}
     config = resolve_config(values)
-    from .evaluate import load_data
+    from .evaluate import check_data
 
-    load_data(config)  # bad data fail here, before anything is written
+    check_data(config)  # bad data fail here, before anything is written
     runs = expand(SweepSpec(runs=[config.model_dump()]))
     how = Execution(backend, workers, address, retry_failed, fail_fast)
     out_dir = _prepare_out(out or Path("adaptrep-runs") / time.strftime("evaluate-%Y%m%d-%H%M%S"), force)

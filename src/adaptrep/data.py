@@ -196,8 +196,8 @@ class Tasks:
 
         return replace(
             self,
-            X=move(self.X),
-            y=move(self.y),
+            X=self.X.to(device=device, dtype=dtype),
+            y=self.y.to(device=device, dtype=dtype),
             beta=move(self.beta),
             representation=move(self.representation),
             mask=None if self.mask is None else self.mask.to(device),
@@ -409,7 +409,7 @@ def split_tasks(tasks: Tasks, target: float | Sequence[str], seed: int = 0) -> t
         chosen = order[:count].sort().values
     else:
         names = [tasks.task_name(t) for t in range(T)]
-        wanted = [str(name) for name in target]
+        wanted = [str(name) for name in target]  # type: ignore[union-attr]
         unknown = [name for name in wanted if name not in names]
         if unknown:
             raise DataError(f"target task {unknown[0]!r} is not in the data")
@@ -487,10 +487,14 @@ def _select(tasks: Tasks, chosen: Tensor, key: Tensor) -> Tasks:
 class Standardizer:
     """Feature standardisation ``(x - mean) / scale`` with the statistics of the source tasks'
     samples (every real sample of every task, per input element), stored with a fitted model.
-    Constant features keep scale 1."""
+    Constant features keep scale 1. For the squared loss the labels are standardised too
+    (``label_mean``, ``label_scale``; predictions are mapped back), so that every default step size
+    and penalty sees data on a unit scale."""
 
     mean: Tensor
     scale: Tensor
+    label_mean: float = 0.0
+    label_scale: float = 1.0
 
     @classmethod
     def fit(cls, tasks: Tasks) -> Standardizer:
@@ -500,13 +504,22 @@ class Standardizer:
         var = (((tasks.X - mean) * weight) ** 2).sum((0, 1)) / total
         scale = var.sqrt()
         scale = torch.where(scale > 1e-12 * scale.max().clamp_min(1e-300), scale, torch.ones_like(scale))
-        return cls(mean, scale)
+        if tasks.loss != "squared":
+            return cls(mean, scale)
+        label_mean = float(tasks.y.sum() / total)
+        label_scale = float((((tasks.y - label_mean) * tasks.weight) ** 2).sum() / total) ** 0.5
+        return cls(mean, scale, label_mean, label_scale if label_scale > 0 else 1.0)
 
     def __call__(self, tasks: Tasks) -> Tasks:
-        """The tasks with standardised inputs (padding stays zero)."""
+        """The tasks with standardised inputs (and labels for the squared loss; padding stays zero)."""
         mean, scale = self.mean.to(tasks.X), self.scale.to(tasks.X)
         weight = tasks.weight.view(*tasks.y.shape, *[1] * len(tasks.input_shape))
-        return replace(tasks, X=(tasks.X - mean) / scale * weight)
+        y = tasks.y if tasks.loss != "squared" else (tasks.y - self.label_mean) / self.label_scale * tasks.weight
+        return replace(tasks, X=(tasks.X - mean) / scale * weight, y=y)
+
+    def restore(self, output: Tensor) -> Tensor:
+        """Predictions on the standardised label scale mapped back (squared loss)."""
+        return output * self.label_scale + self.label_mean
 
     def transform(self, X: Tensor) -> Tensor:
         """Standardise raw inputs ``(..., *input_shape)``."""

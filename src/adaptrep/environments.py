@@ -368,8 +368,9 @@ class ReluHardEnvironment(TwoBlocks, ReluNetEnvironment):
     has variance ``c^2 eps = 1/2`` and the per-task delta part variance 1. The shared representation
     that fine-tuning-aware training should find is the opt block, ``W* = [I_k; 0]`` (columns
     normalised, as the model keeps them): relative to it, a task is a perturbation of size ``1/c``
-    per neuron. The README explains why the frozen objective keeps only part of the opt block and
-    ADAPTREP's keeps it, with the measured evidence (``benchmarks/relu_hard_frozen_minimum.py``).
+    per neuron. The documentation (``docs/environments.md``) explains why the frozen objective keeps only
+    part of the opt block and ADAPTREP's keeps it, with the measured evidence
+    (``benchmarks/relu_hard_frozen_minimum.py``).
     """
 
     name = "relu-hard"

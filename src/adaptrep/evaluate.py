@@ -166,6 +166,18 @@ def load_data(config: EvaluateConfig, seed: int = 0) -> Tasks:
     return tasks.to(config.device, config.torch_dtype)
 
 
+def check_data(config: EvaluateConfig) -> Tasks:
+    """Load the data and check, before anything is computed, that the target tasks (every task that
+    a random split may hold out, or the named ones) have more samples than the largest shot count
+    (per class for classification); :class:`DataError` with one line otherwise."""
+    tasks = load_data(config)
+    targets = tasks if isinstance(target := config.target_tasks, float) else split_tasks(tasks, target)[1]
+    split_shots(targets, max(config.shots))
+    if isinstance(target, float):
+        split_tasks(tasks, target)
+    return tasks
+
+
 def _generator(*keys: int) -> torch.Generator:
     seed = 0
     for key in keys:

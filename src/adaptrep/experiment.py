@@ -426,6 +426,7 @@ def _evaluate_targets(
             assert shared_beta is not None
             beta = shared_beta
         target = env.make_tasks(beta, Z, xi)
+        assert target.beta is not None
         start = time.perf_counter()
         beta_hat = method.adapt(target, _generator(seed, 3, m)).beta
         synchronize(beta_hat.device)

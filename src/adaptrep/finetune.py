@@ -22,12 +22,39 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import cv
 from .solvers import HeadSolver, Prox, ball_prox, fit_perturbation, lipschitz, matvec, mse, ols_noise_variance, penalty_prox, predictor, sufficient_statistics
 
 
-def fit_head(B: Tensor, G: Tensor, c: Tensor) -> Tensor:
-    """Head-only least squares (minimum-norm when under-determined): ``beta = B (B^T G B)^+ B^T c``."""
-    return predictor(B, HeadSolver.build(B, G)(c))
+def fit_head(B: Tensor, G: Tensor, c: Tensor, prior: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Head-only least squares (minimum-norm when under-determined): ``beta = B (B^T G B)^+ B^T c``;
+    with a ``prior`` (see :class:`ShrunkHeads`), the heads shrunk toward the prior mean."""
+    return predictor(B, heads_for(B, G, prior)(c))
+
+
+@dataclass
+class ShrunkHeads(HeadSolver):
+    """Heads with a Gaussian prior ``N(mu, S)`` learned from the source tasks (empirical Bayes):
+    ``w = argmin loss(B w + v) + (w - mu)^T P (w - mu) = (B^T G B + P)^{-1} (B^T (c - G v) + P mu)``
+    with ``P = (sigma^2 / m) S^{-1}``, the posterior mean of the head given the task's ``m`` samples
+    for noise variance ``sigma^2`` (our loss is the mean squared error). ``P`` ``(..., k, k)`` and
+    ``P mu`` ``(..., k)`` broadcast against ``G``'s leading dimensions."""
+
+    Pmu: Tensor | None = None
+
+    def __call__(self, c: Tensor, v: Tensor | None = None) -> Tensor:
+        r = c if v is None else c - matvec(self.G, v)
+        assert self.Pmu is not None
+        return matvec(self.pinv, matvec(self.B.transpose(-1, -2), r) + self.Pmu)
+
+
+def heads_for(B: Tensor, G: Tensor, prior: tuple[Tensor, Tensor] | None) -> HeadSolver:
+    """The exact head solver for ``B`` on statistics ``G``, with the prior ``(P, P mu)`` if given."""
+    if prior is None:
+        return HeadSolver.build(B, G)
+    P, Pmu = prior
+    M = B.transpose(-1, -2) @ G @ B + P
+    return ShrunkHeads(B, G, torch.linalg.inv(M), Pmu)
 
 
 def fold_statistics(
@@ -36,18 +63,10 @@ def fold_statistics(
     """Training and validation sufficient statistics ``(G, c, q)`` for a random K-fold split
     (of the real samples only, with a ``mask`` of zero-padded ragged data).
 
-    Returns tensors with a fold dimension after the task dimension: ``(R, K, d, d)`` etc.
+    Returns tensors with a fold dimension after the task dimension: ``(R, K, d, d)`` etc. The folds
+    are those of :func:`adaptrep.cv.fold_masks`.
     """
-    R, m, _ = X.shape
-    key = torch.rand(R, m, generator=generator, dtype=torch.float64)
-    if mask is not None:
-        key = torch.where(mask.cpu(), key, torch.full_like(key, 2.0))  # padding sorts last
-    perm = torch.argsort(key, dim=-1)
-    fold_of = torch.empty(R, m, dtype=torch.long)
-    fold_of.scatter_(1, perm, (torch.arange(m) % folds).expand(R, m).contiguous())
-    held_out = (fold_of.unsqueeze(1) == torch.arange(folds).view(1, folds, 1)).to(X.device, X.dtype)  # (R, K, m)
-    if mask is not None:
-        held_out = held_out * mask.unsqueeze(1).to(X.dtype)
+    held_out = cv.fold_masks(X, folds, generator, weight=mask).held_out  # (R, K, m)
 
     def stats(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         count = mask.sum(-1).clamp_min(1)
@@ -108,9 +127,9 @@ class FineTune:
     def _prox(self) -> Prox:
         return ball_prox if self.constraint == "ball" else penalty_prox
 
-    def solve(self, B: Tensor, G: Tensor, c: Tensor, strength: Tensor) -> tuple[Tensor, Tensor]:
+    def solve(self, B: Tensor, G: Tensor, c: Tensor, strength: Tensor, prior: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Fine-tuned ``(w, v)`` for a fixed strength per problem (leading dims of ``G`` and ``strength`` broadcast)."""
-        heads = HeadSolver.build(B, G)
+        heads = heads_for(B, G, prior)
         L = lipschitz(G)
         v = torch.zeros(torch.broadcast_shapes(c.shape, strength.shape + (1,)), dtype=G.dtype, device=G.device)
         if self.constraint != "early-stop":
@@ -120,9 +139,11 @@ class FineTune:
             v = torch.where((strength >= step).unsqueeze(-1), v - grad / L.unsqueeze(-1), v)
         return heads(c, v), v
 
-    def strength_grid(self, B: Tensor, G: Tensor, c: Tensor, num_samples: int | Tensor, noise: Tensor | None) -> Tensor:
+    def strength_grid(
+        self, B: Tensor, G: Tensor, c: Tensor, num_samples: int | Tensor, noise: Tensor | None, prior: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         """Per-target grid ``(R, S)``: from no fine-tuning (``v = 0``) to weak regularisation."""
-        heads = HeadSolver.build(B, G)
+        heads = heads_for(B, G, prior)
         w0 = heads(c)
         grad0 = 2 * (matvec(G, predictor(B, w0)) - c)
         top = grad0.norm(dim=-1, keepdim=True)  # smallest lambda with v = 0
@@ -162,14 +183,7 @@ class FineTune:
         standard error — fine-tuning moves away from the learned representation only as far as
         the validation data show a real gain.
         """
-        mean = errors.mean(1)
-        best = mean.argmin(-1, keepdim=True)
-        if self.rule == "min":
-            return best
-        diff = errors - torch.gather(errors, 2, best.unsqueeze(1).expand(-1, errors.shape[1], 1))
-        se = diff.std(1) / errors.shape[1] ** 0.5
-        ok = diff.mean(1) <= se
-        return torch.argmax(ok.to(torch.int8), dim=-1, keepdim=True)
+        return cv.select(errors, self.rule).unsqueeze(-1)
 
     def adapt(
         self,
@@ -180,12 +194,14 @@ class FineTune:
         noise: float | None = None,
         noise_dof: int = 0,
         mask: Tensor | None = None,
+        prior: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Fine-tune on targets ``X (R, m, d)``, ``y (R, m)``; returns ``beta (R, d)`` and the strengths ``(R,)``.
 
         ``noise`` is an estimate of ``sigma`` with ``noise_dof`` degrees of freedom (0: biased or
         rough); when ``m > d + 2`` it is pooled with each target's own least-squares estimate.
-        ``mask`` (``(R, m)``) marks the real samples of zero-padded targets of different sizes.
+        ``mask`` (``(R, m)``) marks the real samples of zero-padded targets of different sizes;
+        ``prior`` ``(P, P mu)`` (``(R, k, k)``, ``(R, k)``) shrinks the heads (:class:`ShrunkHeads`).
         """
         R, m, _ = X.shape
         counts = None if mask is None else mask.sum(-1).to(X.dtype)
@@ -194,16 +210,17 @@ class FineTune:
         fewest = m if counts is None else int(counts.min())
         sigma = self.noise_level(G, c, q, sizes, noise, noise_dof)
         if fewest < 2:  # nothing to cross-validate on: keep the head-only fit
-            return fit_head(B, G, c), torch.full((R,), float("inf"), dtype=X.dtype, device=X.device)
+            return fit_head(B, G, c, prior), torch.full((R,), float("inf"), dtype=X.dtype, device=X.device)
         if self.strength != "cv":
             strength = torch.full((R,), float(self.strength), dtype=X.dtype, device=X.device)
         else:
             generator = generator if generator is not None else torch.Generator().manual_seed(0)
-            grid = self.strength_grid(B, G, c, sizes if counts is None else counts.unsqueeze(-1), sigma)  # (R, S)
+            grid = self.strength_grid(B, G, c, sizes if counts is None else counts.unsqueeze(-1), sigma, prior)  # (R, S)
             (Gt, ct, _), (Gv, cv, qv) = fold_statistics(X, y, min(self.folds, fewest), generator, mask)
-            w, v = self.solve(B, Gt.unsqueeze(2), ct.unsqueeze(2), grid.unsqueeze(1).expand(-1, Gt.shape[1], -1))
+            fold_prior = None if prior is None else (prior[0][:, None, None], prior[1][:, None, None])
+            w, v = self.solve(B, Gt.unsqueeze(2), ct.unsqueeze(2), grid.unsqueeze(1).expand(-1, Gt.shape[1], -1), fold_prior)
             beta = predictor(B, w, v)  # (R, K, S, d)
             errors = mse(Gv.unsqueeze(2), cv.unsqueeze(2), qv.unsqueeze(2), beta)  # (R, K, S)
             strength = torch.gather(grid, 1, self._select(errors)).squeeze(-1)
-        w, v = self.solve(B, G, c, strength)
+        w, v = self.solve(B, G, c, strength, prior)
         return predictor(B, w, v), strength

@@ -220,13 +220,15 @@ def _penalties(penalty: float | Tensor, num_tasks: int, like: Tensor) -> Tensor:
     return lam
 
 
-def _losses(margin: Tensor, y: Tensor) -> Tensor:
-    """Mean log-loss ``mean_i [softplus(m_i) - y_i m_i]``, written as ``y softplus(-m) + (1 - y) softplus(m)``.
+def _losses(margin: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean log-loss ``mean_i [softplus(m_i) - y_i m_i]``, written as ``y softplus(-m) + (1 - y) softplus(m)``
+    (each term times ``weight_i`` when given, still divided by the number of rows).
 
     The two forms are equal for every ``y``; the second keeps its accuracy when ``|m|`` is large
     and the loss tiny (nearly separated data).
     """
-    return (y * softplus(-margin) + (1 - y) * softplus(margin)).mean(-1)
+    values = y * softplus(-margin) + (1 - y) * softplus(margin)
+    return (values if weight is None else values * weight).mean(-1)
 
 
 def logistic_objective(X: Tensor, y: Tensor, theta: Tensor, penalty: float | Tensor) -> Tensor:
@@ -246,6 +248,7 @@ def fit_logistic(
     init: Tensor | None = None,
     max_iter: int = 100,
     tol: float = 1e-10,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """L2-regularised logistic regression without intercept, every task at once (damped Newton).
 
@@ -271,6 +274,9 @@ def fit_logistic(
         init: starting point ``(T, d)`` (default 0).
         max_iter: the most Newton iterations.
         tol: gradient-norm tolerance.
+        weight: per-sample weights ``a`` ``(T, n)``, ``>= 0`` (default 1): the loss becomes
+            ``(1/n) sum_i a_i [softplus(<x_i, theta>) - y_i <x_i, theta>]`` (rows of weight 0, e.g.
+            padding, drop out; the labels of those rows are not checked).
 
     Returns:
         ``theta`` of shape ``(T, d)``.
@@ -279,6 +285,11 @@ def fit_logistic(
         raise ValueError(f"fit_logistic needs X of shape (T, n, d) and y of shape (T, n); got {tuple(X.shape)} and {tuple(y.shape)}")
     if not (torch.isfinite(X).all() and torch.isfinite(y).all()):
         raise ValueError("X and y must be finite")
+    if weight is not None:
+        if weight.shape != y.shape or not bool((torch.isfinite(weight) & (weight >= 0)).all()):
+            raise ValueError(f"weight must be finite, non-negative and of shape {tuple(y.shape)}")
+        weight = weight.to(X.dtype)
+        y = torch.where(weight > 0, y, torch.zeros_like(y))
     if bool(((y < 0) | (y > 1)).any()):
         raise ValueError("labels y must lie in [0, 1]")
     if max_iter < 0 or not tol >= 0:
@@ -297,18 +308,23 @@ def fit_logistic(
     active = torch.arange(T, device=X.device)
     for _ in range(max_iter):
         Xa, ya, la, th = X[active], y[active], lam[active], theta[active]
+        wa = None if weight is None else weight[active]
         margin = matvec(Xa, th)
-        grad = matvec(Xa.transpose(-1, -2), torch.sigmoid(margin) - ya) / n + la.unsqueeze(-1) * th
+        residual = torch.sigmoid(margin) - ya
+        grad = matvec(Xa.transpose(-1, -2), residual if wa is None else residual * wa) / n + la.unsqueeze(-1) * th
         todo = grad.norm(dim=-1) > tol
         if not bool(todo.all()):
             active, Xa, ya, la, th, margin, grad = (v[todo] for v in (active, Xa, ya, la, th, margin, grad))
+            wa = None if wa is None else wa[todo]
         if active.numel() == 0:
             break
-        weight = torch.sigmoid(margin) * torch.sigmoid(-margin)
-        H = matmul(Xa.transpose(-1, -2) * weight.unsqueeze(-2), Xa) / n + la[:, None, None] * eye
+        curvature = torch.sigmoid(margin) * torch.sigmoid(-margin)
+        if wa is not None:
+            curvature = curvature * wa
+        H = matmul(Xa.transpose(-1, -2) * curvature.unsqueeze(-2), Xa) / n + la[:, None, None] * eye
         jitter = 1e-12 * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
         step = -spd_solve(H + jitter[:, None, None] * eye, grad)
-        value = _losses(margin, ya) + la / 2 * (th * th).sum(-1)
+        value = _losses(margin, ya, wa) + la / 2 * (th * th).sum(-1)
         slope = (grad * step).sum(-1)
         slack = 16 * eps * value.abs()  # accept steps whose change is below rounding (near the minimum)
         t = torch.ones_like(value)
@@ -316,7 +332,7 @@ def fit_logistic(
         new = th
         for _ in range(MAX_HALVINGS):
             candidate = th + t.unsqueeze(-1) * step
-            trial = _losses(matvec(Xa, candidate), ya) + la / 2 * (candidate * candidate).sum(-1)
+            trial = _losses(matvec(Xa, candidate), ya, wa) + la / 2 * (candidate * candidate).sum(-1)
             ok = ~accepted & torch.isfinite(trial) & (trial <= value + ARMIJO * t * slope + slack)
             new = torch.where(ok.unsqueeze(-1), candidate, new)
             accepted = accepted | ok

@@ -31,6 +31,16 @@ inner gradients come from ONE gradient of the SUM of the task losses in the stac
 steps of ANIL use the features, which do not change, and the closed-form head gradient
 ``Phi^T l'(Phi w) / n``. There is no Python loop over tasks.
 
+Ragged tasks: the data are zero-padded to a common size with a per-sample weight (1 for real
+samples, 0 for padding, possibly fractional): every task's loss is then its weighted mean
+``sum_i a_i l_i / sum_i a_i`` (:func:`inner_adapt`, :func:`meta_gradient`, :func:`meta_train`
+with ``weight=...``), and a support/query split draws the support among each task's real samples
+(:func:`split_support`). The weights are one more tensor input of the (compiled) step.
+
+Multiclass tasks (``Model.loss == "multiclass"``): the head is ``(k, N)`` (stacked: ``(B, k, N)``),
+the predictions are logits ``(B, n, N)`` and ANIL's head gradient is ``Phi^T l'(Phi W) / n`` with the
+slope ``softmax - one_hot`` ``(n, N)``.
+
 Two backends compute the same numbers: eager :func:`torch.autograd.grad` (``create_graph`` for second
 order) and :mod:`torch.func` (``grad_and_value``), which :func:`torch.compile` traces into one graph;
 :func:`meta_train` compiles the whole meta-step (meta-gradient and the functional Adam/SGD update)
@@ -45,7 +55,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, cast, overload
 
 import torch
 from torch import Tensor
@@ -64,6 +74,7 @@ __all__ = [
     "should_compile",
     "split_support",
     "support_size",
+    "support_sizes",
 ]
 
 ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "pooled")
@@ -139,16 +150,20 @@ def _features(model: Model, theta: Params, X: Tensor, stacked: bool) -> Tensor:
     return vmap(model.features, in_dims=(0 if stacked else None, 0))(theta, X)
 
 
-def _predict(Phi: Tensor, w: Tensor) -> Tensor:
-    """``Phi (B, n, k)`` with heads ``w (B, k)`` (or a shared ``(k,)``) -> predictions ``(B, n)``."""
-    if w.ndim == 1:
+def _predict(Phi: Tensor, w: Tensor, multiclass: bool = False) -> Tensor:
+    """``Phi (B, n, k)`` with heads ``w (B, k)`` (or a shared ``(k,)``) -> predictions ``(B, n)``; with
+    ``multiclass`` heads ``(B, k, N)`` (or a shared ``(k, N)``) -> logits ``(B, n, N)``."""
+    if multiclass or w.ndim == 1:
         return Phi @ w
     return (Phi * w.unsqueeze(-2)).sum(-1)  # cheaper than a batched matrix-vector product for small k
 
 
-def _task_losses(model: Model, theta: Params, w: Tensor, X: Tensor, y: Tensor, stacked: bool) -> Tensor:
-    """Per-task mean losses ``(B,)``."""
-    return pointwise_loss(model.loss, _predict(_features(model, theta, X, stacked), w), y).mean(-1)
+def _task_losses(model: Model, theta: Params, w: Tensor, X: Tensor, y: Tensor, stacked: bool, weight: Tensor | None = None) -> Tensor:
+    """Per-task mean losses ``(B,)`` (weighted means with ``weight (B, n)``)."""
+    values = pointwise_loss(model.loss, _predict(_features(model, theta, X, stacked), w, model.loss == "multiclass"), y)
+    if weight is None:
+        return values.mean(-1)
+    return (values * weight).sum(-1) / weight.sum(-1)
 
 
 def _stack(theta: Params, B: int) -> Params:
@@ -183,22 +198,40 @@ def _grad_func(fn: Callable[..., Tensor], args: tuple[Any, ...], create_graph: b
 
 
 def _adapt(
-    model: Model, theta: Params, w: Tensor, X: Tensor, y: Tensor, steps: int, lr: float, head_only: bool, create_graph: bool, grad: Grad
+    model: Model,
+    theta: Params,
+    w: Tensor,
+    X: Tensor,
+    y: Tensor,
+    steps: int,
+    lr: float,
+    head_only: bool,
+    create_graph: bool,
+    grad: Grad,
+    weight: Tensor | None = None,
 ) -> tuple[Params, Tensor, Tensor | None]:
     """The inner loop for all tasks at once. ``theta``, ``w`` are shared (unstacked). Returns the
     adapted parameters (``theta`` stacked unless ``head_only``, where it stays shared), the heads
-    ``(B, k)`` and the mean support loss at the start (``None`` when ``steps == 0`` or head-only)."""
+    ``(B, k)`` (``(B, k, N)`` for multiclass) and the mean support loss at the start (``None`` when
+    ``steps == 0`` or head-only). With ``weight (B, n)`` the task losses are weighted means."""
     B, n = y.shape
+    multiclass = model.loss == "multiclass"
     if head_only:
         Phi = _features(model, theta, X, stacked=False)
         heads = w.expand(B, *w.shape)
         if not create_graph:
             Phi = Phi.detach()
             step_heads = heads.detach()
+        share = None if weight is None else weight / weight.sum(-1, keepdim=True)  # a_i / sum a
         for _ in range(steps):
             current = heads if create_graph else step_heads
-            slope = pointwise_loss_slope(model.loss, _predict(Phi, current), y)
-            g = (Phi * slope.unsqueeze(-1)).sum(-2) / n
+            slope = pointwise_loss_slope(model.loss, _predict(Phi, current, multiclass), y)  # (B, n) or (B, n, N)
+            if multiclass:
+                g = Phi.transpose(-1, -2) @ (slope / n if share is None else slope * share.unsqueeze(-1))
+            elif share is None:
+                g = (Phi * slope.unsqueeze(-1)).sum(-2) / n
+            else:
+                g = (Phi * (slope * share).unsqueeze(-1)).sum(-2)
             heads = heads - lr * g
             if not create_graph:
                 step_heads = step_heads - lr * g
@@ -207,7 +240,7 @@ def _adapt(
     start = None
 
     def total(theta_s: Params, w_s: Tensor) -> Tensor:
-        return _task_losses(model, theta_s, w_s, X, y, stacked=True).sum()
+        return _task_losses(model, theta_s, w_s, X, y, stacked=True, weight=weight).sum()
 
     for step in range(steps):
         value, (g_theta, g_w) = grad(total, (stacked, heads), create_graph)
@@ -219,18 +252,30 @@ def _adapt(
 
 
 def inner_adapt(
-    model: Model, theta: Params, w: Tensor, X: Tensor, y: Tensor, *, steps: int, lr: float, head_only: bool = False, create_graph: bool = False
+    model: Model,
+    theta: Params,
+    w: Tensor,
+    X: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    lr: float,
+    head_only: bool = False,
+    create_graph: bool = False,
+    weight: Tensor | None = None,
 ) -> tuple[Params, Tensor]:
     """Batched inner loop: ``steps`` gradient steps of size ``lr`` on each task's mean loss from
     the shared ``(theta, w)``, on all parameters or (``head_only``) the head only.
 
     ``X (B, n, d)``, ``y (B, n)`` -> per-task adapted ``theta`` (each value ``(B, ...)``; with
-    ``head_only`` the shared values expanded) and ``w (B, k)``. With ``create_graph`` the result is
+    ``head_only`` the shared values expanded) and ``w (B, k)`` (``(B, k, N)`` for multiclass heads
+    ``(k, N)``). With ``weight (B, n)`` each task's loss is its weighted mean (ragged tasks: 0 on
+    padding). With ``create_graph`` the result is
     differentiable through the inner gradients (second order); without, the gradients are constants
     and the result depends on ``(theta, w)`` (if they require grad) through the identity only.
     """
     B = X.shape[0]
-    theta_k, w_k, _ = _adapt(model, theta, w, X, y, steps, lr, head_only, create_graph, _grad_eager)
+    theta_k, w_k, _ = _adapt(model, theta, w, X, y, steps, lr, head_only, create_graph, _grad_eager, weight)
     return (_stack(theta_k, B) if head_only else theta_k), w_k
 
 
@@ -238,21 +283,32 @@ def inner_adapt(
 
 
 def _meta_gradient(
-    model: Model, theta: Params, w: Tensor, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor, config: MetaConfig, grad: Grad
+    model: Model,
+    theta: Params,
+    w: Tensor,
+    Xs: Tensor,
+    ys: Tensor,
+    Xq: Tensor,
+    yq: Tensor,
+    config: MetaConfig,
+    grad: Grad,
+    sw: Tensor | None = None,
+    qw: Tensor | None = None,
 ) -> tuple[Tensor, Params, Tensor]:
     B = ys.shape[0]
     if config.chunk is None or config.chunk >= B:
-        return _batch_meta_gradient(model, theta, w, Xs, ys, Xq, yq, config, grad)
+        return _batch_meta_gradient(model, theta, w, Xs, ys, Xq, yq, config, grad, sw, qw)
     # every quantity is a mean over tasks: chunks weighted by their share of the tasks
     chunk = config.chunk
     loss, g_theta, g_w = torch.zeros((), dtype=w.dtype, device=w.device), {name: torch.zeros_like(v) for name, v in theta.items()}, torch.zeros_like(w)
     first = 0
     if torch.compiler.is_compiling() and grad is _grad_func:  # the full chunks as one compiled loop body, run B // chunk times
         first = B - B % chunk
-        loss, g_theta, g_w = _chunk_loop(model, theta, w, (Xs, ys, Xq, yq), config, grad, (loss, g_theta, g_w))
+        loss, g_theta, g_w = _chunk_loop(model, theta, w, (Xs, ys, Xq, yq, sw, qw), config, grad, (loss, g_theta, g_w))
     for start in range(first, B, chunk):  # eager: every chunk; compiled: the remainder
         part = slice(start, start + chunk)
-        value, gt, gw = _batch_meta_gradient(model, theta, w, Xs[part], ys[part], Xq[part], yq[part], config, grad)
+        sw_p, qw_p = (None if weight is None else weight[part] for weight in (sw, qw))
+        value, gt, gw = _batch_meta_gradient(model, theta, w, Xs[part], ys[part], Xq[part], yq[part], config, grad, sw_p, qw_p)
         loss, g_theta, g_w = _add_share((loss, g_theta, g_w), (value.detach(), _detached(gt), gw.detach()), ys[part].shape[0] / B)
     return loss, g_theta, g_w
 
@@ -265,7 +321,7 @@ def _add_share(totals: tuple[Tensor, Params, Tensor], part: tuple[Tensor, Params
 
 
 def _chunk_loop(
-    model: Model, theta: Params, w: Tensor, data: tuple[Tensor, ...], config: MetaConfig, grad: Grad, totals: tuple[Tensor, Params, Tensor]
+    model: Model, theta: Params, w: Tensor, data: tuple[Tensor | None, ...], config: MetaConfig, grad: Grad, totals: tuple[Tensor, Params, Tensor]
 ) -> tuple[Tensor, Params, Tensor]:
     """Adds the meta-gradients of the ``B // chunk`` full chunks to ``totals`` by
     :func:`torch._higher_order_ops.while_loop`, so that a compiled step holds one chunk's graph at a
@@ -273,12 +329,14 @@ def _chunk_loop(
 
     The loop's inputs must not share memory (``while_loop`` refuses aliases): the data are four
     separate tensors, as :func:`split_support` makes them, or the same support tensors passed twice
-    (no split). Copying them here instead would cost the whole meta-batch's data in memory."""
+    (no split). Copying them here instead would cost the whole meta-batch's data in memory. The
+    sample weights ``sw``, ``qw`` (ragged tasks; ``None`` without) follow the same rule."""
     from torch._higher_order_ops.while_loop import while_loop
 
     chunk = cast(int, config.chunk)
-    Xs, ys, Xq, yq = data
-    same = Xq is Xs and yq is ys  # no support/query split
+    Xs, ys, Xq, yq, sw, qw = data if len(data) == 6 else (*data, None, None)  # weights optional
+    assert Xs is not None and ys is not None and Xq is not None and yq is not None
+    same = Xq is Xs and yq is ys and qw is sw  # no support/query split
     B, names = ys.shape[0], list(theta)
     count, share = B // chunk, chunk / B
     offsets = torch.arange(chunk, device=w.device)
@@ -296,7 +354,9 @@ def _chunk_loop(
         index = i * chunk + offsets
         Xs_i, ys_i = Xs.index_select(0, index), ys.index_select(0, index)
         Xq_i, yq_i = (Xs_i, ys_i) if same else (Xq.index_select(0, index), yq.index_select(0, index))
-        part = _batch_meta_gradient(model, theta, w, Xs_i, ys_i, Xq_i, yq_i, config, grad)
+        sw_i = None if sw is None else sw.index_select(0, index)
+        qw_i = sw_i if same else (None if qw is None else qw.index_select(0, index))
+        part = _batch_meta_gradient(model, theta, w, Xs_i, ys_i, Xq_i, yq_i, config, grad, sw_i, qw_i)
         return (i + 1, *flat(_add_share(nested(carried), part, share)))
 
     start = torch.zeros((), dtype=torch.int64, device=w.device)
@@ -305,20 +365,30 @@ def _chunk_loop(
 
 
 def _batch_meta_gradient(
-    model: Model, theta: Params, w: Tensor, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor, config: MetaConfig, grad: Grad
+    model: Model,
+    theta: Params,
+    w: Tensor,
+    Xs: Tensor,
+    ys: Tensor,
+    Xq: Tensor,
+    yq: Tensor,
+    config: MetaConfig,
+    grad: Grad,
+    sw: Tensor | None = None,
+    qw: Tensor | None = None,
 ) -> tuple[Tensor, Params, Tensor]:
     algorithm, steps, lr = config.algorithm, config.inner_steps, config.inner_lr
     if algorithm == "pooled":
 
         def pooled(theta: Params, w: Tensor) -> Tensor:
-            return _task_losses(model, theta, w, Xq, yq, stacked=False).mean()
+            return _task_losses(model, theta, w, Xq, yq, stacked=False, weight=qw).mean()
 
         loss, (g_theta, g_w) = grad(pooled, (theta, w), False)
         return loss.detach(), g_theta, g_w
     if algorithm == "reptile":
-        theta_k, w_k, start = _adapt(model, _detached(theta), w.detach(), Xs, ys, steps, lr, False, False, grad)
+        theta_k, w_k, start = _adapt(model, _detached(theta), w.detach(), Xs, ys, steps, lr, False, False, grad, sw)
         if start is None:
-            start = _task_losses(model, theta, w, Xs, ys, stacked=False).mean()
+            start = _task_losses(model, theta, w, Xs, ys, stacked=False, weight=sw).mean()
         g_theta = {name: (value - theta_k[name].mean(0)).detach() if steps else torch.zeros_like(value) for name, value in theta.items()}
         g_w = (w - w_k.mean(0)).detach() if steps else torch.zeros_like(w)
         return start.detach(), g_theta, g_w
@@ -326,17 +396,17 @@ def _batch_meta_gradient(
     if config.second_order:
 
         def outer(theta: Params, w: Tensor) -> Tensor:
-            theta_k, w_k, _ = _adapt(model, theta, w, Xs, ys, steps, lr, head_only, True, grad)
-            return _task_losses(model, theta_k, w_k, Xq, yq, stacked=not head_only).mean()
+            theta_k, w_k, _ = _adapt(model, theta, w, Xs, ys, steps, lr, head_only, True, grad, sw)
+            return _task_losses(model, theta_k, w_k, Xq, yq, stacked=not head_only, weight=qw).mean()
 
         loss, (g_theta, g_w) = grad(outer, (theta, w), False)
         return loss.detach(), g_theta, g_w
     # first order: the query gradient at the adapted parameters (inner gradients constant)
-    theta_k, w_k, _ = _adapt(model, _detached(theta), w.detach(), Xs, ys, steps, lr, head_only, False, grad)
+    theta_k, w_k, _ = _adapt(model, _detached(theta), w.detach(), Xs, ys, steps, lr, head_only, False, grad, sw)
     theta_k, w_k = _detached(theta_k), w_k.detach()
 
     def query(theta: Params, w: Tensor) -> Tensor:
-        return _task_losses(model, theta, w, Xq, yq, stacked=not head_only).mean()
+        return _task_losses(model, theta, w, Xq, yq, stacked=not head_only, weight=qw).mean()
 
     loss, (g_theta, g_w) = grad(query, (theta_k, w_k), False)
     if not head_only:
@@ -348,13 +418,26 @@ def _detached(theta: Params) -> Params:
     return {name: value.detach() for name, value in theta.items()}
 
 
-def meta_gradient(model: Model, theta: Params, w: Tensor, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor, config: MetaConfig) -> tuple[Tensor, Params, Tensor]:
+def meta_gradient(
+    model: Model,
+    theta: Params,
+    w: Tensor,
+    Xs: Tensor,
+    ys: Tensor,
+    Xq: Tensor,
+    yq: Tensor,
+    config: MetaConfig,
+    *,
+    support_weight: Tensor | None = None,
+    query_weight: Tensor | None = None,
+) -> tuple[Tensor, Params, Tensor]:
     """``(outer loss, grad wrt theta, grad wrt w)`` for one meta-batch: support ``Xs (B, ns, d)``,
     ``ys (B, ns)`` and query ``Xq (B, nq, d)``, ``yq (B, nq)`` (eager backend; nothing is kept of the
-    graph afterwards and the results are detached)."""
+    graph afterwards and the results are detached). ``support_weight (B, ns)`` and ``query_weight
+    (B, nq)`` make each task's support, resp. query, loss a weighted mean (ragged tasks)."""
     theta = {name: value.detach().requires_grad_() for name, value in theta.items()}
     w = w.detach().requires_grad_()
-    loss, g_theta, g_w = _meta_gradient(model, theta, w, Xs, ys, Xq, yq, config, _grad_eager)
+    loss, g_theta, g_w = _meta_gradient(model, theta, w, Xs, ys, Xq, yq, config, _grad_eager, support_weight, query_weight)
     return loss.detach(), _detached(g_theta), g_w.detach()
 
 
@@ -383,12 +466,24 @@ def _outer_update(
 
 
 def _make_step(model: Model, names: list[str], config: MetaConfig, grad: Grad) -> Callable[..., tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]]:
-    """The whole meta-step as a function of tensors: ``(params, m, v, t, Xs, ys, Xq, yq) ->
-    (loss, params, m, v)`` with ``params = [*theta values in names order, w]``."""
+    """The whole meta-step as a function of tensors: ``(params, m, v, t, Xs, ys, Xq, yq[, sw, qw]) ->
+    (loss, params, m, v)`` with ``params = [*theta values in names order, w]`` (``sw``, ``qw``: the
+    support and query sample weights of ragged tasks)."""
 
-    def step(params: list[Tensor], m: list[Tensor], v: list[Tensor], t: Tensor, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor):
+    def step(
+        params: list[Tensor],
+        m: list[Tensor],
+        v: list[Tensor],
+        t: Tensor,
+        Xs: Tensor,
+        ys: Tensor,
+        Xq: Tensor,
+        yq: Tensor,
+        sw: Tensor | None = None,
+        qw: Tensor | None = None,
+    ):
         theta = dict(zip(names, params[:-1], strict=True))
-        loss, g_theta, g_w = _meta_gradient(model, theta, params[-1], Xs, ys, Xq, yq, config, grad)
+        loss, g_theta, g_w = _meta_gradient(model, theta, params[-1], Xs, ys, Xq, yq, config, grad, sw, qw)
         grads = [*(g_theta[name] for name in names), g_w]
         params, m, v = _outer_update([p.detach() for p in params], [g.detach() for g in grads], m, v, t, config)
         return loss.detach(), params, m, v
@@ -410,18 +505,77 @@ def support_size(support: float | None, n: int) -> int | None:
     return size
 
 
-def split_support(X: Tensor, y: Tensor, size: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def support_sizes(support: float | None, counts: Tensor) -> Tensor | None:
+    """Per-task support sizes ``(T,)`` for tasks with ``counts`` real samples (ragged tasks): a
+    fraction ``0 < s < 1`` gives ``floor(s count_t)``, an integer ``s`` gives ``s`` to every task
+    (``None``: no split). A ``ValueError`` naming the first task whose support or query would be
+    empty (an integer support must be at most the smallest task's count - 1)."""
+    if support is None:
+        return None
+    sizes = (support * counts.double()).floor().long() if support < 1 else torch.full_like(counts, int(support), dtype=torch.long)
+    bad = ((sizes < 1) | (sizes > counts - 1)).nonzero()
+    if bad.numel():
+        t = int(bad[0, 0])
+        raise ValueError(
+            f"support={support!r} gives {int(sizes[t])} of the {int(counts[t])} samples of task {t} to the support; "
+            f"both the support and the query need at least one (the smallest task has {int(counts.min())} samples)"
+        )
+    return sizes
+
+
+@overload
+def split_support(X: Tensor, y: Tensor, size: int | Tensor | None, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
+
+
+@overload
+def split_support(
+    X: Tensor, y: Tensor, size: int | Tensor | None, generator: torch.Generator, *, weight: Tensor, widths: tuple[int, int] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]: ...
+
+
+def split_support(
+    X: Tensor, y: Tensor, size: int | Tensor | None, generator: torch.Generator, *, weight: Tensor | None = None, widths: tuple[int, int] | None = None
+) -> tuple[Tensor, ...]:
     """``(Xs, ys, Xq, yq)``: a random split of each task's samples (a fresh permutation per task),
     ``size`` to the support; ``size=None`` returns the data as both. The four are separate tensors
-    (no shared memory), which a compiled chunked step needs (:func:`_chunk_loop`)."""
+    (no shared memory), which a compiled chunked step needs (:func:`_chunk_loop`).
+
+    Ragged tasks (``weight (B, n)``, 0 on padding): the support is drawn among each task's real
+    samples (``weight > 0``), ``size`` of them (an integer, or per-task sizes ``(B,)`` from
+    :func:`support_sizes`), and the query is the rest; returns ``(Xs, ys, Xq, yq, sw, qw)`` with the
+    support and query weights (0 on the slots a task does not fill). The support has ``widths[0]``
+    slots and the query ``n - widths[1]`` (default: the largest and the smallest size of the batch;
+    :func:`meta_train` passes those of all its tasks, so that every meta-batch has the same shapes).
+    An integer ``size`` must leave every task at least one query sample."""
     if size is None:
-        return X, y, X, y
+        return (X, y, X, y) if weight is None else (X, y, X, y, weight, weight)
     B, n = y.shape
-    order = torch.rand(B, n, generator=generator, device=generator.device).argsort(-1).to(X.device)
-    support, query = order[:, :size], order[:, size:]
-    Xs, Xq = (torch.take_along_dim(X, part.unsqueeze(-1), dim=1) for part in (support, query))
+    scores = torch.rand(B, n, generator=generator, device=generator.device)
+    if weight is None:
+        if not isinstance(size, int):
+            raise ValueError("per-task support sizes need the sample weights of ragged tasks (weight=...)")
+        order = scores.argsort(-1).to(X.device)
+        support, query = order[:, :size], order[:, size:]
+        Xs, Xq = (torch.take_along_dim(X, part.view(*part.shape, *[1] * (X.ndim - 2)), dim=1) for part in (support, query))
+        ys, yq = (torch.take_along_dim(y, part, dim=1) for part in (support, query))
+        return Xs, ys, Xq, yq
+    valid = weight > 0
+    if isinstance(size, int):
+        counts = valid.sum(-1)
+        if widths is None:
+            support_sizes(size, counts.cpu())  # a clear error if a task would have an empty support or query
+        sizes = torch.full((B,), size, dtype=torch.long, device=X.device)
+    else:
+        sizes = size.to(X.device)
+    high, low = widths if widths is not None else (int(sizes.max()), int(sizes.min()))
+    order = (scores + 2 * (~valid).to(scores.device, scores.dtype)).argsort(-1).to(X.device)  # real samples first, in random order
+    support, query = order[:, :high], order[:, low:]
+    Xs, Xq = (torch.take_along_dim(X, part.view(*part.shape, *[1] * (X.ndim - 2)), dim=1) for part in (support, query))
     ys, yq = (torch.take_along_dim(y, part, dim=1) for part in (support, query))
-    return Xs, ys, Xq, yq
+    slots = torch.arange(n, device=X.device)
+    sw = torch.take_along_dim(weight, support, dim=1) * (slots[:high] < sizes.unsqueeze(-1))
+    qw = torch.take_along_dim(weight, query, dim=1) * (slots[low:] >= sizes.unsqueeze(-1))
+    return Xs, ys, Xq, yq, sw, qw
 
 
 @dataclass
@@ -472,13 +626,33 @@ def compile_step(model: Model, names: list[str], config: MetaConfig) -> Callable
     return torch.compile(_make_step(model, names, config, _grad_func), dynamic=False, fullgraph=True, options=options)
 
 
-def _sample(X: Tensor, y: Tensor, B: int, size: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _sample(
+    X: Tensor,
+    y: Tensor,
+    B: int,
+    size: int | None,
+    generator: torch.Generator,
+    weight: Tensor | None = None,
+    sizes: Tensor | None = None,
+    widths: tuple[int, int] | None = None,
+) -> tuple[Tensor, ...]:
     index = torch.randperm(X.shape[0], generator=generator, device=generator.device)[:B].to(X.device)
-    return split_support(X[index], y[index], size, generator)
+    if weight is None:
+        return split_support(X[index], y[index], size, generator)
+    return split_support(X[index], y[index], None if sizes is None else sizes[index], generator, weight=weight[index], widths=widths)
 
 
 def meta_train(
-    model: Model, theta0: Params, w0: Tensor, X: Tensor, y: Tensor, config: MetaConfig, generator: torch.Generator, on_step: Callable[[int], None] | None = None
+    model: Model,
+    theta0: Params,
+    w0: Tensor,
+    X: Tensor,
+    y: Tensor,
+    config: MetaConfig,
+    generator: torch.Generator,
+    on_step: Callable[[int], None] | None = None,
+    *,
+    weight: Tensor | None = None,
 ) -> MetaFit:
     """Meta-train on ``T`` source tasks ``X (T, n, d)``, ``y (T, n)``: each iteration samples
     ``meta_batch`` tasks (with ``generator``; without replacement within a batch), splits each
@@ -486,15 +660,29 @@ def meta_train(
     takes one outer-optimiser step with the meta-gradient. Deterministic for a given generator.
     ``on_step(i)`` is called after iteration ``i``.
 
+    Ragged tasks: ``weight (T, n)`` (0 on padding) makes every task loss a weighted mean and the
+    support is drawn among each task's real samples (:func:`support_sizes`: a fraction of each
+    task's count, or a count that every task can spare).
+
     The step is compiled when :func:`should_compile` says so; a failed compilation falls back to the
     eager step with a warning (``MetaFit.compiled`` says which ran).
     """
     T, n = y.shape
-    if X.ndim != 3 or X.shape[:2] != (T, n):
+    if X.ndim < 3 or X.shape[:2] != (T, n):
         raise ValueError(f"X must be (T, n, d) and y (T, n); got X {tuple(X.shape)} and y {tuple(y.shape)}")
+    if weight is not None and weight.shape != (T, n):
+        raise ValueError(f"weight must be (T, n) = {(T, n)} like y; got {tuple(weight.shape)}")
     if config.meta_batch > T:
         raise ValueError(f"meta_batch={config.meta_batch} exceeds the number of tasks T={T} (tasks are sampled without replacement within a batch)")
-    size = support_size(config.support, n) if config.algorithm in ("maml", "fomaml", "anil") else None
+    splits = config.algorithm in ("maml", "fomaml", "anil")
+    size, sizes, widths = None, None, None
+    if weight is None:
+        size = support_size(config.support, n) if splits else None
+    elif splits and config.support is not None:
+        sizes = support_sizes(config.support, (weight > 0).sum(-1).cpu())
+        assert sizes is not None
+        widths = (int(sizes.max()), int(sizes.min()))
+        sizes = sizes.to(X.device)
     names = list(theta0)
     params = [*(theta0[name].detach().clone() for name in names), w0.detach().clone()]
     m = [torch.zeros_like(p) for p in params]
@@ -507,7 +695,7 @@ def meta_train(
         step = compile_step(model, names, config)
     start = time.perf_counter()
     for i in range(config.iterations):
-        batch = _sample(X, y, config.meta_batch, size, generator)
+        batch = _sample(X, y, config.meta_batch, size, generator, weight, sizes, widths)
         t = torch.tensor(float(i + 1), dtype=w0.dtype, device=w0.device)
         if compiled and i == 0:
             try:

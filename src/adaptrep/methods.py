@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .adapted import Adapted
+from .adaptive import cv_penalty
 from .data import DataError, Standardizer, Tasks
 from .finetune import FineTune, fit_head
 from .meta import ALGORITHMS, MetaConfig, inner_adapt, meta_train
@@ -50,7 +51,7 @@ from .models import (
     logistic_finetune,
     model_for,
 )
-from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, spd_solve, sufficient_statistics
+from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, predictor, spd_solve, sufficient_statistics
 
 __all__ = [
     "synchronize",
@@ -96,6 +97,7 @@ class Spec:
     input_shape: tuple[int, ...]
     feature_names: tuple[str, ...] | None
     classes: int
+    prior: bool = False
 
     @property
     def exact(self) -> bool:
@@ -111,12 +113,19 @@ class Method(ABC):
     noise_dof: int = 0
     #: fine-tuning strengths chosen for the last targets (``(R,)``), ``None`` without fine-tuning
     last_strength: Tensor | None = None
+    #: each source task's own predictor after :meth:`fit` (``(T, d)``; ``B w_t + v_t`` for ADAPTREP), ``None`` if the method has none
+    source_predictors: Tensor | None = None
     info: dict[str, Any]
     spec: Spec
     #: options shared by every method (keyword-only dataclass fields of the subclasses)
     model: Any = None
     intercept: bool | None = None
     standardize: bool | None = None
+    prior: bool | None = None
+    #: the heads' prior learned from the source tasks: mean ``(k',)`` and covariance ``(k', k')``
+    head_prior: tuple[Tensor, Tensor] | None = None
+    #: whether the method uses the exact linear path where it applies (squared loss, linear model)
+    exact_path: bool = True
 
     def fit(self, source: Tasks) -> Method:
         """Fit on the source tasks (their inputs and labels; ground truth only where a method says)."""
@@ -152,19 +161,28 @@ class Method(ABC):
         intercept = (not simulated) if self.intercept is None else bool(self.intercept)
         standardize = (not simulated) if self.standardize is None else bool(self.standardize)
         theta0: Params | None = None
+        classes = source.num_classes if source.loss == "multiclass" else 1
+        count = classes if source.loss == "multiclass" else None
         if isinstance(self.model, torch.nn.Module):
-            model, theta0 = Model.from_module(self.model, source.loss)  # type: ignore[arg-type]
+            model, theta0 = Model.from_module(self.model, source.loss, count)  # type: ignore[arg-type]
             kind, key = "module", ""
         else:
             kind = self.model if self.model is not None else source.model
             if not isinstance(kind, str):
                 raise ValueError(f"model must be 'linear', 'relu', 'mlp' or a torch.nn.Module; got {type(self.model).__name__}")
-            model, key = model_for(source.loss, kind)  # type: ignore[arg-type]
-        if intercept and kind != "mlp" and not (kind == "linear" and source.loss == "squared"):
+            model, key = model_for(source.loss, kind, count)  # type: ignore[arg-type]
+        exact = kind == "linear" and source.loss == "squared" and self.exact_path
+        if intercept and kind != "mlp" and not exact:
             model = with_intercept(model)  # the exact linear path profiles the intercept out instead
         scaler = Standardizer.fit(source) if standardize else None
-        classes = source.num_classes if source.loss == "multiclass" else 1
-        return Spec(model, key, kind, theta0, intercept, scaler, source.input_shape, source.feature_names, classes)
+        spec = Spec(model, key, kind, theta0, intercept, scaler, source.input_shape, source.feature_names, classes)
+        wants = getattr(self, "prior", None)
+        if wants and not (spec.exact and isinstance(self, _RepresentationMethod)):
+            raise ValueError(
+                "prior (the source heads' distribution as the target heads' prior) applies to adaptrep and frozenrep with the squared loss and linear model"
+            )
+        spec.prior = bool(not simulated if wants is None else wants) and spec.exact and isinstance(self, _RepresentationMethod)
+        return spec
 
     def _prepare(self, tasks: Tasks) -> Tasks:
         return tasks if self.spec.standardizer is None else self.spec.standardizer(tasks)
@@ -189,9 +207,9 @@ class Method(ABC):
         return Adapted(w, spec.model, theta, stacked, None, spec.model.loss, spec.kind, spec.key, strength=strength)
 
 
-def _weight(tasks: Tasks) -> dict[str, Tensor]:
-    """``weight=`` for the generic path's functions when tasks are ragged (none otherwise)."""
-    return {"weight": tasks.weight} if tasks.ragged else {}
+def _weight(tasks: Tasks) -> Tensor | None:
+    """``weight=`` for the generic path's functions: the mask of ragged tasks (``None`` otherwise)."""
+    return tasks.weight if tasks.ragged else None
 
 
 def _centered(tasks: Tasks, intercept: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -203,6 +221,13 @@ def _centered(tasks: Tasks, intercept: bool) -> tuple[Tensor, Tensor, Tensor | N
     mx, my = tasks.means()
     weight = tasks.weight
     return (X - mx.unsqueeze(1)) * weight.unsqueeze(-1), (y - my.unsqueeze(1)) * weight, mx, my
+
+
+#: How :class:`AdaptRep` chooses its source penalty when none is given: ``"theory"`` or ``"cv"``.
+#: ``"cv"`` is not the default: on ``linear`` (d = 30, k = 5, T = 50, n = 100, sigma = 1, 5 seeds) it
+#: matches FROZENREP at delta = 0 (the theory formula is 1.33x worse there) but at delta = 0.6 its
+#: source-task max error is 0.727 against the formula's 0.684 (benchmarks/delta_sweep.py).
+DEFAULT_PENALTY = "theory"
 
 
 def theory_penalty(noise: float, dim: int, rank: int, num_tasks: int, num_samples: float) -> float:
@@ -229,13 +254,17 @@ class _AdaptsRepresentation(Method):
     model: Any = field(default=None, kw_only=True)
     intercept: bool | None = field(default=None, kw_only=True)
     standardize: bool | None = field(default=None, kw_only=True)
+    prior: bool | None = field(default=None, kw_only=True)
 
     def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
-        if self.representation is None:
+        if self.representation is None and not getattr(self, "theta", None):
             raise RuntimeError(f"{type(self).__name__}.adapt called before fit")
         if not self.spec.exact:
             return self._adapt_generic(target, generator)
+        assert self.representation is not None
         B = self.representation.to(target.X)
+        if self.head_prior is not None:
+            return self._adapt_with_prior(B, target, generator)
         X, y, mx, my = _centered(target, self.spec.intercept)
         if self.finetune is None:
             G, c, _ = sufficient_statistics(X, y, target.counts if target.ragged else None)
@@ -247,22 +276,46 @@ class _AdaptsRepresentation(Method):
         bias = None if mx is None or my is None else my - (mx * beta).sum(-1)
         return Adapted(beta, bias=bias, loss="squared", strength=strength)
 
+    def _adapt_with_prior(self, B: Tensor, target: Tasks, generator: torch.Generator | None) -> Adapted:
+        """The exact path with the heads' prior (empirical Bayes, :class:`~adaptrep.finetune.ShrunkHeads`):
+        head ``(w, b)`` (with the intercept ``b`` as a constant feature, shrunk like the rest) drawn
+        toward the source heads' mean with precision ``(sigma^2 / m) S^{-1}``."""
+        assert self.head_prior is not None and self.noise_estimate is not None
+        mu, S = (value.to(target.X) for value in self.head_prior)
+        X, k = target.flat(), B.shape[1]
+        if self.spec.intercept:
+            X = torch.nn.functional.pad(X, (0, 1), value=1.0) * target.weight.unsqueeze(-1)
+            B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
+        counts = target.counts
+        P = (self.noise_estimate**2 / counts)[:, None, None] * torch.linalg.inv(S)
+        prior = (P, (P @ mu.unsqueeze(-1)).squeeze(-1).expand(target.num_tasks, -1))
+        if self.finetune is None:
+            G, c, _ = sufficient_statistics(X, target.y, counts if target.ragged else None)
+            beta, strength = fit_head(B, G, c, prior), None
+        else:
+            options = dict(noise=self.noise_estimate, noise_dof=self.noise_dof, mask=target.mask if target.ragged else None, prior=prior)
+            beta, strength = self.finetune.adapt(B, X, target.y, generator, **options)  # type: ignore[arg-type]
+        bias = beta[:, -1] if self.spec.intercept else None
+        del k
+        return Adapted(beta[:, : target.dim], bias=bias, loss="squared", strength=strength)
+
     def _adapt_generic(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
         """Other losses and models (:mod:`adaptrep.models`): heads with a cross-validated ridge,
         then fine-tuning: penalised for logistic tasks on a linear representation, else gradient
         descent with a cross-validated number of steps."""
         self._check_generic_finetune()
-        assert self.representation is not None
         theta = self._theta()
         spec = self.spec
-        w, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, **_weight(target))
+        w, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, weight=_weight(target))
         if self.finetune is None:
             return self._adapted(theta, w, stacked=False)
         return _finetune_generic(self, theta, target, generator, ridge)
 
     def _theta(self) -> Params:
         """The learned representation's parameters (``theta``)."""
-        return {self.spec.key: self.representation} if self.spec.key else dict(getattr(self, "theta", {}))
+        if self.spec.key and self.representation is not None:
+            return {self.spec.key: self.representation}
+        return dict(getattr(self, "theta", {}))
 
     def _check_generic_finetune(self) -> None:
         if self.finetune is None:
@@ -300,10 +353,17 @@ class _RepresentationMethod(_AdaptsRepresentation):
             self._fit_generic(source, rank)
             return
         G, c, q = source.gram(center=self.spec.intercept)
+        self._chosen: SourceFit | None = None  # a fit that _penalty already made (penalty="cv")
         penalty, radius = self._penalty(source, rank, self._estimate_noise((G, c, q), source, rank))
-        fit: SourceFit = fit_source(G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol)
+        fit: SourceFit = self._chosen or fit_source(
+            G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol
+        )
         self.source_fit = fit
         self.representation = fit.B
+        if self.spec.prior:
+            assert self.noise_estimate is not None
+            self.head_prior = _head_prior(source, fit, self.spec.intercept, self.noise_estimate)
+        self.source_predictors = predictor(fit.B, fit.W, fit.V)
         synchronize(fit.B.device)
         self.info = {
             "source_objective": fit.objective,
@@ -330,7 +390,7 @@ class _RepresentationMethod(_AdaptsRepresentation):
             starts: list[Params] = [spec.theta0]
         else:
             starts = [{spec.key: start} for start in moment_inits(*_moments(source), rank)]
-        fits = [fit_shared(spec.model, start, source.X, source.y, lam=lam, gamma=gamma, **_weight(source)) for start in starts]
+        fits = [fit_shared(spec.model, start, source.X, source.y, lam=lam, gamma=gamma, weight=_weight(source)) for start in starts]
         fit = min(fits, key=lambda candidate: candidate.objective)
         self.theta = fit.theta
         self.representation = fit.theta[spec.key] if spec.key else None
@@ -349,6 +409,31 @@ class _RepresentationMethod(_AdaptsRepresentation):
         X, y, _, _ = _centered(source, self.spec.intercept)
         G, c, q = sufficient_statistics(X, y, source.counts if source.ragged else None)
         return estimate_noise(G, c, q, source.counts if source.ragged else source.num_samples, max(rank, 1))[0], p
+
+
+def _head_prior(source: Tasks, fit: SourceFit, intercept: bool, noise: float) -> tuple[Tensor, Tensor]:
+    """The source heads' population: mean and covariance of the heads ``h_t = (w_t, b_t)`` (``b_t``
+    the intercept ``ybar_t - xbar_t^T (B w_t + v_t)`` when there is one), by the method of moments
+    that random-effects models use: the spread of the fitted heads minus their average estimation
+    noise ``(sigma^2 / n_t) (B'^T G_t B')^{-1}`` (``B' = [B, 0; 0, 1]`` on inputs ``[x, 1]``),
+    with eigenvalues floored at ``1e-3`` times the largest so that it can be inverted."""
+    heads, B = fit.W, fit.B
+    G, _, _ = source.gram()
+    if intercept:
+        mx, my = source.means()
+        beta = fit.W @ fit.B.T + fit.V
+        heads = torch.cat([heads, (my - (mx * beta).sum(-1)).unsqueeze(-1)], -1)
+        top = torch.cat([G, mx.unsqueeze(-1)], -1)
+        G = torch.cat([top, torch.nn.functional.pad(mx, (0, 1), value=1.0).unsqueeze(-2)], -2)
+        B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
+    mu = heads.mean(0)
+    centred = heads - mu
+    spread = centred.T @ centred / max(1, heads.shape[0] - 1)
+    H = B.T @ G @ B
+    error = (noise**2 / source.counts)[:, None, None] * torch.linalg.pinv(H, hermitian=True)
+    values, vectors = torch.linalg.eigh(spread - error.mean(0))
+    values = values.clamp_min(1e-3 * values.max().clamp_min(1e-12))
+    return mu, (vectors * values) @ vectors.T
 
 
 def _moments(source: Tasks) -> tuple[Tensor, Tensor]:
@@ -376,16 +461,18 @@ class AdaptRep(_RepresentationMethod):
 
         min_B mean_t min_{w_t, v_t} (1/n_t) ||y_t - X_t (B w_t + v_t)||^2 + mu ||v_t||_2
 
-    ``mu`` is ``penalty``; or ``2 sqrt(lam * gamma)`` when the paper's ``lam``, ``gamma`` are given
+    ``mu`` is ``penalty`` (a number); or ``2 sqrt(lam * gamma)`` when the paper's ``lam``, ``gamma`` are given
     (its objective uses ``1/(2n) ||r||^2``, half our mean squared error, and its stated equivalent
-    penalty ``sqrt(lam gamma) ||Delta_t w_t||``);
-    or by default the theory-shaped :func:`theory_penalty` with the noise level estimated from
-    the source data. ``radius`` switches to the constrained form ``||v_t|| <= radius``.
+    penalty ``sqrt(lam gamma) ||Delta_t w_t||``); ``penalty="theory"``: the theory-shaped
+    :func:`theory_penalty` with the noise level estimated from the source data (the default,
+    :data:`DEFAULT_PENALTY`); ``penalty="cv"``: chosen by cross-validation on the source tasks'
+    held-out samples along a warm-started path from FROZENREP down (:func:`adaptrep.adaptive.cv_penalty`;
+    its path is kept in ``penalty_path``). ``radius`` switches to the constrained form ``||v_t|| <= radius``.
     Target adaptation: :class:`FineTune` (cross-validated strength) by default.
     """
 
     finetune: FineTune | None = field(default_factory=FineTune)
-    penalty: float | None = None
+    penalty: float | str | None = None
     lam: float | None = None
     gamma: float | None = None
     radius: float | None = None
@@ -396,13 +483,24 @@ class AdaptRep(_RepresentationMethod):
             if not self.radius >= 0:
                 raise ValueError(f"radius must be non-negative; got {self.radius}")
             return math.inf, float(self.radius)
-        if self.penalty is not None:
-            mu = float(self.penalty)
-        elif self.lam is not None and self.gamma is not None:
-            mu = 2 * math.sqrt(self.lam * self.gamma)
-        else:
+        rule = self.penalty if isinstance(self.penalty, str) else None
+        if rule is None and self.penalty is None and (self.lam is None or self.gamma is None):
+            rule = DEFAULT_PENALTY
+        if rule is not None and rule not in ("cv", "theory"):
+            raise ValueError(f"the ADAPTREP penalty must be a number, 'cv' or 'theory'; got {rule!r}")
+        if rule == "cv":
+            X, y, _, _ = _centered(source, self.spec.intercept)
+            path = cv_penalty(X, y, rank, source.mask, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol)
+            self.penalty_path, self._chosen = path, path.fit
+            return path.penalty, None
+        if rule == "theory":
             sigma = self.noise if self.noise is not None else noise
             mu = theory_penalty(sigma, source.dim, rank, source.num_tasks, _mean_count(source))
+        elif self.penalty is not None:
+            mu = float(self.penalty)
+        else:
+            assert self.lam is not None and self.gamma is not None
+            mu = 2 * math.sqrt(self.lam * self.gamma)
         if not mu >= 0:
             raise ValueError(f"the ADAPTREP penalty must be non-negative; got {mu}")
         return mu, None
@@ -420,7 +518,9 @@ class AdaptRep(_RepresentationMethod):
             raise ValueError("noise applies to the exact linear path only (squared loss, linear model)")
         if self.lam is not None and self.gamma is not None:
             return float(self.lam), float(self.gamma)
-        if self.penalty is not None:
+        if self.penalty == "cv":
+            raise ValueError("penalty='cv' is implemented for linear tasks with the squared loss only; use 'theory' or a number")
+        if self.penalty is not None and not isinstance(self.penalty, str):
             return float(self.penalty), 1e-4
         sigma, p = self._generic_scale(source, rank)
         n, T = _mean_count(source), source.num_tasks
@@ -498,18 +598,18 @@ class TargetOnly(Method):
             else:
                 assert spec.theta0 is not None
                 theta = {name: value.to(target.X) for name, value in spec.theta0.items()}
-            _, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, **_weight(target))
+            _, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, weight=_weight(target))
             return _finetune_generic(self, theta, target, generator, ridge)
         X, y, mx, my = _centered(target, spec.intercept)
         if target.loss != "squared":
-            model = linear_model(target.loss)  # type: ignore[arg-type]
+            model = linear_model(target.loss, spec.classes if target.loss == "multiclass" else None)  # type: ignore[arg-type]
             if spec.intercept:
                 model = with_intercept(model)
             identity = {"B": torch.eye(target.dim, dtype=X.dtype, device=X.device)}
             if self.ridge > 0:
-                w = fit_heads(model, identity, target.flat(), target.y, ridge=self.ridge, **_weight(target))
+                w = fit_heads(model, identity, target.flat(), target.y, ridge=self.ridge, weight=_weight(target))
             else:
-                w = cv_heads(model, identity, target.flat(), target.y, generator, **_weight(target))[0]
+                w = cv_heads(model, identity, target.flat(), target.y, generator, weight=_weight(target))[0]
             return Adapted(w, model, identity, False, None, target.loss, "linear", "B")
         if self.ridge > 0:
             G, c, _ = sufficient_statistics(X, y, target.counts if target.ragged else None)
@@ -531,17 +631,17 @@ def _finetune_generic(method: Method, theta: Params, target: Tasks, generator: t
         if spec.intercept:  # the intercept's direction is inside the span: unpenalised but for the ridge
             X = torch.nn.functional.pad(X, (0, 1), value=1.0) * target.weight.unsqueeze(-1)
             B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
-        beta, strength = logistic_finetune(B, X, target.y, ridge, generator, **_weight(target))
+        beta, strength = logistic_finetune(B, X, target.y, ridge, generator, weight=_weight(target))
         linear = Adapted(beta[:, : target.dim], loss="logistic", strength=strength)
         linear.bias = beta[:, -1] if spec.intercept else None
         return linear
-    delta, w, steps = finetune(spec.model, theta, target.X, target.y, generator, ridge=ridge, **_weight(target))
+    delta, w, steps = finetune(spec.model, theta, target.X, target.y, generator, ridge=ridge, weight=_weight(target))
     adapted = {name: value + delta[name] for name, value in theta.items()}
     return method._adapted(adapted, w, stacked=True, strength=steps.to(target.X.dtype))
 
 
 #: Methods that need a true representation ``B*`` or a moment start (not for ``mlp`` tasks).
-MODEL_METHODS = ("adaptrep", "frozenrep", "frozenrep-ft", "oracle-head", "oracle-ft")
+MODEL_METHODS = ("adaptrep", "frozenrep", "frozenrep-ft", "oracle-head", "oracle-ft", "perm", "spectral", "mom")
 
 #: Step of the inner loop relative to the curvature: ``inner_lr = INNER_STEP / (c v)`` (see :func:`meta_defaults`).
 INNER_STEP = 0.1
@@ -620,6 +720,8 @@ class MetaLearner(Method):
     intercept: bool | None = field(default=None, kw_only=True)
     standardize: bool | None = field(default=None, kw_only=True)
 
+    exact_path = False  # the meta-learners always train by gradient steps
+
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown meta-learning algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -662,7 +764,7 @@ class MetaLearner(Method):
         self.config = self.resolve(source)
         theta0, w0 = self._init(source)
         g = torch.Generator().manual_seed(self.seed + 1)
-        fit = meta_train(self.spec.model, theta0, w0, source.X, source.y, self.config, g, **_weight(source))
+        fit = meta_train(self.spec.model, theta0, w0, source.X, source.y, self.config, g, weight=_weight(source))
         self.theta, self.w = fit.theta, fit.w
         key = self.spec.key
         self.representation = torch.linalg.qr(fit.theta[key])[0] if key else None
@@ -686,13 +788,21 @@ class MetaLearner(Method):
         theta = {name: value.to(target.X) for name, value in self.theta.items()}
         head_only = self.algorithm == "anil"
         theta_t, w_t = inner_adapt(
-            self.spec.model, theta, self.w.to(target.X), target.X, target.y, steps=steps, lr=self.config.inner_lr, head_only=head_only, **_weight(target)
+            self.spec.model, theta, self.w.to(target.X), target.X, target.y, steps=steps, lr=self.config.inner_lr, head_only=head_only, weight=_weight(target)
         )
         return self._adapted(theta_t, w_t, stacked=True)
 
 
 #: The meta-learners by CLI name.
 META_METHODS = ALGORITHMS
+
+
+def _competitor(name: str) -> Method:
+    """The linear-representation competitors of :mod:`adaptrep.competitors` (imported here, not at
+    the top, because that module builds on :class:`Method`)."""
+    from .competitors import COMPETITORS
+
+    return COMPETITORS[name]()
 
 
 METHODS: dict[str, Any] = {
@@ -703,12 +813,13 @@ METHODS: dict[str, Any] = {
     "oracle-head": Oracle,
     "oracle-ft": lambda: Oracle(finetune=FineTune()),
     **{name: (lambda name=name: MetaLearner(algorithm=name)) for name in ALGORITHMS},
+    **{name: (lambda name=name: _competitor(name)) for name in ("perm", "spectral", "mom")},
 }
 
 #: The keyword options :func:`make_method` passes on: to the meta-learners, and the inner loop to target-only.
 META_OPTIONS = ("inner_steps", "inner_lr", "outer_lr", "optimizer", "meta_batch", "iterations", "support", "compile", "chunk", "adapt_steps", "seed")
 #: Options every method that has them takes: the model, the rank ``k``, the intercept and the feature scaling.
-COMMON_OPTIONS = ("model", "rank", "intercept", "standardize")
+COMMON_OPTIONS = ("model", "rank", "intercept", "standardize", "prior")
 
 
 def make_method(name: str, options: dict[str, Any] | None = None) -> Method:

@@ -3,7 +3,15 @@
 A :class:`Model` is ``f(x) = <phi_theta(x), w>`` with ``theta`` a dict of tensors (``features``
 is a pure function of ``theta`` and the inputs; a user's ``torch.nn.Module`` is used the same way
 through :func:`torch.func.functional_call`, see :meth:`Model.from_module`) and a loss
-(``"squared"``: mean squared error; ``"logistic"``: mean log-loss with labels in {0, 1}).
+(``"squared"``: mean squared error; ``"logistic"``: mean log-loss with labels in {0, 1};
+``"multiclass"``: mean cross-entropy with labels in {0, ..., N-1} and an N-way head, ``w`` of shape
+``(k, N)`` per task, :mod:`adaptrep.multiclass`).
+
+Ragged tasks are zero-padded to a common size ``n`` with a per-sample ``weight`` ``(T, n)`` (1 for
+real samples, 0 for padding; fractional weights are allowed): every function that takes one
+uses each task's weighted mean loss ``sum_i a_i l_i / sum_i a_i``, which for 0/1 weights is the
+mean over the task's real samples, and draws cross-validation folds among real samples only
+(:mod:`adaptrep.cv`).
 
 ADAPTREP's task ``t`` uses the perturbed representation ``theta + Delta_t`` and its own head:
 
@@ -35,7 +43,10 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from . import cv
+from .cv import one_standard_error
 from .logistic import fit_logistic
+from .multiclass import cross_entropy, cross_entropy_slope, fit_multinomial
 from .solvers import matmul, spd_solve
 
 __all__ = [
@@ -56,10 +67,17 @@ __all__ = [
     "fit_heads",
     "cv_heads",
     "finetune",
+    "logistic_finetune",
+    "one_standard_error",
+    "num_classes",
+    "pointwise_loss",
+    "pointwise_loss_slope",
+    "predict",
 ]
 
 Params = dict[str, Tensor]
-Loss = Literal["squared", "logistic"]
+Loss = Literal["squared", "logistic", "multiclass"]
+LOSSES: tuple[str, ...] = ("squared", "logistic", "multiclass")
 
 
 def _identity(theta: Params) -> Params:
@@ -82,26 +100,35 @@ class Model:
     #: dimension ``B``) with inputs ``(B, n, d)``, and shared parameters with ``(B, n, d)`` inputs,
     #: by broadcasting (then :mod:`adaptrep.meta` calls it directly instead of through ``vmap``)
     batched: bool = False
+    #: the number of classes ``N`` of the ``"multiclass"`` loss (``None``: inferred from the labels
+    #: as their largest value + 1 where heads are fitted; ignored by the other losses)
+    classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.classes is not None and (not isinstance(self.classes, int) or self.classes < 2):
+            raise ValueError(f"classes must be an integer >= 2; got {self.classes!r}")
 
     @staticmethod
-    def from_module(module: torch.nn.Module, loss: Loss = "squared") -> tuple[Model, Params]:
-        """A model from a ``torch.nn.Module`` mapping ``(n, d)`` to ``(n, k)`` features, and its
+    def from_module(module: torch.nn.Module, loss: Loss = "squared", classes: int | None = None) -> tuple[Model, Params]:
+        """A model from a ``torch.nn.Module`` mapping ``(n, ...)`` inputs to ``(n, k)`` features, and its
         current parameters as ``theta`` (the module itself is not modified)."""
         theta = {name: p.detach().clone() for name, p in module.named_parameters()}
-        return Model(lambda params, X: functional_call(module, params, (X,)), loss), theta
+        return Model(lambda params, X: functional_call(module, params, (X,)), loss, classes=classes), theta
 
 
-def linear_model(loss: Loss = "squared") -> Model:
+def linear_model(loss: Loss = "squared", classes: int | None = None) -> Model:
     """``phi_B(x) = B^T x`` with ``theta = {"B": (d, k)}``, kept orthonormal (QR)."""
 
     def retract(theta: Params) -> Params:
         Q, R = torch.linalg.qr(theta["B"])
         return {"B": Q * torch.sign(torch.diagonal(R)).unsqueeze(0)}
 
-    return Model(lambda theta, X: X @ theta["B"], loss, retract, batched=True)
+    return Model(lambda theta, X: X @ theta["B"], loss, retract, batched=True, classes=classes)
 
 
-def relu_model(loss: Loss = "squared") -> Model:
+def relu_model(loss: Loss = "squared", classes: int | None = None) -> Model:
     """The first layer of a two-layer ReLU network, ``phi_W(x) = ReLU(W^T x) / sqrt(k)`` with
     ``theta = {"W": (d, k)}``, kept with unit-norm columns (ReLU is positively homogeneous, so
     the head absorbs the scale)."""
@@ -114,10 +141,10 @@ def relu_model(loss: Loss = "squared") -> Model:
         W = theta["W"]
         return {"W": W / W.norm(dim=0, keepdim=True).clamp_min(1e-12)}
 
-    return Model(features, loss, retract, lambda theta: 1 / math.sqrt(theta["W"].shape[-1]), batched=True)
+    return Model(features, loss, retract, lambda theta: 1 / math.sqrt(theta["W"].shape[-1]), batched=True, classes=classes)
 
 
-def mlp_model(widths: tuple[int, ...] = (1, 40, 40), loss: Loss = "squared") -> Model:
+def mlp_model(widths: tuple[int, ...] = (1, 40, 40), loss: Loss = "squared", classes: int | None = None) -> Model:
     """A ReLU MLP with widths ``(d, h_1, ..., h_L)`` and a constant feature 1:
     ``phi_theta(x) = [h_L(x), 1]`` with ``h_0 = x``, ``h_l = ReLU(h_{l-1} W_l + b_l)`` and
     ``theta = {"W1": (d, h_1), "b1": (h_1,), ...}``; the linear head ``w`` (``k = h_L + 1``) is then the
@@ -141,7 +168,7 @@ def mlp_model(widths: tuple[int, ...] = (1, 40, 40), loss: Loss = "squared") -> 
             h = torch.relu(z)
         return torch.nn.functional.pad(h, (0, 1), value=1.0)
 
-    return Model(features, loss, batched=True)
+    return Model(features, loss, batched=True, classes=classes)
 
 
 def init_mlp(
@@ -170,15 +197,15 @@ def init_mlp(
 MLP_WIDTHS = (1, 40, 40)
 
 
-def model_for(loss: Loss, kind: str) -> tuple[Model, str]:
+def model_for(loss: Loss, kind: str, classes: int | None = None) -> tuple[Model, str]:
     """The built-in model of a kind of task (``Tasks.model``) and the name of its parameter
     (``""`` for ``mlp``, whose ``theta`` holds the weights and biases of every hidden layer)."""
     if kind == "linear":
-        return linear_model(loss), "B"
+        return linear_model(loss, classes), "B"
     if kind == "relu":
-        return relu_model(loss), "W"
+        return relu_model(loss, classes), "W"
     if kind == "mlp":
-        return mlp_model(MLP_WIDTHS, loss), ""
+        return mlp_model(MLP_WIDTHS, loss, classes), ""
     raise ValueError(f"unknown model kind {kind!r}; choose linear, relu or mlp")
 
 
@@ -220,17 +247,31 @@ def unflatten_mlp(params: Tensor, widths: tuple[int, ...] = MLP_WIDTHS) -> tuple
 
 
 def pointwise_loss(loss: Loss, prediction: Tensor, y: Tensor) -> Tensor:
-    """Per-sample loss: squared error, or log-loss ``softplus(f) - y f`` for labels in {0, 1}."""
+    """Per-sample loss: squared error, log-loss ``softplus(f) - y f`` for labels in {0, 1}, or for
+    ``"multiclass"`` the cross-entropy ``logsumexp(f) - f_y`` of logits ``(..., N)`` and class indices ``y``."""
     if loss == "squared":
         return (prediction - y) ** 2
+    if loss == "multiclass":
+        return cross_entropy(prediction, y)
     return torch.nn.functional.softplus(prediction) - y * prediction
 
 
 def pointwise_loss_slope(loss: Loss, prediction: Tensor, y: Tensor) -> Tensor:
-    """Derivative of :func:`pointwise_loss` in the prediction: ``2 (f - y)``, or ``sigmoid(f) - y``."""
+    """Derivative of :func:`pointwise_loss` in the prediction: ``2 (f - y)``, ``sigmoid(f) - y``, or
+    ``softmax(f) - one_hot(y)`` (``(..., N)``)."""
     if loss == "squared":
         return 2 * (prediction - y)
+    if loss == "multiclass":
+        return cross_entropy_slope(prediction, y)
     return torch.sigmoid(prediction) - y
+
+
+def predict(loss: Loss, Phi: Tensor, w: Tensor) -> Tensor:
+    """Predictions of features ``Phi`` ``(..., n, k)`` with heads ``w`` (``(..., k)``; for
+    ``"multiclass"`` ``(..., k, N)``, giving logits ``(..., n, N)``)."""
+    if loss == "multiclass":
+        return Phi @ w
+    return (Phi @ w.unsqueeze(-1)).squeeze(-1)
 
 
 def task_loss(model: Model, theta: Params, delta: Params | None, w: Tensor, X: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -242,43 +283,64 @@ def task_loss(model: Model, theta: Params, delta: Params | None, w: Tensor, X: T
     return (values * weight).sum() / weight.sum()
 
 
-def fit_heads(model: Model, theta: Params, X: Tensor, y: Tensor, weight: Tensor | None = None, ridge: float | Tensor = 1e-6) -> Tensor:
-    """Per-task heads on fixed features (``(T, k)``): ridge least squares, or L2-regularised
-    logistic regression (Newton), with penalty ``ridge ||w||^2`` (a number or ``(T,)``) on the
-    mean (weighted) loss."""
-    Phi = vmap(model.features, in_dims=(None, 0))(theta, X)
+def num_classes(model: Model, y: Tensor, weight: Tensor | None = None, classes: int | None = None) -> int:
+    """The number of classes of a ``"multiclass"`` model: ``classes`` if given, else ``model.classes``,
+    else the largest label of a real sample (``weight > 0``) + 1 (at least 2)."""
+    if classes is not None:
+        return int(classes)
+    if model.classes is not None:
+        return model.classes
+    labels = y if weight is None else torch.where(weight > 0, y, torch.zeros_like(y))
+    return max(2, int(labels.max()) + 1)
+
+
+def _fit_heads(loss: Loss, Phi: Tensor, y: Tensor, weight: Tensor | None, ridge: Tensor, classes: int | None) -> Tensor:
+    """:func:`fit_heads` on given features ``Phi`` ``(T, n, k)`` (``ridge`` ``(T,)``; ``classes`` resolved)."""
+    if loss == "multiclass":
+        assert classes is not None
+        return fit_multinomial(Phi, y, ridge, classes, weight=weight)
     n = Phi.shape[1]
-    if weight is None:
-        weight = torch.ones(Phi.shape[:2], dtype=Phi.dtype, device=Phi.device)
-    Phi, y, count = Phi * weight.unsqueeze(-1), y * weight, weight.sum(-1)
-    ridge = torch.as_tensor(ridge, dtype=Phi.dtype, device=Phi.device).expand(Phi.shape[0])
-    if model.loss == "squared":
-        G = matmul(Phi.transpose(-1, -2), Phi) / count[:, None, None]
-        c = (Phi.transpose(-1, -2) @ y.unsqueeze(-1)).squeeze(-1) / count[:, None]
+    if loss == "squared":
+        weighted = Phi if weight is None else Phi * weight.unsqueeze(-1)
+        count = torch.full(Phi.shape[:1], float(n), dtype=Phi.dtype, device=Phi.device) if weight is None else weight.sum(-1)
+        G = matmul(weighted.transpose(-1, -2), Phi) / count[:, None, None]
+        c = (weighted.transpose(-1, -2) @ y.unsqueeze(-1)).squeeze(-1) / count[:, None]
         eye = torch.eye(Phi.shape[-1], dtype=Phi.dtype, device=Phi.device)
         return spd_solve(G + ridge[:, None, None] * eye, c)
-    # rows zeroed by the weight add a constant to fit_logistic's loss (a mean over all n rows) and
-    # nothing to its gradient; its penalty (lambda / 2) ||w||^2 is rescaled to match ours
-    return fit_logistic(Phi, y, 2 * ridge * count / n)
+    if weight is None:
+        return fit_logistic(Phi, y, 2 * ridge)
+    # fit_logistic's loss is (1/n) sum_i a_i l_i: its penalty (lambda / 2) ||w||^2 is rescaled to match ours
+    return fit_logistic(Phi, y, 2 * ridge * weight.sum(-1) / n, weight=weight)
+
+
+def fit_heads(
+    model: Model,
+    theta: Params,
+    X: Tensor,
+    y: Tensor,
+    weight: Tensor | None = None,
+    ridge: float | Tensor = 1e-6,
+    *,
+    classes: int | None = None,
+) -> Tensor:
+    """Per-task heads on fixed features, minimising the weighted mean loss ``sum_i a_i l_i / sum_i a_i``
+    (``a`` = ``weight``, 1 when ``None``) plus ``ridge ||w||^2`` (a number or ``(T,)``): ridge least
+    squares, L2-regularised logistic regression (Newton), or for ``"multiclass"`` multinomial
+    logistic regression (Newton, :func:`adaptrep.multiclass.fit_multinomial`; ``classes`` as in
+    :func:`num_classes`). Returns ``(T, k)``, or ``(T, k, N)`` for ``"multiclass"``."""
+    Phi = vmap(model.features, in_dims=(None, 0))(theta, X)
+    ridge = torch.as_tensor(ridge, dtype=Phi.dtype, device=Phi.device).expand(Phi.shape[0])
+    N = num_classes(model, y, weight, classes) if model.loss == "multiclass" else None
+    return _fit_heads(model.loss, Phi, y, weight, ridge, N)
 
 
 #: Ridge strengths that :func:`cv_heads` chooses from.
 RIDGES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 
-def _fold_count(folds: int, m: int) -> int:
-    """The number of cross-validation folds for ``m`` samples (at most ``m``, at least 2)."""
-    if m < 2:
-        raise ValueError(f"cross-validation needs at least 2 target samples; got m={m}")
-    return max(2, min(folds, m))
-
-
 def _fold_masks(R: int, m: int, folds: int, generator: torch.Generator, like: Tensor) -> Tensor:
-    """Held-out masks ``(R, F, m)``: a random balanced split of each target into ``folds`` folds."""
-    order = torch.stack([torch.randperm(m, generator=generator) for _ in range(R)])
-    fold_of = torch.empty(R, m, dtype=torch.long)
-    fold_of.scatter_(1, order, (torch.arange(m) % folds).expand(R, m).contiguous())
-    return (fold_of.unsqueeze(1) == torch.arange(folds).view(1, folds, 1)).to(like.device, like.dtype)
+    """Held-out masks ``(R, F, m)`` of equal-size tasks (:func:`adaptrep.cv.fold_masks`)."""
+    return cv.fold_masks(like[:R, :m], folds, generator).held_out
 
 
 def _repeat(tensor: Tensor, times: int) -> Tensor:
@@ -286,24 +348,39 @@ def _repeat(tensor: Tensor, times: int) -> Tensor:
     return tensor.unsqueeze(1).expand(tensor.shape[0], times, *tensor.shape[1:]).reshape(tensor.shape[0] * times, *tensor.shape[1:])
 
 
+def _weighted_mean(values: Tensor, weight: Tensor) -> Tensor:
+    """Per-row weighted mean ``sum_i a_i v_i / sum_i a_i`` (NaN for a row of zero weight)."""
+    return (values * weight).sum(-1) / weight.sum(-1)
+
+
 def cv_heads(
-    model: Model, theta: Params, X: Tensor, y: Tensor, generator: torch.Generator | None = None, folds: int = 5, ridges: tuple[float, ...] = RIDGES
+    model: Model,
+    theta: Params,
+    X: Tensor,
+    y: Tensor,
+    generator: torch.Generator | None = None,
+    folds: int = 5,
+    ridges: tuple[float, ...] = RIDGES,
+    *,
+    weight: Tensor | None = None,
+    classes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Heads on fixed features with the ridge strength chosen per target by ``folds``-fold
-    cross-validation of the held-out loss (all targets x folds x strengths in one batch).
-    Returns the heads ``(R, k)`` refitted on all the data and the chosen strengths ``(R,)``."""
-    R, m, _ = X.shape
-    folds = _fold_count(folds, m)
-    valid = _fold_masks(R, m, folds, generator or torch.Generator().manual_seed(0), X)  # (R, F, m)
-    L = len(ridges)
-    grid = torch.tensor(ridges, dtype=X.dtype, device=X.device)
-    XF, yF = _repeat(X, folds * L), _repeat(y, folds * L)
-    validF = valid.unsqueeze(2).expand(R, folds, L, m).reshape(R * folds * L, m)  # rows (target, fold, strength)
-    w = fit_heads(model, theta, XF, yF, weight=1 - validF, ridge=grid.repeat(R * folds))
-    held_out = vmap(lambda w, X, y, weight: task_loss(model, theta, None, w, X, y, weight))(w, XF, yF, validF)
-    best = held_out.reshape(R, folds, L).mean(1).argmin(-1)
-    chosen = grid[best]
-    return fit_heads(model, theta, X, y, ridge=chosen), chosen
+    cross-validation of the held-out loss (all targets x folds x strengths in one batch; folds
+    among each target's real samples, :func:`adaptrep.cv.fold_masks`). Returns the heads ``(R, k)``
+    (``(R, k, N)`` for ``"multiclass"``) refitted on all the data and the chosen strengths ``(R,)``."""
+    R = X.shape[0]
+    split = cv.fold_masks(X, folds, generator, weight)
+    F, L = split.held_out.shape[1], len(ridges)
+    Phi = vmap(model.features, in_dims=(None, 0))(theta, X)
+    N = num_classes(model, y, weight, classes) if model.loss == "multiclass" else None
+    grid = torch.tensor(ridges, dtype=Phi.dtype, device=Phi.device)
+    train, held = cv.grid_weights(split, weight, L)  # rows (target, fold, strength)
+    PhiF, yF = _repeat(Phi, F * L), _repeat(y, F * L)
+    w = _fit_heads(model.loss, PhiF, yF, train, grid.repeat(R * F), N)
+    held_out = _weighted_mean(pointwise_loss(model.loss, predict(model.loss, PhiF, w), yF), held)
+    chosen = grid[cv.select(held_out.reshape(R, F, L), "min", split.partial())]
+    return _fit_heads(model.loss, Phi, y, weight, chosen, N), chosen
 
 
 @dataclass
@@ -319,21 +396,44 @@ class SharedFit:
 
 
 def _objective(model: Model, lam: float | None, gamma: float) -> Callable[..., Tensor]:
-    def one(theta: Params, delta: Params | None, w: Tensor, X: Tensor, y: Tensor) -> Tensor:
-        value = task_loss(model, theta, delta, w, X, y) + gamma * (w * w).sum()
+    """Per-task source objectives ``(T,)`` as a function of ``(theta, delta, w, X, y[, weight])``."""
+
+    def one(theta: Params, delta: Params | None, w: Tensor, X: Tensor, y: Tensor, weight: Tensor | None) -> Tensor:
+        value = task_loss(model, theta, delta, w, X, y, weight) + gamma * (w * w).sum()
         if delta is not None and lam is not None:
             value = value + lam * sum((d * d).sum() for d in delta.values())
         return value
 
-    return vmap(one, in_dims=(None, None if lam is None else 0, 0, 0, 0))
+    delta_dim = None if lam is None else 0
+    unweighted = vmap(lambda theta, delta, w, X, y: one(theta, delta, w, X, y, None), in_dims=(None, delta_dim, 0, 0, 0))
+    weighted = vmap(one, in_dims=(None, delta_dim, 0, 0, 0, 0))
+
+    def objective(theta: Params, delta: Params | None, w: Tensor, X: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
+        return unweighted(theta, delta, w, X, y) if weight is None else weighted(theta, delta, w, X, y, weight)
+
+    return objective
 
 
-def fit_shared(model: Model, theta0: Params, X: Tensor, y: Tensor, *, lam: float | None, gamma: float = 0.0, steps: int = 600, lr: float = 0.03) -> SharedFit:
+def fit_shared(
+    model: Model,
+    theta0: Params,
+    X: Tensor,
+    y: Tensor,
+    *,
+    lam: float | None,
+    gamma: float = 0.0,
+    steps: int = 600,
+    lr: float = 0.03,
+    weight: Tensor | None = None,
+    classes: int | None = None,
+) -> SharedFit:
     """Source training of the generic objective (module docstring) by full-batch Adam.
 
     ``lam=None`` is FROZENREP (no perturbations). Heads start from their fit on ``theta0``'s
     features, perturbations from 0; the learning rate decays on a cosine from ``lr`` to
-    ``lr / 100``; ``theta`` is retracted to its normal form after every step.
+    ``lr / 100``; ``theta`` is retracted to its normal form after every step. With ``weight``
+    ``(T, n)`` each task's loss is its weighted mean (ragged tasks: 0 on padding); ``classes`` as in
+    :func:`num_classes` (``"multiclass"``: heads ``(T, k, N)``).
     """
     theta = {name: value.detach().clone().requires_grad_() for name, value in model.retract(theta0).items()}
     T = X.shape[0]
@@ -342,7 +442,7 @@ def fit_shared(model: Model, theta0: Params, X: Tensor, y: Tensor, *, lam: float
         if lam is None
         else {name: torch.zeros(T, *value.shape, dtype=value.dtype, device=value.device, requires_grad=True) for name, value in theta.items()}
     )
-    w = fit_heads(model, {n: v.detach() for n, v in theta.items()}, X, y, ridge=max(gamma, 1e-6)).requires_grad_()
+    w = fit_heads(model, {n: v.detach() for n, v in theta.items()}, X, y, weight=weight, ridge=max(gamma, 1e-6), classes=classes).requires_grad_()
     objective = _objective(model, lam, gamma)
     leaves = [*theta.values(), *(delta.values() if delta else []), w]
     optimiser = torch.optim.Adam(leaves, lr=lr)
@@ -350,7 +450,7 @@ def fit_shared(model: Model, theta0: Params, X: Tensor, y: Tensor, *, lam: float
     history: list[Tensor] = []
     for _ in range(steps):
         optimiser.zero_grad()
-        value = objective(theta, delta, w, X, y).mean()
+        value = objective(theta, delta, w, X, y, weight).mean()
         value.backward()
         optimiser.step()
         schedule.step()
@@ -359,7 +459,7 @@ def fit_shared(model: Model, theta0: Params, X: Tensor, y: Tensor, *, lam: float
                 theta[name].copy_(new)
         history.append(value.detach())  # read back once at the end: no device sync per step
     optimiser.zero_grad()
-    value = objective(theta, delta, w, X, y).mean()
+    value = objective(theta, delta, w, X, y, weight).mean()
     value.backward()
     grad_norm = math.sqrt(sum(float((leaf.grad**2).sum()) for leaf in leaves if leaf.grad is not None))
     detach = lambda params: {n: v.detach() for n, v in params.items()}  # noqa: E731
@@ -379,26 +479,32 @@ def finetune(
     lr: float = 0.5,
     momentum: float = 0.5,
     ridge: float | Tensor = 1e-6,
+    weight: Tensor | None = None,
+    classes: int | None = None,
 ) -> tuple[Params, Tensor, Tensor]:
     """Fine-tune ``(Delta, w)`` on each target from ``(0, fitted head)`` by gradient descent with
     Nesterov momentum ``momentum`` (step ``lr`` over a curvature bound; plain gradient descent,
     ``momentum=0``, needs several times more steps on the ill-conditioned ReLU targets), stopped after the number of steps (0, 1, 2, 4, ... up to
     ``max_steps``) that the one-standard-error rule picks from the ``folds``-fold cross-validated
-    held-out loss (:func:`one_standard_error`; held-out losses of a few samples are noisy). All
-    targets and folds are one batch.
+    held-out loss (:func:`adaptrep.cv.one_standard_error`; held-out losses of a few samples are
+    noisy). All targets and folds are one batch.
 
     The heads carry the penalty ``ridge ||w||^2`` (a number or ``(R,)``, e.g. from :func:`cv_heads`).
-    Returns the perturbations (per target), heads ``(R, k)`` and chosen step counts ``(R,)``.
+    With ``weight`` ``(R, m)`` the losses are weighted means and the folds are drawn among the real
+    samples (``weight > 0``). Returns the perturbations (per target), heads ``(R, k)`` (``(R, k, N)``
+    for ``"multiclass"``) and chosen step counts ``(R,)``.
     """
-    R, m, _ = X.shape
-    folds = _fold_count(folds, m)
-    valid = _fold_masks(R, m, folds, generator or torch.Generator().manual_seed(0), X).reshape(R * folds, m)
+    R, m = X.shape[:2]
+    split = cv.fold_masks(X, folds, generator, weight)
+    F = split.held_out.shape[1]
+    train, valid = cv.grid_weights(split, weight, 1)  # (R * F, m)
+    N = num_classes(model, y, weight, classes) if model.loss == "multiclass" else None
     ridge = torch.as_tensor(ridge, dtype=X.dtype, device=X.device).expand(R)
     checkpoints = [0, *(2**i for i in range(max(0, max_steps).bit_length()) if 2**i <= max_steps)]
-    curves = _descend(model, theta, _repeat(X, folds), _repeat(y, folds), 1 - valid, valid, _repeat(ridge, folds), checkpoints, lr, momentum)[2]
-    best = one_standard_error(curves.reshape(R, folds, -1))
-    ones = torch.ones(R, m, dtype=X.dtype, device=X.device)
-    deltas, heads, _ = _descend(model, theta, X, y, ones, None, ridge, checkpoints, lr, momentum)
+    curves = _descend(model, theta, _repeat(X, F), _repeat(y, F), train, valid, _repeat(ridge, F), checkpoints, lr, momentum, N)[2]
+    best = one_standard_error(curves.reshape(R, F, -1), present=split.partial())
+    full = torch.ones(R, m, dtype=X.dtype, device=X.device) if weight is None else weight.to(X.dtype)
+    deltas, heads, _ = _descend(model, theta, X, y, full, None, ridge, checkpoints, lr, momentum, N)
     pick = torch.arange(R, device=X.device)
     return {n: v[best, pick] for n, v in deltas.items()}, heads[best, pick], torch.tensor(checkpoints, device=X.device)[best]
 
@@ -408,65 +514,81 @@ def finetune(
 SUBSPACE_PENALTIES = (1e6, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1)
 
 
-def _subspace_ridge(B: Tensor, X: Tensor, y: Tensor, ridge: Tensor, penalty: Tensor) -> Tensor:
+def _subspace_ridge(B: Tensor, X: Tensor, y: Tensor, ridge: Tensor, penalty: Tensor, weight: Tensor | None = None) -> Tensor:
     """``argmin_beta mean log-loss + ridge ||beta||^2 + penalty ||(I - B B^T) beta||^2`` per task
     (``B`` orthonormal), by rescaling the complement of ``span(B)`` so that the penalty becomes
-    an isotropic ridge for :func:`fit_logistic`."""
+    an isotropic ridge for :func:`fit_logistic` (``weight``: its per-sample weights, the loss then
+    ``(1/n) sum_i a_i l_i``)."""
     d, k = B.shape
     Q = torch.linalg.qr(B, mode="complete")[0]  # [B, B_perp]
     stretch = torch.ones(X.shape[0], d, dtype=X.dtype, device=X.device)
     stretch[:, k:] = torch.sqrt(ridge / (ridge + penalty)).unsqueeze(-1)
     basis = Q.unsqueeze(0) * stretch.unsqueeze(1)  # beta = basis @ u with ridge ||u||^2
-    u = fit_logistic(matmul(X, basis), y, 2 * ridge)
+    u = fit_logistic(matmul(X, basis), y, 2 * ridge, weight=weight)
     return (basis @ u.unsqueeze(-1)).squeeze(-1)
 
 
 def logistic_finetune(
-    B: Tensor, X: Tensor, y: Tensor, ridge: Tensor, generator: torch.Generator | None = None, folds: int = 5, penalties: tuple[float, ...] = SUBSPACE_PENALTIES
+    B: Tensor,
+    X: Tensor,
+    y: Tensor,
+    ridge: Tensor,
+    generator: torch.Generator | None = None,
+    folds: int = 5,
+    penalties: tuple[float, ...] = SUBSPACE_PENALTIES,
+    *,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fine-tuning of a linear representation for logistic targets, in its penalised form: the
     predictor ``beta = (B + Delta) w`` may leave ``span(B)`` at the price ``penalty ||beta_perp||^2``
     (``beta_perp = Delta w`` projected off the span; the heads keep their ``ridge``), with the
     penalty chosen per target from ``penalties x d / m`` by ``folds``-fold cross-validation of the
     held-out log-loss (all targets x folds x penalties in one batched Newton solve). The grid's
-    floor ``0.1 d / m`` keeps a noisy choice at small ``m`` from reaching the full-dimensional fit. Returns ``beta`` ``(R, d)`` and
-    the chosen penalties ``(R,)``."""
-    R, m, _ = X.shape
-    folds = _fold_count(folds, m)
-    valid = _fold_masks(R, m, folds, generator or torch.Generator().manual_seed(0), X)
-    L = len(penalties)
-    grid = torch.tensor(penalties, dtype=X.dtype, device=X.device) * X.shape[-1] / m
-    XF, yF, ridgeF = _repeat(X, folds * L), _repeat(y, folds * L), _repeat(ridge, folds * L)
-    validF = valid.unsqueeze(2).expand(R, folds, L, m).reshape(R * folds * L, m)  # rows (target, fold, strength)
-    train = 1 - validF
-    # held-out rows are zeroed: they add a constant to the mean loss and nothing to its gradient
-    beta = _subspace_ridge(B, XF * train.unsqueeze(-1), yF * train, ridgeF * train.sum(-1) / m, grid.repeat(R * folds) * train.sum(-1) / m)
+    floor ``0.1 d / m`` keeps a noisy choice at small ``m`` from reaching the full-dimensional fit.
+    With ``weight`` ``(R, n)`` the losses are weighted means, ``m`` is each target's number of real
+    samples and the folds are drawn among them. Returns ``beta`` ``(R, d)`` and the chosen penalties ``(R,)``."""
+    R, n, d = X.shape
+    split = cv.fold_masks(X, folds, generator, weight)
+    F, L = split.held_out.shape[1], len(penalties)
+    counts = torch.full((R,), n, dtype=X.dtype, device=X.device) if weight is None else (weight > 0).sum(-1).to(X.dtype)
+    grid = torch.tensor(penalties, dtype=X.dtype, device=X.device) * d / counts.unsqueeze(-1)  # (R, L)
+    XF, yF, ridgeF = _repeat(X, F * L), _repeat(y, F * L), _repeat(ridge, F * L)
+    train, held = cv.grid_weights(split, weight, L)  # rows (target, fold, strength)
+    share = train.sum(-1) / n  # fit_logistic's loss is a sum over the rows / n: penalties rescaled to match
+    penaltyF = _repeat(grid, F).reshape(-1)
+    if weight is None:  # 0/1 masks: held-out rows zeroed add a constant to the mean loss and nothing to its gradient
+        beta = _subspace_ridge(B, XF * train.unsqueeze(-1), yF * train, ridgeF * share, penaltyF * share)
+    else:
+        beta = _subspace_ridge(B, XF, yF, ridgeF * share, penaltyF * share, weight=train)
     margin = (XF @ beta.unsqueeze(-1)).squeeze(-1)
-    held_out = ((torch.nn.functional.softplus(margin) - yF * margin) * validF).sum(-1) / validF.sum(-1)
-    best = held_out.reshape(R, folds, L).mean(1).argmin(-1)  # ties: the stronger penalty
-    chosen = grid[best]
-    return _subspace_ridge(B, X, y, ridge, chosen), chosen
-
-
-def one_standard_error(losses: Tensor, tolerance: float = 1.0) -> Tensor:
-    """The one-standard-error rule on held-out losses ``(R, F, C)`` (folds ``F``, candidates ``C``
-    ordered from the most to the least regularised): per target, the first candidate whose mean
-    loss is within one standard error (over folds) of the lowest mean."""
-    mean = losses.mean(1)
-    error = losses.std(1) / math.sqrt(losses.shape[1])
-    best = mean.argmin(-1, keepdim=True)
-    threshold = mean.gather(-1, best) + tolerance * error.gather(-1, best)
-    return (mean <= threshold).to(torch.int64).argmax(-1)
+    held_out = _weighted_mean(torch.nn.functional.softplus(margin) - yF * margin, held)
+    best = cv.select(held_out.reshape(R, F, L), "min", split.partial())  # ties: the stronger penalty
+    chosen = grid.gather(1, best.unsqueeze(-1)).squeeze(-1)
+    if weight is None:
+        return _subspace_ridge(B, X, y, ridge, chosen), chosen
+    share = weight.sum(-1) / n
+    return _subspace_ridge(B, X, y, ridge * share, chosen * share, weight=weight), chosen
 
 
 def _descend(
-    model: Model, theta: Params, X: Tensor, y: Tensor, train: Tensor, valid: Tensor | None, ridge: Tensor, checkpoints: list[int], lr: float, momentum: float
+    model: Model,
+    theta: Params,
+    X: Tensor,
+    y: Tensor,
+    train: Tensor,
+    valid: Tensor | None,
+    ridge: Tensor,
+    checkpoints: list[int],
+    lr: float,
+    momentum: float,
+    classes: int | None = None,
 ) -> tuple[Params, Tensor, Tensor]:
-    """Gradient descent with Nesterov momentum on ``(Delta, w)`` per task (weighted by ``train``)
+    """Gradient descent with Nesterov momentum on ``(Delta, w)`` per task (losses weighted by ``train``)
     from ``(0, head)``, with the step ``lr / L_t`` for a curvature bound ``L_t``; snapshots after each number of steps in
-    ``checkpoints`` (``(C, T, ...)``) and, with ``valid``, the held-out loss there (``(T, C)``)."""
+    ``checkpoints`` (``(C, T, ...)``) and, with ``valid``, the held-out loss there weighted by
+    ``valid`` (``(T, C)``; NaN or infinite where ``valid`` is all zero or the path diverged)."""
     T = X.shape[0]
-    w = fit_heads(model, theta, X, y, weight=train, ridge=ridge).requires_grad_()
+    w = fit_heads(model, theta, X, y, weight=train, ridge=ridge, classes=classes).requires_grad_()
     delta_step, head_step = (lr / bound for bound in _curvature(model, theta, X, train, w.detach()))
     delta = {name: torch.zeros(T, *value.shape, dtype=value.dtype, device=value.device, requires_grad=True) for name, value in theta.items()}
     loss = vmap(lambda d, w, X, y, weight: task_loss(model, theta, d, w, X, y, weight), in_dims=(0, 0, 0, 0, 0))
@@ -485,7 +607,7 @@ def _descend(
         if step == checkpoints[-1]:
             break
         leaves = [*delta.values(), w]
-        grads = torch.autograd.grad((loss(delta, w, X, y, train) + ridge * (w * w).sum(-1)).sum(), leaves)
+        grads = torch.autograd.grad((loss(delta, w, X, y, train) + ridge * (w * w).flatten(1).sum(-1)).sum(), leaves)
         steps = [delta_step] * len(delta) + [head_step]
         with torch.no_grad():
             for leaf, grad, size, velocity in zip(leaves, grads, steps, velocities, strict=True):
@@ -496,24 +618,30 @@ def _descend(
     return {n: torch.stack(v) for n, v in snapshots_delta.items()}, torch.stack(snapshots_w), curves
 
 
-#: Upper bounds on the second derivative of each loss in the prediction.
-CURVATURE = {"squared": 2.0, "logistic": 0.25}
+#: Upper bounds on the second derivative of each loss in the prediction (for ``"multiclass"``: the
+#: largest eigenvalue of the cross-entropy's Hessian in the logits, ``diag(p) - p p^T``).
+CURVATURE = {"squared": 2.0, "logistic": 0.25, "multiclass": 0.5}
 
 
 def _curvature(model: Model, theta: Params, X: Tensor, weight: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """Per-task bounds on the curvature of the loss at the start, for the perturbations and the
     head separately (``(T,)`` each; one step size for both would be ill-conditioned):
-    ``c lambda_max(X^T W X / sum W) ||w||^2 l^2`` for ``Delta`` (``l`` the features' Lipschitz
-    constant in ``theta``: exact for the linear model) and ``c lambda_max(Phi^T W Phi / sum W)``
-    for ``w``, with ``c`` the loss's largest second derivative. They are fixed at the start; a
-    path that diverges later gets an infinite held-out loss and is not chosen."""
+    ``c lambda_max(X^T A X / sum A) ||w||^2 l^2`` for ``Delta`` (``A = diag(weight)``, ``l`` the
+    features' Lipschitz constant in ``theta``: exact for the linear model; ``||w||`` the Frobenius
+    norm of an N-way head) and ``c lambda_max(Phi^T A Phi / sum A)`` for ``w``, with ``c`` the loss's
+    largest second derivative. They are fixed at the start; a path that diverges later gets an
+    infinite held-out loss and is not chosen. Inputs of any shape are flattened per sample."""
     count = weight.sum(-1)[:, None, None]
-    Xw = X * weight.unsqueeze(-1)
-    inputs = torch.linalg.eigvalsh(matmul(Xw.transpose(-1, -2), Xw) / count)[..., -1]
-    Phi = vmap(model.features, in_dims=(None, 0))(theta, X) * weight.unsqueeze(-1)
-    features = torch.linalg.eigvalsh(matmul(Phi.transpose(-1, -2), Phi) / count)[..., -1]
+    Xf = X.flatten(2)
+    if Xf.shape[-1] <= Xf.shape[-2]:
+        inputs = torch.linalg.eigvalsh(matmul((Xf * weight.unsqueeze(-1)).transpose(-1, -2), Xf) / count)[..., -1]
+    else:  # wide inputs (e.g. images): the same largest eigenvalue from the n x n Gram matrix
+        root = Xf * weight.sqrt().unsqueeze(-1)
+        inputs = torch.linalg.eigvalsh(matmul(root, root.transpose(-1, -2)) / count)[..., -1]
+    Phi = vmap(model.features, in_dims=(None, 0))(theta, X)
+    features = torch.linalg.eigvalsh(matmul((Phi * weight.unsqueeze(-1)).transpose(-1, -2), Phi) / count)[..., -1]
     c = CURVATURE[model.loss]
-    return c * inputs * (w * w).sum(-1) * model.lipschitz(theta) ** 2 + 1e-12, c * features + 1e-12
+    return c * inputs * (w * w).flatten(1).sum(-1) * model.lipschitz(theta) ** 2 + 1e-12, c * features + 1e-12
 
 
 def describe(fit: SharedFit) -> dict[str, Any]:

@@ -62,6 +62,8 @@ def save_method(method: Method, path: str | Path, data: dict[str, Any] | None = 
         tensors["w"] = method.w  # type: ignore[attr-defined]
     for name, value in (spec.theta0 or {}).items():
         tensors[f"theta0.{name}"] = value
+    if method.head_prior is not None:
+        tensors["prior.mean"], tensors["prior.cov"] = method.head_prior
     if spec.standardizer is not None:
         tensors["scale.mean"], tensors["scale.scale"] = spec.standardizer.mean, spec.standardizer.scale
     config = getattr(method, "config", None)
@@ -78,11 +80,13 @@ def save_method(method: Method, path: str | Path, data: dict[str, Any] | None = 
             "input_shape": list(spec.input_shape),
             "feature_names": list(spec.feature_names) if spec.feature_names is not None else None,
             "classes": spec.classes,
+            "prior": spec.prior,
         },
         "state": {
             "noise_estimate": method.noise_estimate,
             "noise_dof": method.noise_dof,
             "width": getattr(method, "width", None),
+            "labels": [spec.standardizer.label_mean, spec.standardizer.label_scale] if spec.standardizer is not None else None,
             "config": dataclasses.asdict(config) if isinstance(config, MetaConfig) else None,
         },
         "data": data or {},
@@ -148,17 +152,22 @@ def load_method(path: str | Path, module: torch.nn.Module | None = None, device:
         options["finetune"] = FineTune(**options["finetune"]["finetune"])
     method = cls(**options)
     loss = spec_meta["loss"]
+    count = spec_meta["classes"] if loss == "multiclass" else None
     if spec_meta["kind"] == "module":
-        model: Model = Model.from_module(module, loss)[0]  # type: ignore[arg-type]
+        model: Model = Model.from_module(module, loss, count)[0]  # type: ignore[arg-type]
     else:
-        model = model_for(loss, spec_meta["kind"])[0]
-    if spec_meta["intercept"] and spec_meta["kind"] != "mlp" and not (spec_meta["kind"] == "linear" and loss == "squared"):
+        model = model_for(loss, spec_meta["kind"], count)[0]
+    if spec_meta["intercept"] and spec_meta["kind"] != "mlp" and not (spec_meta["kind"] == "linear" and loss == "squared" and cls.exact_path):
         model = with_intercept(model)
-    scaler = Standardizer(tensors["scale.mean"], tensors["scale.scale"]) if "scale.mean" in tensors else None
+    labels = state.get("labels") or (0.0, 1.0)
+    scaler = Standardizer(tensors["scale.mean"], tensors["scale.scale"], *labels) if "scale.mean" in tensors else None
     names = tuple(spec_meta["feature_names"]) if spec_meta["feature_names"] is not None else None
     method.spec = Spec(
         model, spec_meta["key"], spec_meta["kind"], theta0 or None, spec_meta["intercept"], scaler, tuple(spec_meta["input_shape"]), names, spec_meta["classes"]
     )
+    method.spec.prior = bool(spec_meta.get("prior", False))
+    if "prior.mean" in tensors:
+        method.head_prior = (tensors["prior.mean"], tensors["prior.cov"])
     method.representation = tensors.get("representation")
     theta = {name.removeprefix("theta."): value for name, value in tensors.items() if name.startswith("theta.")}
     if theta:

@@ -1,0 +1,326 @@
+"""Linear-representation competitors (pERM, spectral, method of moments) and ADAPTREP's
+cross-validated source penalty, against closed forms, optimality conditions and plain numpy."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from adaptrep import AdaptRep, LinearEnvironment, Tasks
+from adaptrep.adaptive import cv_penalty, fold_masks, masked_statistics
+from adaptrep.competitors import (
+    MethodOfMoments,
+    PenalizedERM,
+    Spectral,
+    angle_penalty,
+    moment_matrix,
+    perm_tasks,
+    refit_toward,
+    source_task_errors,
+)
+from adaptrep.experiment import resolve_config, run_experiment
+from adaptrep.methods import FrozenRep, make_method, theory_penalty
+from adaptrep.metrics import subspace_distance
+from adaptrep.solvers import estimate_noise, fit_source, predictor, spd_solve
+
+
+def _source(delta=0.4, dim=6, rank=2, tasks=20, samples=40, noise=0.5, seed=0):
+    env = LinearEnvironment(dim, rank, delta=delta, noise=noise, seed=seed)
+    return env, env.sample_tasks(tasks, samples, torch.Generator().manual_seed(seed + 1))
+
+
+def _projector(A: np.ndarray) -> np.ndarray:
+    Q = np.linalg.qr(A)[0]
+    return Q @ Q.T
+
+
+# --------------------------------------------------------------------------- pERM
+
+
+def test_angle_penalty_is_the_smallest_spectral_distance_of_spans_containing_beta():
+    rng = np.random.default_rng(0)
+    d, k = 7, 3
+    A = np.linalg.qr(rng.standard_normal((d, k)))[0]
+    for _ in range(5):
+        beta = rng.standard_normal(d)
+        s = float(angle_penalty(torch.tensor(beta), torch.tensor(A)))
+        # the span that turns A's direction nearest beta onto beta attains it
+        u = A @ (A.T @ beta)
+        u /= np.linalg.norm(u)
+        rest = A - np.outer(u, u @ A)  # span(A) without u: rank k - 1
+        basis = np.linalg.svd(rest)[0][:, : k - 1]
+        attained = np.linalg.norm(_projector(np.column_stack([basis, beta])) - A @ A.T, 2)
+        assert attained == pytest.approx(s, abs=1e-10)
+        # no other span containing beta does better
+        for _ in range(200):
+            other = _projector(np.column_stack([beta, rng.standard_normal((d, k - 1))]))
+            assert np.linalg.norm(other - A @ A.T, 2) >= s - 1e-10
+    assert float(angle_penalty(torch.zeros(d, dtype=torch.float64), torch.tensor(A))) == 0.0
+
+
+def test_perm_with_infinite_penalties_is_erm():
+    _, source = _source()
+    perm = PenalizedERM(lam=math.inf, gamma=math.inf).fit(source)
+    erm = FrozenRep().fit(source)
+    torch.testing.assert_close(perm.source_predictors, erm.source_predictors, rtol=0, atol=1e-10)
+    assert subspace_distance(perm.representation, erm.representation) < 1e-8
+
+
+def test_perm_without_penalties_is_per_task_least_squares():
+    _, source = _source(samples=60)
+    G, c, _ = source.gram()
+    ols = spd_solve(G, c)
+    perm = PenalizedERM(lam=0.0, gamma=0.0).fit(source)
+    torch.testing.assert_close(perm.step1, ols, rtol=0, atol=1e-7)
+    torch.testing.assert_close(perm.source_predictors, ols, rtol=0, atol=1e-7)
+
+
+def test_perm_step_one_never_increases_its_objective_and_ends_stationary():
+    _, source = _source(delta=0.8, noise=0.5)
+    perm = PenalizedERM(C1=0.5).fit(source)
+    history = np.array(perm.info["source_objective_history"])
+    assert len(history) > 2 and (np.diff(history) <= 1e-12 * abs(history[0])).all()
+    A = perm.representation
+    G, c, q = source.gram()
+    tau = torch.full((source.num_tasks,), perm.lam_ / math.sqrt(source.num_samples), dtype=torch.float64)
+    beta = perm_tasks(A, G, c, q, tau, perm.step1, 3000)
+    P = A @ A.T
+    for t in range(source.num_tasks):
+        b = beta[t].clone().requires_grad_(True)
+        grad_f = torch.autograd.grad((b @ G[t] @ b - 2 * c[t] @ b), b)[0]
+        outside = (beta[t] - P @ beta[t]).norm()
+        if outside > 1e-6 * beta[t].norm():  # smooth there: the full gradient vanishes
+            b = beta[t].clone().requires_grad_(True)
+            value = b @ G[t] @ b - 2 * c[t] @ b + tau[t] * (b - P @ b).norm() / b.norm()
+            assert torch.autograd.grad(value, b)[0].norm() < 1e-5
+        else:  # in the span: the head is optimal and the outside gradient within the threshold
+            assert (P @ grad_f).norm() < 1e-5
+            assert (grad_f - P @ grad_f).norm() <= tau[t] / beta[t].norm() + 1e-6
+
+
+def test_refit_toward_satisfies_its_optimality_conditions():
+    _, source = _source(samples=15)
+    G, c, _ = source.gram()
+    ols = spd_solve(G, c)
+    anchor = ols + 0.2 * torch.randn(source.num_tasks, source.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    tau = torch.linspace(0.05, 3.0, source.num_tasks, dtype=torch.float64)
+    beta = refit_toward(G, c, anchor, tau, steps=3000)
+    for t in range(source.num_tasks):
+        grad = 2 * (G[t] @ beta[t] - c[t])
+        move = beta[t] - anchor[t]
+        if move.norm() > 1e-9:
+            torch.testing.assert_close(grad + tau[t] * move / move.norm(), torch.zeros_like(grad), rtol=0, atol=1e-6)
+        else:
+            assert grad.norm() <= tau[t] + 1e-6
+    assert (beta - anchor).norm(dim=-1).eq(0).any() and (beta - anchor).norm(dim=-1).gt(0).any()  # both cases happen
+    torch.testing.assert_close(refit_toward(G, c, anchor, torch.full_like(tau, math.inf)), anchor)
+
+
+def test_perm_adapts_like_erm_when_tasks_share_the_representation_and_better_when_they_do_not():
+    for delta, better in ((0.0, False), (1.0, True)):
+        env, source = _source(delta=delta, dim=10, rank=2, tasks=40, samples=50, noise=0.5)
+        perm = source_task_errors(make_method("perm").fit(source).source_predictors, source.beta)["source_error_max"]
+        erm = source_task_errors(make_method("frozenrep").fit(source).source_predictors, source.beta)["source_error_max"]
+        if better:
+            assert perm < 0.8 * erm
+        else:
+            assert perm < 1.15 * erm
+
+
+# --------------------------------------------------------------------------- spectral and method of moments
+
+
+def test_spectral_representation_matches_numpy():
+    _, source = _source(samples=30)
+    method = Spectral(gamma=math.inf).fit(source)
+    X, y = source.X.numpy(), source.y.numpy()
+    estimates = np.stack([np.linalg.lstsq(X[t], y[t], rcond=None)[0] for t in range(len(X))])
+    U = np.linalg.svd(estimates.T)[0][:, :2]
+    np.testing.assert_allclose(_projector(method.representation.numpy()), U @ U.T, atol=1e-9)
+    # gamma = inf: the source predictors are the head-only fits on that span
+    heads = np.stack([U @ np.linalg.lstsq(X[t] @ U, y[t], rcond=None)[0] for t in range(len(X))])
+    np.testing.assert_allclose(method.source_predictors.numpy(), heads, atol=1e-9)
+
+
+def test_moment_matrix_matches_a_per_sample_sum_with_ragged_tasks():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4, 9, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    counts = [9, 3, 6, 1]
+    mask = torch.zeros(4, 9, dtype=torch.float64)
+    for t, n in enumerate(counts):
+        mask[t, :n] = 1
+    X, y = X * mask.unsqueeze(-1), y * mask  # padded rows are zero
+    expected = np.zeros((5, 5))
+    for t, n in enumerate(counts):
+        for i in range(n):
+            x = X[t, i].numpy()
+            expected += y[t, i].item() ** 2 * np.outer(x, x) / n / 4
+    np.testing.assert_allclose(moment_matrix(X, y, mask).numpy(), expected, atol=1e-12)
+
+
+def test_method_of_moments_recovers_the_representation_from_many_noiseless_samples():
+    env, source = _source(delta=0.0, dim=6, rank=2, tasks=30, samples=3000, noise=0.0)
+    method = MethodOfMoments().fit(source)
+    assert subspace_distance(method.representation, env.representation) < 0.1
+    # head-only least squares on the learned span
+    G, c, _ = source.gram()
+    B = method.representation
+    torch.testing.assert_close(method.source_predictors, predictor(B, spd_solve(B.T @ G @ B, (c @ B))))
+
+
+def test_competitors_are_methods_of_the_experiment_and_the_command_line(tmp_path):
+    config = resolve_config(
+        dict(setting="linear", dim=6, rank=2, tasks=15, samples=12, target_samples=[5, 12], target_tasks=3, seeds=1, methods=["perm", "spectral", "mom"])
+    )
+    results = run_experiment(config)
+    assert set(results.method) == {"perm", "spectral", "mom"} and results.excess_risk.notna().all()
+    out = tmp_path / "run"
+    args = [
+        "--setting",
+        "linear",
+        "--dim",
+        "6",
+        "--rank",
+        "2",
+        "--tasks",
+        "15",
+        "--samples",
+        "12",
+        "--target-samples",
+        "12",
+        "--target-tasks",
+        "2",
+        "--seeds",
+        "1",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "adaptrep.cli", "run", *args, "--methods", "perm,spectral,mom", "--out", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert set(pd.read_csv(out / "results.csv").method) == {"perm", "spectral", "mom"}
+
+
+def test_competitors_reject_other_losses_in_one_line():
+    from adaptrep.environments import LogisticEnvironment
+
+    source = LogisticEnvironment(6, 2).sample_tasks(5, 10, torch.Generator().manual_seed(0))
+    for name in ("perm", "spectral", "mom"):
+        with pytest.raises(ValueError, match="squared loss"):
+            make_method(name).fit(source)
+
+
+# --------------------------------------------------------------------------- the cross-validated penalty
+
+
+def test_folds_deal_every_real_sample_once_and_padding_never():
+    valid = torch.ones(3, 11, dtype=torch.float64)
+    valid[1, 7:] = 0
+    held = fold_masks(valid, 4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(held.sum(0), valid)
+    sizes = held.sum(-1)  # (K, T)
+    assert (sizes.max(0).values - sizes.min(0).values <= 1).all()
+
+
+def test_masked_statistics_match_numpy():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(2, 7, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 7, generator=g, dtype=torch.float64)
+    w = (torch.rand(2, 7, generator=g) < 0.6).to(torch.float64)
+    G, c, q = masked_statistics(X, y, w)
+    for t in range(2):
+        rows = w[t].bool().numpy()
+        Xs, ys = X[t].numpy()[rows], y[t].numpy()[rows]
+        np.testing.assert_allclose(G[t].numpy(), Xs.T @ Xs / len(ys), atol=1e-12)
+        np.testing.assert_allclose(c[t].numpy(), Xs.T @ ys / len(ys), atol=1e-12)
+        assert q[t].item() == pytest.approx(ys @ ys / len(ys))
+
+
+def test_frozen_held_out_error_is_head_only_least_squares_on_the_training_folds():
+    _, source = _source(tasks=8, samples=20)
+    path = cv_penalty(source.X, source.y, 2, folds=4, strengths=1)
+    B = path.fits[0].B.numpy()
+    held = fold_masks(torch.ones(8, 20, dtype=torch.float64), 4, torch.Generator().manual_seed(0)).bool().numpy()
+    X, y = source.X.numpy(), source.y.numpy()
+    expected = np.zeros(8)
+    for t in range(8):
+        for k in range(4):
+            test, train = held[k, t], ~held[k, t]
+            w = np.linalg.lstsq(X[t][train] @ B, y[t][train], rcond=None)[0]
+            expected[t] += ((X[t][test] @ B @ w - y[t][test]) ** 2).sum() / 20
+    np.testing.assert_allclose(path.per_task[0].numpy(), expected, rtol=1e-9)
+
+
+def test_cv_penalty_path_and_choice():
+    _, source = _source(delta=1.0, dim=8, rank=2, tasks=20, samples=30, noise=0.5)
+    path = cv_penalty(source.X, source.y, 2, strengths=4)
+    assert path.strengths[0] == math.inf and all(a > b for a, b in zip(path.strengths[1:-1], path.strengths[2:], strict=True))
+    assert path.errors[path.chosen] == min(path.errors)
+    # with large perturbations a finite penalty wins, and the returned fit is that penalty's solution
+    assert math.isfinite(path.penalty)
+    G, c, q = source.gram()
+    direct = fit_source(G, c, q, 2, penalty=path.penalty)
+    assert path.fit.objective == pytest.approx(direct.objective, rel=1e-7)
+    assert len(path.strengths) == 5 and len(path.fits) == 5 and path.per_task.shape == (5, 20)
+
+
+def test_cv_penalty_keeps_the_shared_representation_when_tasks_share_it():
+    _, source = _source(delta=0.0, dim=10, rank=2, tasks=30, samples=40, noise=1.0)
+    method = AdaptRep(penalty="cv", finetune=None).fit(source)
+    assert method.info["source_penalty"] == method.penalty_path.penalty
+    fit = method.penalty_path.fit
+    torch.testing.assert_close(method.source_predictors, predictor(fit.B, fit.W, fit.V))
+    frozen = FrozenRep().fit(source)
+    ratio = (
+        source_task_errors(method.source_predictors, source.beta)["source_error_max"]
+        / source_task_errors(frozen.source_predictors, source.beta)["source_error_max"]
+    )
+    assert ratio < 1.05
+
+
+def test_theory_penalty_stays_available_and_bad_rules_are_named():
+    _, source = _source()
+    method = AdaptRep(penalty="theory", finetune=None).fit(source)
+    sigma = estimate_noise(*source.gram(), source.num_samples, 2)[0]
+    assert method.info["source_penalty"] == pytest.approx(theory_penalty(sigma, source.dim, 2, source.num_tasks, source.num_samples))
+    with pytest.raises(ValueError, match="'cv' or 'theory'"):
+        AdaptRep(penalty="loo").fit(source)
+
+
+def test_cv_penalty_handles_ragged_tasks_like_their_trimmed_samples():
+    env, full = _source(delta=0.5, tasks=10, samples=16)
+    X, y = full.X.clone(), full.y.clone()
+    mask = torch.ones(10, 16, dtype=torch.float64)
+    mask[::2, 12:] = 0
+    X, y = X * mask.unsqueeze(-1), y * mask
+    ragged = cv_penalty(X, y, 2, mask=mask, strengths=3)
+    G, c, q = masked_statistics(X, y, mask)
+    frozen = fit_source(G, c, q, 2)
+    assert ragged.fits[0].objective == pytest.approx(frozen.objective, rel=1e-9)
+    assert np.isfinite(ragged.errors).all()
+
+
+def test_every_representation_method_exposes_source_predictors():
+    _, source = _source()
+    for name in ("adaptrep", "frozenrep", "perm", "spectral", "mom"):
+        method = make_method(name).fit(source)
+        assert method.source_predictors is not None and method.source_predictors.shape == source.beta.shape, name
+    frozen = make_method("frozenrep").fit(source)
+    B = frozen.representation
+    torch.testing.assert_close(frozen.source_predictors, frozen.source_predictors @ B @ B.T)  # in the span
+    errors = source_task_errors(frozen.source_predictors, source.beta)
+    norms = (frozen.source_predictors - source.beta).norm(dim=-1)
+    assert errors == {"source_error_max": pytest.approx(float(norms.max())), "source_error_mean": pytest.approx(float(norms.mean()))}
+
+
+def test_source_tasks_are_tasks():
+    # Tasks without a true representation need an explicit rank
+    _, source = _source()
+    bare = Tasks(source.X, source.y, source.beta, None)
+    with pytest.raises(ValueError, match="needs rank"):
+        PenalizedERM().fit(bare)
+    assert PenalizedERM(rank=2).fit(bare).representation.shape == (6, 2)
