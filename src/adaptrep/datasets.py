@@ -428,7 +428,7 @@ def _hsb82_defaults(options: dict[str, Any]) -> dict[str, Any]:
         rank=1,
         shots=[5, 10, 20],
         target_tasks=0.3,
-        methods=["adaptrep", "frozenrep", "target-only", "ridge-per-task", "mixed-effects"],
+        methods=["adaptrep", "frozenrep", "target-only", "ridge-per-task", "mixed-effects", "pooled"],
         seeds=5,
     )
 
