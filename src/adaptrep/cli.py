@@ -295,10 +295,16 @@ def evaluate(
     loss: Optional[str] = typer.Option(None, "--loss", help="squared | logistic | multiclass (default: squared, or the dataset's)"),
     model: str = DATA_OPTIONS["model"],
     rank: Optional[int] = DATA_OPTIONS["rank"],
-    target_tasks: str = typer.Option("0.3", "--target-tasks", help="share of tasks held out as targets, or a comma-separated list of task names"),
-    shots: str = typer.Option("5,10,20", "--shots", help="comma-separated support sizes per target task (per class for classification)"),
-    methods: str = typer.Option("adaptrep,frozenrep,frozenrep-ft,target-only", "--methods", help="comma-separated methods"),
-    seeds: int = typer.Option(3, "--seeds", help="number of seeds (random task splits)"),
+    target_tasks: Optional[str] = typer.Option(
+        None, "--target-tasks", help="share of tasks held out as targets, or a comma-separated list of task names (default: 0.3, or the dataset's)"
+    ),
+    shots: Optional[str] = typer.Option(
+        None, "--shots", help="comma-separated support sizes per target task, per class for classification (default: 5,10,20, or the dataset's)"
+    ),
+    methods: Optional[str] = typer.Option(
+        None, "--methods", help="comma-separated methods (default: adaptrep,frozenrep,frozenrep-ft,target-only, or the dataset's)"
+    ),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds (random task splits; default: 3, or the dataset's)"),
     device: Optional[str] = typer.Option(None, help="torch device, e.g. cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, help="float64 (default) | float32"),
     out: Optional[Path] = typer.Option(None, help="output directory (default: adaptrep-runs/evaluate-<time>); rerunning into it resumes"),

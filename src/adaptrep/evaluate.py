@@ -145,18 +145,22 @@ def resolve_evaluate(values: dict[str, Any]) -> EvaluateConfig:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached(data: str, dataset: str, data_hash: str, task_col: str, label_col: str, features: tuple[str, ...] | None, loss: str) -> Tasks:
+def _cached(data: str, dataset: str, data_hash: str, task_col: str, label_col: str, features: tuple[str, ...] | None, loss: str, seed: int) -> Tasks:
     if dataset:
         from .datasets import load_dataset
 
-        return load_dataset(dataset)
+        return load_dataset(dataset, seed=seed)
     return read_tasks(data, task_col, label_col, list(features) if features is not None else None, loss=loss)
 
 
-def load_data(config: EvaluateConfig) -> Tasks:
-    """The config's task data (cached per process: every seed of a sweep reads the file once)."""
+def load_data(config: EvaluateConfig, seed: int = 0) -> Tasks:
+    """The config's task data (cached per process: every seed of a sweep reads the file once; a
+    dataset whose tasks are drawn per seed, such as ``digits``, is drawn with ``seed``)."""
+    from .datasets import is_seeded
+
     features = tuple(config.features) if config.features is not None else None
-    tasks = _cached(config.data, config.dataset, config.data_hash, config.task_col, config.label_col, features, config.loss)
+    seed = seed if config.dataset and is_seeded(config.dataset) else 0
+    tasks = _cached(config.data, config.dataset, config.data_hash, config.task_col, config.label_col, features, config.loss, seed)
     if tasks.loss != config.loss:
         raise DataError(f"{config.setting} has {tasks.loss} labels; the config asks for the {config.loss} loss")
     return tasks.to(config.device, config.torch_dtype)
@@ -185,7 +189,7 @@ def evaluate_seed(config: EvaluateConfig, seed: int, on_step: Callable[[str], No
     """One unit of work: split the tasks with ``seed``, fit every method on the source tasks, adapt
     to each target's support for every shot count and score on its query samples."""
     step = on_step or (lambda _: None)
-    tasks = load_data(config)
+    tasks = load_data(config, seed)
     source, target = split_tasks(tasks, config.target_tasks, seed)
     rows: list[dict[str, Any]] = []
     fitted = {}

@@ -91,7 +91,10 @@ def fold_statistics(
         q = (mask * y.unsqueeze(1) ** 2).sum(-1) / count
         return G, c, q
 
-    return stats(1 - held_out), stats(held_out)
+    training = 1 - held_out
+    if mask is not None:
+        training = training * mask.unsqueeze(1).to(X.dtype)  # padding is in no fold, training or held out
+    return stats(training), stats(held_out)
 
 
 @dataclass

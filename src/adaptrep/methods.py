@@ -849,3 +849,8 @@ def make_method(name: str, options: dict[str, Any] | None = None) -> Method:
 
 #: The method classes by name (saved models record the class).
 METHOD_CLASSES: dict[str, type[Method]] = {cls.__name__: cls for cls in (AdaptRep, FrozenRep, Oracle, TargetOnly, MetaLearner)}
+
+# the classical baselines (they build on Method, so they are registered after it)
+from .baselines import MixedEffects, RidgePerTask  # noqa: E402
+
+METHODS.update({"ridge-per-task": RidgePerTask, "mixed-effects": MixedEffects})
