@@ -78,6 +78,9 @@ WORKERS = typer.Option(None, "--workers", help="parallel runs (default: the numb
 ADDRESS = typer.Option(None, "--address", help="Ray cluster to join: auto | HOST:PORT (default: start a local one)")
 RETRY = typer.Option(False, "--retry-failed", help="run again the runs that failed before")
 FAIL_FAST = typer.Option(False, "--fail-fast", help="stop at the first failing run")
+DEVICE = typer.Option(None, help="torch device, e.g. cpu or cuda")
+DTYPE = typer.Option(None, help="float64 (default) | float32")
+FORCE = typer.Option(False, "--force", help="write into a non-empty --out")
 
 
 @dataclass
@@ -122,11 +125,11 @@ def run(
     compile: Optional[str] = typer.Option(None, "--compile", help="meta-learners: torch.compile the meta-step: auto (long runs) | always | never"),
     meta_chunk: Optional[int] = typer.Option(None, help="meta-learners: tasks per chunk of a meta-batch, for less memory (0: all at once, the default)"),
     adapt_steps: Optional[int] = typer.Option(None, help="meta-learners, target-only on sinusoid: inner-loop steps on the target (default: inner steps)"),
-    device: Optional[str] = typer.Option(None, help="torch device, e.g. cpu or cuda"),
-    dtype: Optional[str] = typer.Option(None, help="float64 (default) | float32"),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with the same keys (underscores)"),
     out: Optional[Path] = typer.Option(None, help="output directory (default: adaptrep-runs/run-<time>); rerunning into it resumes"),
-    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    force: bool = FORCE,
     backend: str = BACKEND,
     workers: Optional[int] = WORKERS,
     address: Optional[str] = ADDRESS,
@@ -305,10 +308,10 @@ def evaluate(
         None, "--methods", help="comma-separated methods (default: adaptrep,frozenrep,frozenrep-ft,target-only, or the dataset's)"
     ),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds (random task splits; default: 3, or the dataset's)"),
-    device: Optional[str] = typer.Option(None, help="torch device, e.g. cpu or cuda"),
-    dtype: Optional[str] = typer.Option(None, help="float64 (default) | float32"),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
     out: Optional[Path] = typer.Option(None, help="output directory (default: adaptrep-runs/evaluate-<time>); rerunning into it resumes"),
-    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    force: bool = FORCE,
     backend: str = BACKEND,
     workers: Optional[int] = WORKERS,
     address: Optional[str] = ADDRESS,

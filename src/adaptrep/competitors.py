@@ -130,17 +130,12 @@ def _adapted(beta: Tensor, mx: Tensor | None, my: Tensor | None) -> Adapted:
     return Adapted(beta, bias=bias, loss="squared")
 
 
-def _check(name: str, tasks: Tasks, rank: int | None) -> int:
-    """The rank to learn; a one-line error for tasks these linear least-squares methods cannot fit."""
-    if tasks.loss != "squared" or tasks.model != "linear":
-        raise ValueError(f"{name} is implemented for linear tasks with the squared loss; got {tasks.model} tasks with the {tasks.loss} loss")
-    if rank is None:
-        if tasks.representation is None:
-            raise ValueError(f"{name} needs rank when the tasks have no true representation")
-        rank = int(tasks.representation.shape[1])
-    if not 1 <= rank <= tasks.dim:
-        raise ValueError(f"rank must be between 1 and the input dimension {tasks.dim}; got {rank}")
-    return rank
+def _check(name: str, method: Method, tasks: Tasks) -> int:
+    """The rank to learn (:meth:`Method._rank`); a one-line error for tasks these linear
+    least-squares methods cannot fit."""
+    if tasks.loss != "squared" or method.spec.kind != "linear":
+        raise ValueError(f"{name} is implemented for the linear model with the squared loss; got the {method.spec.kind} model with the {tasks.loss} loss")
+    return method._rank(tasks)
 
 
 def least_squares(G: Tensor, c: Tensor) -> Tensor:
@@ -272,7 +267,7 @@ class PenalizedERM(Method):
         return lam, gamma
 
     def _fit(self, source: Tasks) -> None:
-        rank = _check("perm", source, self.rank)
+        rank = _check("perm", self, source)
         start = time.perf_counter()
         source = _centred(source, self.spec.intercept)[0]
         G, c, q, counts = _statistics(source)
@@ -309,7 +304,6 @@ class PenalizedERM(Method):
     def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
         if self.representation is None:
             raise RuntimeError("PenalizedERM.adapt called before fit")
-        _check("perm", target, self.representation.shape[1])
         A = self.representation.to(target.X)
         target, mx, my = _centred(target, self.spec.intercept)
         G, c, q, counts = _statistics(target)
@@ -326,7 +320,7 @@ class Spectral(PenalizedERM):
     least squares on the target."""
 
     def _fit(self, source: Tasks) -> None:
-        rank = _check("spectral", source, self.rank)
+        rank = _check("spectral", self, source)
         start = time.perf_counter()
         source = _centred(source, self.spec.intercept)[0]
         G, c, q, counts = _statistics(source)
@@ -357,7 +351,7 @@ class MethodOfMoments(Method):
     info: dict[str, Any] = field(default_factory=dict)
 
     def _fit(self, source: Tasks) -> None:
-        rank = _check("mom", source, self.rank)
+        rank = _check("mom", self, source)
         start = time.perf_counter()
         source = _centred(source, self.spec.intercept)[0]
         A = top_eigenvectors(moment_matrix(source.X, source.y, getattr(source, "mask", None)), rank)
