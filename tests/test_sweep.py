@@ -124,7 +124,7 @@ def test_store_commits_runs_atomically_and_claims_them_once(tmp_path):
 
 
 def test_a_raising_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, reference):
-    real = sweep_module.run_seed
+    real = sweep_module.run_unit
 
     def flaky(config, seed, on_step=None):
         if seed == 1:
@@ -132,7 +132,7 @@ def test_a_raising_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, 
         return real(config, seed, on_step)
 
     runs = expand(SweepSpec(**SPEC))
-    monkeypatch.setattr(sweep_module, "run_seed", flaky)
+    monkeypatch.setattr(sweep_module, "run_unit", flaky)
     with Store(tmp_path / "sweep.db") as store:
         outcome = execute(runs, store, InProcess())
         assert (outcome.done, outcome.failed) == (8, 2)
@@ -142,12 +142,12 @@ def test_a_raising_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, 
         # a rerun skips finished and failed runs; --retry-failed redoes the failures
         again = execute(runs, store, InProcess())
         assert (again.done, again.skipped, again.earlier_failures) == (0, 8, 2)
-        monkeypatch.setattr(sweep_module, "run_seed", real)
+        monkeypatch.setattr(sweep_module, "run_unit", real)
         retried = execute(runs, store, InProcess(), retry_failed=True)
         assert (retried.done, retried.failed, retried.skipped) == (2, 0, 8)
         pd.testing.assert_frame_equal(comparable(store.results()), reference)
     # --fail-fast stops at the first failure
-    monkeypatch.setattr(sweep_module, "run_seed", flaky)
+    monkeypatch.setattr(sweep_module, "run_unit", flaky)
     with Store(tmp_path / "fast.db") as store:
         outcome = execute(runs, store, InProcess(), fail_fast=True)
         assert (outcome.done, outcome.failed) == (1, 1)

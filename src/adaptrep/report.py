@@ -29,6 +29,11 @@ STYLE = {
     "anil": ("tab:brown", "h"),
     "reptile": ("tab:orange", "<"),
     "pooled": ("black", ">"),
+    "perm": ("gold", "s"),
+    "spectral": ("lime", "o"),
+    "mom": ("slateblue", "^"),
+    "ridge-per-task": ("chocolate", "v"),
+    "mixed-effects": ("darkgreen", "*"),
 }
 
 #: Styles handed out, in turn, to methods without an entry in :data:`STYLE`.
@@ -249,8 +254,9 @@ def _evaluate_section(part: pd.DataFrame, config: dict[str, Any], figures: Path,
                 f"- {shots} shots: best {metric.replace('_', ' ')} {best['method']} ({best['mean']:.4g} ± {best['ci_high'] - best['mean']:.2g}){others}."
             )
         lines.append("")
+        look = styles([str(method) for method in summary["method"]])
         for method, rows in summary.groupby("method", sort=False):
-            color, marker = style_of(str(method))
+            color, marker = look[str(method)]
             ax.plot(rows["m"], rows["mean"], marker=marker, color=color, label=str(method))
             ax.fill_between(rows["m"], rows["ci_low"], rows["ci_high"], color=color, alpha=0.15)
         ax.set_xscale("log")
@@ -264,11 +270,6 @@ def _evaluate_section(part: pd.DataFrame, config: dict[str, Any], figures: Path,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [*lines, f"![query metrics, {config['setting']}](figures/{path.name})", ""]
-
-
-def style_of(method: str) -> tuple[str, str]:
-    """A method's colour and marker."""
-    return STYLE.get(method, ("black", "x"))
 
 
 def _markdown_text(frame: pd.DataFrame) -> str:
