@@ -162,7 +162,9 @@ def write_report(
     """
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    lines = ["# adaptrep report", "", "Mean excess risk on target tasks (95% interval over seeds in the figures).", ""]
+    evaluation = all(config.get("kind") == "evaluate" for config in configs)
+    intro = "Loss on the target tasks' query samples." if evaluation else "Mean excess risk on target tasks (95% interval over seeds in the figures)."
+    lines = ["# adaptrep report", "", intro, ""]
     unique = len({config["setting"] for config in configs}) == len(configs)
     for index, config in enumerate(configs):
         setting = config["setting"]
@@ -211,7 +213,7 @@ def write_report(
             lines += [f"![representation diagnostic, {setting}](figures/{name})", ""]
     shown = {config["setting"] for config in configs}
     others = [setting for setting in SETTING_KEYS if setting not in shown]
-    if others:
+    if others and not evaluation:
         lines += ["## Other settings", "", "Not in this run; each has a preset (the acceptance configuration) that runs with:", ""]
         lines += [f"    adaptrep run --setting {setting}" for setting in others] + [""]
     if failed is not None and not failed.empty:
@@ -260,6 +262,10 @@ def _evaluate_section(part: pd.DataFrame, config: dict[str, Any], figures: Path,
             ax.plot(rows["m"], rows["mean"], marker=marker, color=color, label=str(method))
             ax.fill_between(rows["m"], rows["ci_low"], rows["ci_high"], color=color, alpha=0.15)
         ax.set_xscale("log")
+        ax.set_xticks(sorted(summary["m"].unique()), [str(m) for m in sorted(summary["m"].unique())])
+        ax.minorticks_off()
+        if metric == "query_loss":
+            ax.set_yscale("log")
         ax.set_xlabel("shots (support samples per task, per class for classification)")
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(True, which="both", alpha=0.3)
