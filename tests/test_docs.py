@@ -5,8 +5,11 @@ import csv
 import importlib.util
 import io
 import math
+import os
 import re
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).parents[1]
 
@@ -53,9 +56,11 @@ def test_readme_own_module_example_runs_and_shows_its_output():
     accuracy = {line.split()[0]: float(line.split()[-1]) for line in printed.splitlines()}
     assert set(accuracy) == {"adaptrep", "frozenrep", "anil"} and min(accuracy.values()) > 0.4, printed
     shown = {line.split()[0]: float(line.split()[-1]) for line in shown_output(readme, code).splitlines()}
-    # the order of float32 reductions follows the threads in use, and cross-validated step counts are
-    # discrete choices: the README says the accuracies move by up to about a tenth
-    assert all(abs(shown[name] - value) <= 0.1 for name, value in accuracy.items()), (printed, shown)
+    # the README shows the output of a 2-core machine with default settings (as in CI); float32 sums
+    # follow the threads in use and the cross-validated step counts are discrete, so elsewhere the
+    # accuracies move (the README says by how much) and only the margin over chance is checked
+    if torch.get_num_threads() == 2 and "OMP_NUM_THREADS" not in os.environ:
+        assert all(abs(shown[name] - value) <= 0.011 for name, value in accuracy.items()), (printed, shown)
 
 
 def test_meta_learning_example_runs_and_learns():
