@@ -84,7 +84,7 @@ from .adapted import Adapted
 from .adaptive import masked_statistics, sample_mask
 from .data import Tasks
 from .finetune import fit_head
-from .methods import Method, synchronize
+from .methods import Method, _centered, synchronize
 from .solvers import estimate_noise, fit_source, group_shrink, lipschitz, matvec, mse, predictor
 
 __all__ = [
@@ -119,10 +119,8 @@ def _centred(tasks: Tasks, intercept: bool) -> tuple[Tasks, Tensor | None, Tenso
     exactly for the squared loss), with the means."""
     if not intercept:
         return tasks, None, None
-    mx, my = tasks.means()
-    weight = tasks.weight
-    X = (tasks.flat() - mx.unsqueeze(1)) * weight.unsqueeze(-1)
-    return replace(tasks, X=X, y=(tasks.y - my.unsqueeze(1)) * weight), mx, my
+    X, y, mx, my = _centered(tasks, intercept)
+    return replace(tasks, X=X, y=y), mx, my
 
 
 def _adapted(beta: Tensor, mx: Tensor | None, my: Tensor | None) -> Adapted:
