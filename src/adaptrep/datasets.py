@@ -425,7 +425,7 @@ def _hsb82_defaults(options: dict[str, Any]) -> dict[str, Any]:
     return dict(
         loss="squared",
         model="linear",
-        rank=1,
+        rank=None,  # chosen from the data (held-out marginal likelihood)
         shots=[5, 10, 20],
         target_tasks=0.3,
         methods=["adaptrep", "frozenrep", "target-only", "ridge-per-task", "mixed-effects", "pooled"],

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .adapted import Adapted
 from .adaptive import cv_penalty
+from .bayes import head_prior, log_likelihood, perturbation_variance, rank_candidates
 from .data import DataError, Standardizer, Tasks
 from .finetune import FineTune, fit_head
 from .meta import ALGORITHMS, MetaConfig, inner_adapt, meta_train
@@ -124,6 +125,10 @@ class Method(ABC):
     prior: bool | None = None
     #: the heads' prior learned from the source tasks: mean ``(k',)`` and covariance ``(k', k')``
     head_prior: tuple[Tensor, Tensor] | None = None
+    #: the perturbations' variance ``tau^2`` per coordinate learned from the source tasks (with the head prior)
+    perturbation_variance: float | None = None
+    #: held-out marginal log-likelihood of the source tasks per rank, when the rank was chosen from the data
+    rank_scores: dict[int, float] | None = None
     #: whether the method uses the exact linear path where it applies (squared loss, linear model)
     exact_path: bool = True
 
@@ -190,8 +195,13 @@ class Method(ABC):
     def _rank(self, source: Tasks) -> int:
         rank = getattr(self, "rank", None)
         if rank is None:
+            if source.representation is None and self.spec.prior and isinstance(self, _RepresentationMethod):
+                return self._select_rank(source)
             if source.representation is None:
-                raise ValueError(f"{type(self).__name__} needs rank= (the representation's dimension k) for data without a true representation")
+                raise ValueError(
+                    f"{type(self).__name__} needs rank= (the representation's dimension k) for data without a true representation "
+                    "(it is chosen from the data only with the prior: squared loss, linear model)"
+                )
             rank = int(source.representation.shape[1])
         if not 1 <= rank <= source.dim:
             raise ValueError(f"rank must be between 1 and the input dimension {source.dim}; got {rank}")
@@ -277,24 +287,43 @@ class _AdaptsRepresentation(Method):
         return Adapted(beta, bias=bias, loss="squared", strength=strength)
 
     def _adapt_with_prior(self, B: Tensor, target: Tasks, generator: torch.Generator | None) -> Adapted:
-        """The exact path with the heads' prior (empirical Bayes, :class:`~adaptrep.finetune.ShrunkHeads`):
-        head ``(w, b)`` (with the intercept ``b`` as a constant feature, shrunk like the rest) drawn
-        toward the source heads' mean with precision ``(sigma^2 / m) S^{-1}``."""
+        """The exact path with the priors learned from the source tasks (empirical Bayes): the
+        target's predictor ``beta' = B' h + (v, 0)`` on inputs ``[x, 1]`` (``B' = [B, 0; 0, 1]``, the
+        intercept a constant feature shrunk like the rest of the head ``h``), with the heads' prior
+        ``h ~ N(mu, S)`` (:func:`adaptrep.bayes.head_prior`) and, when fine-tuning, the perturbations' prior
+        ``v ~ N(0, tau^2 I_d)`` (:func:`adaptrep.bayes.perturbation_variance`). The adapted predictor is the
+        posterior mean for noise variance ``sigma^2``: head-only, ``ShrunkHeads`` (the heads' precision
+        ``(sigma^2 / m) S^{-1}``); fine-tuned,
+
+            beta' = m0 + C X'^T (X' C X'^T + sigma^2 I_m)^{-1} (y - X' m0),   m0 = B' mu,
+            C = B' S B'^T + tau^2 diag(I_d, 0),
+
+        which minimises ``(1/m) ||y - X' (B' h + v)||^2 + (sigma^2 / m) ((h - mu)^T S^{-1} (h - mu) + ||v||^2 / tau^2)``:
+        fine-tuning representation and head with a ridge penalty whose strength the source tasks
+        set, no cross-validation on the ``m`` target samples. ``last_strength`` is ``sigma^2 / (m tau^2)``."""
         assert self.head_prior is not None and self.noise_estimate is not None
         mu, S = (value.to(target.X) for value in self.head_prior)
         X = target.flat()
         if self.spec.intercept:
             X = torch.nn.functional.pad(X, (0, 1), value=1.0) * target.weight.unsqueeze(-1)
             B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
-        counts = target.counts
-        P = (self.noise_estimate**2 / counts)[:, None, None] * torch.linalg.inv(S)
-        prior = (P, (P @ mu.unsqueeze(-1)).squeeze(-1).expand(target.num_tasks, -1))
+        counts, noise = target.counts, self.noise_estimate**2
         if self.finetune is None:
+            P = (noise / counts)[:, None, None] * torch.linalg.inv(S)
+            prior = (P, (P @ mu.unsqueeze(-1)).squeeze(-1).expand(target.num_tasks, -1))
             G, c, _ = sufficient_statistics(X, target.y, counts if target.ragged else None)
             beta, strength = fit_head(B, G, c, prior), None
         else:
-            options = dict(noise=self.noise_estimate, noise_dof=self.noise_dof, mask=target.mask if target.ragged else None, prior=prior)
-            beta, strength = self.finetune.adapt(B, X, target.y, generator, **options)  # type: ignore[arg-type]
+            tau2 = float(self.perturbation_variance or 0.0)
+            features = torch.ones(B.shape[0], dtype=B.dtype, device=B.device)
+            if self.spec.intercept:
+                features[-1] = 0.0
+            C = B @ S @ B.T + tau2 * torch.diag(features)
+            m0 = B @ mu
+            K = X @ C @ X.transpose(-1, -2) + noise * torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
+            residual = target.y - X @ m0  # zero on padding (its rows of X and y are zero)
+            beta = m0 + ((C @ X.transpose(-1, -2)) @ torch.linalg.solve(K, residual.unsqueeze(-1))).squeeze(-1)
+            strength = noise / (counts * tau2) if tau2 > 0 else torch.full_like(counts, math.inf)
         bias = beta[:, -1] if self.spec.intercept else None
         return Adapted(beta[:, : target.dim], bias=bias, loss="squared", strength=strength)
 
@@ -316,11 +345,22 @@ class _AdaptsRepresentation(Method):
             return {self.spec.key: self.representation}
         return dict(getattr(self, "theta", {}))
 
-    def _check_generic_finetune(self) -> None:
+    def _check_prior_finetune(self) -> None:
+        changed = self._changed_finetune_options()
+        if changed:
+            raise ValueError(
+                f"FineTune.{changed[0]} applies without the prior; with prior=True the target is fine-tuned with the perturbations' "
+                "prior learned from the source tasks (prior=False fine-tunes with a cross-validated strength)"
+            )
+
+    def _changed_finetune_options(self) -> list[str]:
         if self.finetune is None:
-            return
+            return []
         default = FineTune()
-        changed = [f.name for f in fields(FineTune) if getattr(self.finetune, f.name) != getattr(default, f.name)]
+        return [f.name for f in fields(FineTune) if getattr(self.finetune, f.name) != getattr(default, f.name)]
+
+    def _check_generic_finetune(self) -> None:
+        changed = self._changed_finetune_options()
         if changed:
             raise ValueError(
                 f"FineTune.{changed[0]} applies to the exact linear path only (squared loss, linear model); "
@@ -362,7 +402,9 @@ class _RepresentationMethod(_AdaptsRepresentation):
         self.representation = fit.B
         if self.spec.prior:
             assert self.noise_estimate is not None
-            self.head_prior = _head_prior(source, fit, self.spec.intercept, self.noise_estimate)
+            self._check_prior_finetune()
+            self.head_prior = head_prior(source, fit.B, self.spec.intercept, self.noise_estimate)
+            self.perturbation_variance = perturbation_variance(source, fit.B, self.spec.intercept, self.noise_estimate)
         self.source_predictors = predictor(fit.B, fit.W, fit.V)
         synchronize(fit.B.device)
         self.info = {
@@ -373,6 +415,7 @@ class _RepresentationMethod(_AdaptsRepresentation):
             "source_stop_reason": fit.stop_reason,
             "source_penalty": penalty,
             "noise_estimate": self.noise_estimate,
+            "rank": rank,
         }
 
     def _fit_generic(self, source: Tasks, rank: int) -> None:
@@ -397,6 +440,33 @@ class _RepresentationMethod(_AdaptsRepresentation):
         synchronize(fit.w.device)
         self.info = {**describe(fit), "source_penalty": lam if lam is not None else math.inf}
 
+    def _select_rank(self, source: Tasks, folds: int = 5) -> int:
+        """The rank with the highest held-out marginal likelihood (:func:`adaptrep.bayes.log_likelihood`)
+        of the source tasks, over ``folds`` folds of whole tasks (each fold's priors fitted on the
+        other tasks) and the ranks of :func:`adaptrep.bayes.rank_candidates`; kept in ``info``."""
+        T = source.num_tasks
+        if T < 2:
+            raise ValueError(f"{type(self).__name__}: choosing the rank needs at least 2 source tasks; give rank=")
+        order = torch.randperm(T, generator=torch.Generator().manual_seed(0)).to(source.X.device)
+        candidates = rank_candidates(source.dim)
+        scores = torch.zeros(len(candidates), dtype=torch.float64)
+        for fold in range(min(folds, T)):
+            held = torch.zeros(T, dtype=torch.bool, device=source.X.device)
+            held[order[fold :: min(folds, T)]] = True
+            train, test = source.subset(held.logical_not().nonzero().squeeze(1)), source.subset(held.nonzero().squeeze(1))
+            for i, rank in enumerate(candidates):
+                trial = replace(self, rank=rank)
+                trial.spec, trial.info = self.spec, {}
+                trial._fit(train)
+                assert trial.head_prior is not None and trial.noise_estimate is not None and trial.representation is not None
+                mu, S = trial.head_prior
+                scores[i] += float(
+                    log_likelihood(test, trial.representation, self.spec.intercept, trial.noise_estimate, mu, S, trial.perturbation_variance or 0.0).sum()
+                )
+        chosen = candidates[int(scores.argmax())]
+        self.rank_scores = dict(zip(candidates, scores.tolist(), strict=True))
+        return chosen
+
     def _generic_scale(self, source: Tasks, rank: int) -> tuple[float, float]:
         """``(sigma, p)``: the noise level (1/2 for class labels, else the source estimate) and the
         number of parameters of a perturbation (``d k``, or the module's parameter count)."""
@@ -409,31 +479,6 @@ class _RepresentationMethod(_AdaptsRepresentation):
         X, y, _, _ = _centered(source, self.spec.intercept)
         G, c, q = sufficient_statistics(X, y, source.counts if source.ragged else None)
         return estimate_noise(G, c, q, source.counts if source.ragged else source.num_samples, max(rank, 1))[0], p
-
-
-def _head_prior(source: Tasks, fit: SourceFit, intercept: bool, noise: float) -> tuple[Tensor, Tensor]:
-    """The source heads' population: mean and covariance of the heads ``h_t = (w_t, b_t)`` (``b_t``
-    the intercept ``ybar_t - xbar_t^T (B w_t + v_t)`` when there is one), by the method of moments
-    that random-effects models use: the spread of the fitted heads minus their average estimation
-    noise ``(sigma^2 / n_t) (B'^T G_t B')^{-1}`` (``B' = [B, 0; 0, 1]`` on inputs ``[x, 1]``),
-    with eigenvalues floored at ``1e-3`` times the largest so that it can be inverted."""
-    heads, B = fit.W, fit.B
-    X = source.flat()
-    if intercept:
-        mx, my = source.means()
-        beta = fit.W @ fit.B.T + fit.V
-        heads = torch.cat([heads, (my - (mx * beta).sum(-1)).unsqueeze(-1)], -1)
-        X = torch.nn.functional.pad(X, (0, 1), value=1.0) * source.weight.unsqueeze(-1)
-        B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
-    Z = X @ B  # (T, n, k'): the heads' design, from the samples (no d x d statistics)
-    H = Z.transpose(-1, -2) @ Z / source.counts[:, None, None]
-    mu = heads.mean(0)
-    centred = heads - mu
-    spread = centred.T @ centred / max(1, heads.shape[0] - 1)
-    error = (noise**2 / source.counts)[:, None, None] * torch.linalg.pinv(H, hermitian=True)
-    values, vectors = torch.linalg.eigh(spread - error.mean(0))
-    values = values.clamp_min(1e-3 * values.max().clamp_min(1e-12))
-    return mu, (vectors * values) @ vectors.T
 
 
 def _moments(source: Tasks) -> tuple[Tensor, Tensor]:
