@@ -295,3 +295,38 @@ def test_the_docs_example_of_your_own_algorithm_and_optimiser_runs_as_shown():
     assert [row[:2] for row in rows] == [row[:2] for row in shown_rows] == [["anil", "Adam"], ["anil-fo", "SGD"], ["anil-fo", "SignDescent"]]
     for row, shown_row in zip(rows, shown_rows, strict=True):
         assert abs(float(row[2]) - float(shown_row[2])) <= 2e-4, (row, shown_row)
+
+
+# ---------------------------------------------------------------- saved models
+
+
+@pytest.mark.parametrize(
+    "algorithm,optimizer",
+    [
+        (MetaGradient("mine", head_only=True, second_order=True), sgd(0.02, momentum=0.9)),
+        (MetaGradient("anil", head_only=True, second_order=True), adam(0.02, betas=(0.8, 0.9))),
+        ("anil", PlainSGD(0.02)),
+    ],
+)
+def test_a_meta_learner_with_objects_is_saved_and_loaded(tmp_path, algorithm, optimizer):
+    """The loaded model adapts as the fitted one (head only here: the algorithm's fields are kept);
+    a registered algorithm and the named transforms come back as they were, a user's transform as a
+    stand-in that refuses to fit."""
+    from adaptrep.saving import load_method, save_method
+
+    env = ar.LinearEnvironment(dim=6, rank=2, delta=0.2, noise=0.3, seed=0)
+    g = torch.Generator().manual_seed(0)
+    source, target = env.sample_tasks(20, 12, g), env.sample_tasks(5, 12, g)
+    fitted = MetaLearner(algorithm=algorithm, optimizer=optimizer, iterations=10, meta_batch=5).fit(source)
+    save_method(fitted, tmp_path / "m.adaptrep")
+    loaded = load_method(tmp_path / "m.adaptrep")
+    assert torch.equal(loaded.adapt(target).beta, fitted.adapt(target).beta)
+    assert loaded.config.algo.head_only and loaded.config.algo.name == fitted.config.algo.name
+    if isinstance(algorithm, str) or algorithm.name == "anil":
+        assert loaded.config.algo is ALGORITHMS["anil"]
+    if isinstance(optimizer, PlainSGD):
+        assert repr(loaded.optimizer) == repr(optimizer)
+        with pytest.raises(ValueError, match="without its outer optimiser"):
+            loaded.fit(source)
+    else:
+        assert loaded.optimizer == optimizer and loaded.config.transform == optimizer
