@@ -142,22 +142,19 @@ def our_problem(case: Case, dtype: torch.dtype):
 class OurIteration:
     """Our meta-step (meta-gradient + functional Adam) with its state, as :func:`adaptrep.meta.meta_train` drives it."""
 
-    def __init__(self, step, params: list[Tensor]):
-        self.step, self.params, self.t = step, [p.clone() for p in params], 0
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
+    def __init__(self, step, params: list[Tensor], transform):
+        self.step, self.transform, self.params = step, transform, [p.clone() for p in params]
+        self.state = transform.init(self.params)  # Adam's (t, m, v)
 
     def __call__(self, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor) -> Tensor:
-        self.t += 1
-        t = torch.tensor(float(self.t), dtype=self.params[0].dtype)
-        loss, self.params, self.m, self.v = self.step(self.params, self.m, self.v, t, Xs, ys, Xq, yq)
+        loss, self.params, self.state = self.step(self.params, self.state, Xs, ys, Xq, yq)
         return loss
 
 
 def our_iteration(case: Case, compiled: bool) -> OurIteration:
     model, names, params, config = our_problem(case, torch.float32)
     step = compile_step(model, names, config) if compiled else _make_step(model, names, config, _grad_eager)
-    return OurIteration(step, params)
+    return OurIteration(step, params, config.transform)
 
 
 def peer_iteration(library: str, case: Case, dtype: torch.dtype = torch.float32):
@@ -265,8 +262,8 @@ def run_case(case: Case, libraries: list[str], args) -> dict:
             result["compile"]["cold_s"] = time.perf_counter() - start
             _, names, _, _ = our_problem(case, torch.float32)
             scale = 1 - ADAM_BETAS[0]
-            compiled_grad = {name: m / scale for name, m in zip([*names, "w"], iterate.m, strict=True)}
-            iterate.params, iterate.m, iterate.v, iterate.t = params0, [torch.zeros_like(p) for p in params0], [torch.zeros_like(p) for p in params0], 0
+            compiled_grad = {name: m / scale for name, m in zip([*names, "w"], iterate.state[1], strict=True)}
+            iterate.params, iterate.state = params0, iterate.transform.init(params0)
             impls["ours compiled"] = iterate
         except Exception as error:  # noqa: BLE001 - report and go on with eager
             result["compile"]["error"] = f"{type(error).__name__}: {error}"

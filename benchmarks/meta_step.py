@@ -45,13 +45,12 @@ L2L = {"sinusoid-maml-5": 12, "sinusoid-maml-1": 46, "linear-maml-5": 9, "linear
 
 def rate(step, state, data, seconds: float, repeats: int, sync) -> float:
     """Best it/s over ``repeats`` timings of about ``seconds`` each."""
-    params, m, v = state
-    t = torch.tensor(1.0, dtype=params[0].dtype, device=params[0].device)
+    params, opt_state = state
     best = 0.0
     for _ in range(repeats):
         count, start = 0, time.perf_counter()
         while True:
-            loss, params, m, v = step(params, m, v, t, *data)
+            loss, params, opt_state = step(params, opt_state, *data)
             count += 1
             if count % 10 == 0:
                 sync()
@@ -83,14 +82,14 @@ def main() -> None:
         model, names, params, config = our_problem(case, torch.float32)
         params = [p.to(args.device) for p in params]
         data = [x.to(args.device) for x in make_batch(case.problem)]
-        state = (params, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
+        state = (params, config.transform.init(params))
         eager = rate(_make_step(model, names, config, _grad_eager), state, data, args.seconds, args.repeats, sync)
         func = rate(_make_step(model, names, config, _grad_func), state, data, args.seconds, args.repeats, sync) if args.func_eager else math.nan
         compile_seconds, compiled = math.nan, math.nan
         if not args.no_compile:
             step = compile_step(model, names, config)
             start = time.perf_counter()
-            step(*state, torch.tensor(1.0), *data)
+            step(*state, *data)
             sync()
             compile_seconds = time.perf_counter() - start
             compiled = rate(step, state, data, args.seconds, args.repeats, sync)

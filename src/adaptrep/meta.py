@@ -7,7 +7,8 @@ gradient steps of size ``alpha`` on the support loss,
 
     (theta_t^0, w_t^0) = (theta, w),   (theta_t^{j+1}, w_t^{j+1}) = (theta_t^j, w_t^j) - alpha grad L_t(theta_t^j, w_t^j; S_t),
 
-and the algorithms (``MetaConfig.algorithm``) take, for a meta-batch of ``B`` tasks,
+and the algorithms (``MetaConfig.algorithm``: a name in :data:`ALGORITHMS` or an :class:`Algorithm`
+object) take, for a meta-batch of ``B`` tasks,
 
 - ``maml``: outer loss ``(1/B) sum_t L_t(theta_t^K, w_t^K; Q_t)`` and its exact gradient in
   ``(theta, w)`` through the inner loop (second order);
@@ -22,6 +23,14 @@ and the algorithms (``MetaConfig.algorithm``) take, for a meta-batch of ``B`` ta
 
 :func:`meta_train` gives reptile and pooled all of each task's data (as their support, resp.
 query); ``MetaConfig.support`` splits the samples of maml, fomaml and anil only.
+
+An algorithm is a small immutable object (:class:`Algorithm`) that says what sets it apart: what the
+inner loop adapts (``head_only``), whether the meta-gradient is second order, whether it splits
+support and query, and how the outer gradient is formed (its class: :class:`MetaGradient`,
+:class:`Reptile`, :class:`Pooled`). The five above are instances in the registry :data:`ALGORITHMS`;
+a variant is one more instance, a new outer rule one more subclass. The outer optimiser is a pure
+gradient transform (:class:`Transform`: ``init``/``update`` on trees of tensors; :func:`adam`,
+:func:`sgd`), by name through ``MetaConfig.optimizer`` or passed as an object.
 
 Vectorisation: every parameter is stacked over the meta-batch (a leading task dimension ``B``),
 the features of all tasks come from one call (a :class:`~adaptrep.models.Model` with
@@ -43,7 +52,7 @@ slope ``softmax - one_hot`` ``(n, N)``.
 
 Two backends compute the same numbers: eager :func:`torch.autograd.grad` (``create_graph`` for second
 order) and :mod:`torch.func` (``grad_and_value``), which :func:`torch.compile` traces into one graph;
-:func:`meta_train` compiles the whole meta-step (meta-gradient and the functional Adam/SGD update)
+:func:`meta_train` compiles the whole meta-step (meta-gradient and the outer optimiser's update)
 when ``MetaConfig.compile`` says so (see :func:`should_compile`).
 """
 
@@ -54,8 +63,8 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, cast, overload
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, Protocol, cast, overload, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -66,18 +75,31 @@ from .models import Model, Params, pointwise_loss, pointwise_loss_slope
 __all__ = [
     "ALGORITHMS",
     "COMPILE_MIN_ITERATIONS",
+    "OPTIMIZERS",
+    "Adam",
+    "Algorithm",
+    "Batch",
     "MetaConfig",
     "MetaFit",
+    "MetaGradient",
+    "Pooled",
+    "Reptile",
+    "SGD",
+    "Transform",
+    "adam",
+    "apply_updates",
+    "get_algorithm",
+    "get_optimizer",
     "inner_adapt",
     "meta_gradient",
     "meta_train",
+    "sgd",
     "should_compile",
     "split_support",
     "support_size",
     "support_sizes",
 ]
 
-ALGORITHMS = ("maml", "fomaml", "anil", "reptile", "pooled")
 #: ``compile="auto"`` compiles runs of at least this many iterations: a compilation costs tens of
 #: seconds (less from the on-disk cache in a later process) and the compiled step is a few times
 #: faster than the eager one, so shorter runs do not repay it.
@@ -88,22 +110,28 @@ COMPILE_MIN_ITERATIONS = 2000
 class MetaConfig:
     """Settings of :func:`meta_train` (see the module docstring for the algorithms).
 
+    ``algorithm``: a name in :data:`ALGORITHMS` or an :class:`Algorithm` object (your own variant;
+    :attr:`algo` is the object either way). ``first_order=True`` holds the inner gradients constant
+    (:meth:`Algorithm.as_first_order`: ``maml`` becomes ``fomaml``'s rule, ``anil`` first-order ANIL;
+    reptile and pooled are first order already). ``optimizer``: ``"adam"`` or ``"sgd"`` with the step
+    ``outer_lr``, or a :class:`Transform` object (e.g. ``sgd(0.01, momentum=0.9)``), which carries its
+    own step (``outer_lr`` is then unused); :attr:`transform` is the object either way.
+
     ``support``: ``None`` uses each task's samples both as support and query; ``0 < s < 1`` the
     fraction ``floor(s n)`` of the samples (a fresh random split per task and iteration) as the
-    support and the rest as query; an integer ``s >= 1`` that many samples. ``first_order`` only
-    matters for anil (maml and fomaml fix it by name). ``outer_lr`` is the outer optimiser's step.
-    ``chunk``: ``None`` computes the meta-batch as one batch (fastest); an integer processes it in
-    chunks of that many tasks and adds up their gradients (same numbers up to rounding), so the
-    peak memory is that of ``chunk`` tasks' graphs (``chunk=1``: one task's, like a per-task loop).
-    Eager, that costs the batching's speed; compiled, the chunks run as one loop in generated C++
-    (:func:`compile_step`), which keeps most of it.
+    support and the rest as query; an integer ``s >= 1`` that many samples (for the algorithms that
+    split, :attr:`Algorithm.splits`). ``chunk``: ``None`` computes the meta-batch as one batch
+    (fastest); an integer processes it in chunks of that many tasks and adds up their gradients (same
+    numbers up to rounding), so the peak memory is that of ``chunk`` tasks' graphs (``chunk=1``: one
+    task's, like a per-task loop). Eager, that costs the batching's speed; compiled, the chunks run as
+    one loop in generated C++ (:func:`compile_step`), which keeps most of it.
     """
 
-    algorithm: str
+    algorithm: str | Algorithm
     inner_steps: int = 5
     inner_lr: float = 0.01
     outer_lr: float = 0.001
-    optimizer: str = "adam"
+    optimizer: str | Transform = "adam"
     meta_batch: int = 25
     iterations: int = 1000
     support: float | None = None
@@ -112,16 +140,14 @@ class MetaConfig:
     chunk: int | None = None
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown meta-learning algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        get_algorithm(self.algorithm)  # a one-line error for an unknown name or a wrong type
         if not isinstance(self.inner_steps, int) or self.inner_steps < 0:
             raise ValueError(f"inner_steps must be an integer >= 0; got {self.inner_steps!r}")
         for name in ("inner_lr", "outer_lr"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"unknown outer optimizer {self.optimizer!r}; choose adam or sgd")
+        get_optimizer(self.optimizer, self.outer_lr)
         if not isinstance(self.meta_batch, int) or self.meta_batch < 1:
             raise ValueError(f"meta_batch must be an integer >= 1; got {self.meta_batch!r}")
         if not isinstance(self.iterations, int) or self.iterations < 0:
@@ -134,9 +160,20 @@ class MetaConfig:
             raise ValueError(f"chunk must be None or an integer >= 1; got {self.chunk!r}")
 
     @property
+    def algo(self) -> Algorithm:
+        """The :class:`Algorithm` this configuration runs (``first_order`` applied)."""
+        algorithm = get_algorithm(self.algorithm)
+        return algorithm.as_first_order() if self.first_order else algorithm
+
+    @property
+    def transform(self) -> Transform:
+        """The outer optimiser as a :class:`Transform` (``optimizer`` by name with ``outer_lr``, or as given)."""
+        return get_optimizer(self.optimizer, self.outer_lr)
+
+    @property
     def second_order(self) -> bool:
         """Whether the meta-gradient differentiates through the inner gradients."""
-        return self.algorithm == "maml" or (self.algorithm == "anil" and not self.first_order)
+        return self.algo.second_order
 
 
 # ----------------------------------------------------------------------------- batched model pieces
@@ -279,6 +316,139 @@ def inner_adapt(
     return (_stack(theta_k, B) if head_only else theta_k), w_k
 
 
+# ----------------------------------------------------------------------------- algorithms
+
+
+class Batch(NamedTuple):
+    """One meta-batch: support ``Xs (B, ns, ...)``, ``ys (B, ns)``, query ``Xq``, ``yq`` and the
+    support and query sample weights ``sw (B, ns)``, ``qw (B, nq)`` of ragged tasks (``None``: all 1)."""
+
+    Xs: Tensor
+    ys: Tensor
+    Xq: Tensor
+    yq: Tensor
+    sw: Tensor | None = None
+    qw: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A meta-learning algorithm: what sets it apart from the others, and its outer gradient.
+
+    ``name``: how it is registered and reported. ``head_only``: the inner loop (in meta-training and
+    on the target) adapts the head ``w`` only, the representation ``theta`` stays shared.
+    ``second_order``: the meta-gradient differentiates through the inner gradients. ``splits``:
+    :func:`meta_train` splits each task's samples into support and query as ``MetaConfig.support``
+    says (otherwise the algorithm gets all of each task's data, as its support and as its query).
+
+    A subclass says how the outer gradient is formed (:meth:`gradient`): :class:`MetaGradient` (MAML,
+    first-order MAML, ANIL), :class:`Reptile` and :class:`Pooled`. The built-in instances are in
+    :data:`ALGORITHMS`; a variant is one more instance (``MetaGradient("anil-fo", head_only=True)``),
+    a new outer rule one more subclass. Instances are immutable and hold no tensors, so that a compiled
+    meta-step can close over them.
+    """
+
+    name: str
+    head_only: bool = False
+    second_order: bool = False
+    splits: bool = True
+
+    def gradient(self, model: Model, theta: Params, w: Tensor, batch: Batch, steps: int, lr: float, grad: Grad) -> tuple[Tensor, Params, Tensor]:
+        """``(outer loss, grad wrt theta, grad wrt w)`` of the meta-batch ``batch`` at the shared
+        ``(theta, w)``, with ``steps`` inner steps of size ``lr``, every gradient taken by the backend
+        ``grad(fn, args, create_graph) -> (fn(*args), d fn / d args)`` (eager or :mod:`torch.func`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its outer gradient")
+
+    def as_first_order(self) -> Algorithm:
+        """This algorithm with the inner gradients held constant (itself if it is first order already)."""
+        return replace(self, name=f"{self.name}-first-order", second_order=False) if self.second_order else self
+
+
+@dataclass(frozen=True)
+class MetaGradient(Algorithm):
+    """The gradient of the mean query loss after the inner loop on the support: through the inner
+    gradients (``second_order``: MAML, ANIL) or with them held constant (first-order MAML)."""
+
+    def gradient(self, model: Model, theta: Params, w: Tensor, batch: Batch, steps: int, lr: float, grad: Grad) -> tuple[Tensor, Params, Tensor]:
+        Xs, ys, Xq, yq, sw, qw = batch
+        head_only = self.head_only
+        if self.second_order:
+
+            def outer(theta: Params, w: Tensor) -> Tensor:
+                theta_k, w_k, _ = _adapt(model, theta, w, Xs, ys, steps, lr, head_only, True, grad, sw)
+                return _task_losses(model, theta_k, w_k, Xq, yq, stacked=not head_only, weight=qw).mean()
+
+            loss, (g_theta, g_w) = grad(outer, (theta, w), False)
+            return loss.detach(), g_theta, g_w
+        # first order: the query gradient at the adapted parameters (inner gradients constant)
+        theta_k, w_k, _ = _adapt(model, _detached(theta), w.detach(), Xs, ys, steps, lr, head_only, False, grad, sw)
+        theta_k, w_k = _detached(theta_k), w_k.detach()
+
+        def query(theta: Params, w: Tensor) -> Tensor:
+            return _task_losses(model, theta, w, Xq, yq, stacked=not head_only, weight=qw).mean()
+
+        loss, (g_theta, g_w) = grad(query, (theta_k, w_k), False)
+        if not head_only:
+            g_theta = {name: value.sum(0) for name, value in g_theta.items()}
+        return loss.detach(), g_theta, g_w.sum(0)
+
+
+@dataclass(frozen=True)
+class Reptile(Algorithm):
+    """The displacement ``(theta, w) - (1/B) sum_t (theta_t^K, w_t^K)`` of the inner loop on the support
+    as the outer "gradient"; the loss reported is the mean support loss at ``(theta, w)``."""
+
+    splits: bool = False
+
+    def gradient(self, model: Model, theta: Params, w: Tensor, batch: Batch, steps: int, lr: float, grad: Grad) -> tuple[Tensor, Params, Tensor]:
+        Xs, ys, _, _, sw, _ = batch
+        theta_k, w_k, start = _adapt(model, _detached(theta), w.detach(), Xs, ys, steps, lr, self.head_only, False, grad, sw)
+        if start is None:
+            start = _task_losses(model, theta, w, Xs, ys, stacked=False, weight=sw).mean()
+        moves = steps and not self.head_only  # a head-only inner loop leaves theta where it is
+        g_theta = {name: (value - theta_k[name].mean(0)).detach() if moves else torch.zeros_like(value) for name, value in theta.items()}
+        g_w = (w - w_k.mean(0)).detach() if steps else torch.zeros_like(w)
+        return start.detach(), g_theta, g_w
+
+
+@dataclass(frozen=True)
+class Pooled(Algorithm):
+    """No inner loop: the gradient of the mean query loss of the shared ``(theta, w)`` (training on
+    all tasks' data pooled)."""
+
+    splits: bool = False
+
+    def gradient(self, model: Model, theta: Params, w: Tensor, batch: Batch, steps: int, lr: float, grad: Grad) -> tuple[Tensor, Params, Tensor]:
+        Xq, yq, qw = batch.Xq, batch.yq, batch.qw
+
+        def pooled(theta: Params, w: Tensor) -> Tensor:
+            return _task_losses(model, theta, w, Xq, yq, stacked=False, weight=qw).mean()
+
+        loss, (g_theta, g_w) = grad(pooled, (theta, w), False)
+        return loss.detach(), g_theta, g_w
+
+
+#: The registered algorithms by name (``MetaConfig(algorithm=name)``, the meta-learning methods of
+#: :data:`adaptrep.methods.METHODS`). Add an entry to register your own.
+ALGORITHMS: dict[str, Algorithm] = {
+    "maml": MetaGradient("maml", second_order=True),
+    "fomaml": MetaGradient("fomaml"),
+    "anil": MetaGradient("anil", head_only=True, second_order=True),
+    "reptile": Reptile("reptile"),
+    "pooled": Pooled("pooled"),
+}
+
+
+def get_algorithm(algorithm: str | Algorithm) -> Algorithm:
+    """The :class:`Algorithm` named ``algorithm`` in :data:`ALGORITHMS` (or ``algorithm`` itself); a
+    one-line ``ValueError`` for an unknown name or anything else."""
+    if isinstance(algorithm, Algorithm):
+        return algorithm
+    if isinstance(algorithm, str) and algorithm in ALGORITHMS:
+        return ALGORITHMS[algorithm]
+    raise ValueError(f"unknown meta-learning algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)} or pass an adaptrep.meta.Algorithm")
+
+
 # ----------------------------------------------------------------------------- meta-gradient
 
 
@@ -294,21 +464,25 @@ def _meta_gradient(
     grad: Grad,
     sw: Tensor | None = None,
     qw: Tensor | None = None,
+    algorithm: Algorithm | None = None,
 ) -> tuple[Tensor, Params, Tensor]:
+    """The meta-gradient of ``config``'s algorithm (``algorithm``: the same, resolved beforehand, as a
+    compiled step passes it), in chunks of ``config.chunk`` tasks if given."""
+    algorithm = config.algo if algorithm is None else algorithm
     B = ys.shape[0]
     if config.chunk is None or config.chunk >= B:
-        return _batch_meta_gradient(model, theta, w, Xs, ys, Xq, yq, config, grad, sw, qw)
+        return algorithm.gradient(model, theta, w, Batch(Xs, ys, Xq, yq, sw, qw), config.inner_steps, config.inner_lr, grad)
     # every quantity is a mean over tasks: chunks weighted by their share of the tasks
     chunk = config.chunk
     loss, g_theta, g_w = torch.zeros((), dtype=w.dtype, device=w.device), {name: torch.zeros_like(v) for name, v in theta.items()}, torch.zeros_like(w)
     first = 0
     if torch.compiler.is_compiling() and grad is _grad_func:  # the full chunks as one compiled loop body, run B // chunk times
         first = B - B % chunk
-        loss, g_theta, g_w = _chunk_loop(model, theta, w, (Xs, ys, Xq, yq, sw, qw), config, grad, (loss, g_theta, g_w))
+        loss, g_theta, g_w = _chunk_loop(model, theta, w, (Xs, ys, Xq, yq, sw, qw), config, grad, (loss, g_theta, g_w), algorithm)
     for start in range(first, B, chunk):  # eager: every chunk; compiled: the remainder
         part = slice(start, start + chunk)
-        sw_p, qw_p = (None if weight is None else weight[part] for weight in (sw, qw))
-        value, gt, gw = _batch_meta_gradient(model, theta, w, Xs[part], ys[part], Xq[part], yq[part], config, grad, sw_p, qw_p)
+        batch = Batch(*(None if x is None else x[part] for x in (Xs, ys, Xq, yq, sw, qw)))  # type: ignore[arg-type]
+        value, gt, gw = algorithm.gradient(model, theta, w, batch, config.inner_steps, config.inner_lr, grad)
         loss, g_theta, g_w = _add_share((loss, g_theta, g_w), (value.detach(), _detached(gt), gw.detach()), ys[part].shape[0] / B)
     return loss, g_theta, g_w
 
@@ -321,7 +495,14 @@ def _add_share(totals: tuple[Tensor, Params, Tensor], part: tuple[Tensor, Params
 
 
 def _chunk_loop(
-    model: Model, theta: Params, w: Tensor, data: tuple[Tensor | None, ...], config: MetaConfig, grad: Grad, totals: tuple[Tensor, Params, Tensor]
+    model: Model,
+    theta: Params,
+    w: Tensor,
+    data: tuple[Tensor | None, ...],
+    config: MetaConfig,
+    grad: Grad,
+    totals: tuple[Tensor, Params, Tensor],
+    algorithm: Algorithm | None = None,
 ) -> tuple[Tensor, Params, Tensor]:
     """Adds the meta-gradients of the ``B // chunk`` full chunks to ``totals`` by
     :func:`torch._higher_order_ops.while_loop`, so that a compiled step holds one chunk's graph at a
@@ -333,6 +514,7 @@ def _chunk_loop(
     sample weights ``sw``, ``qw`` (ragged tasks; ``None`` without) follow the same rule."""
     from torch._higher_order_ops.while_loop import while_loop
 
+    algorithm = config.algo if algorithm is None else algorithm
     chunk = cast(int, config.chunk)
     Xs, ys, Xq, yq, sw, qw = data if len(data) == 6 else (*data, None, None)  # weights optional
     assert Xs is not None and ys is not None and Xq is not None and yq is not None
@@ -356,62 +538,12 @@ def _chunk_loop(
         Xq_i, yq_i = (Xs_i, ys_i) if same else (Xq.index_select(0, index), yq.index_select(0, index))
         sw_i = None if sw is None else sw.index_select(0, index)
         qw_i = sw_i if same else (None if qw is None else qw.index_select(0, index))
-        part = _batch_meta_gradient(model, theta, w, Xs_i, ys_i, Xq_i, yq_i, config, grad, sw_i, qw_i)
+        part = algorithm.gradient(model, theta, w, Batch(Xs_i, ys_i, Xq_i, yq_i, sw_i, qw_i), config.inner_steps, config.inner_lr, grad)
         return (i + 1, *flat(_add_share(nested(carried), part, share)))
 
     start = torch.zeros((), dtype=torch.int64, device=w.device)
     _, *sums = while_loop(cond, body, (start, *flat(totals)))
     return nested(tuple(sums))
-
-
-def _batch_meta_gradient(
-    model: Model,
-    theta: Params,
-    w: Tensor,
-    Xs: Tensor,
-    ys: Tensor,
-    Xq: Tensor,
-    yq: Tensor,
-    config: MetaConfig,
-    grad: Grad,
-    sw: Tensor | None = None,
-    qw: Tensor | None = None,
-) -> tuple[Tensor, Params, Tensor]:
-    algorithm, steps, lr = config.algorithm, config.inner_steps, config.inner_lr
-    if algorithm == "pooled":
-
-        def pooled(theta: Params, w: Tensor) -> Tensor:
-            return _task_losses(model, theta, w, Xq, yq, stacked=False, weight=qw).mean()
-
-        loss, (g_theta, g_w) = grad(pooled, (theta, w), False)
-        return loss.detach(), g_theta, g_w
-    if algorithm == "reptile":
-        theta_k, w_k, start = _adapt(model, _detached(theta), w.detach(), Xs, ys, steps, lr, False, False, grad, sw)
-        if start is None:
-            start = _task_losses(model, theta, w, Xs, ys, stacked=False, weight=sw).mean()
-        g_theta = {name: (value - theta_k[name].mean(0)).detach() if steps else torch.zeros_like(value) for name, value in theta.items()}
-        g_w = (w - w_k.mean(0)).detach() if steps else torch.zeros_like(w)
-        return start.detach(), g_theta, g_w
-    head_only = algorithm == "anil"
-    if config.second_order:
-
-        def outer(theta: Params, w: Tensor) -> Tensor:
-            theta_k, w_k, _ = _adapt(model, theta, w, Xs, ys, steps, lr, head_only, True, grad, sw)
-            return _task_losses(model, theta_k, w_k, Xq, yq, stacked=not head_only, weight=qw).mean()
-
-        loss, (g_theta, g_w) = grad(outer, (theta, w), False)
-        return loss.detach(), g_theta, g_w
-    # first order: the query gradient at the adapted parameters (inner gradients constant)
-    theta_k, w_k, _ = _adapt(model, _detached(theta), w.detach(), Xs, ys, steps, lr, head_only, False, grad, sw)
-    theta_k, w_k = _detached(theta_k), w_k.detach()
-
-    def query(theta: Params, w: Tensor) -> Tensor:
-        return _task_losses(model, theta, w, Xq, yq, stacked=not head_only, weight=qw).mean()
-
-    loss, (g_theta, g_w) = grad(query, (theta_k, w_k), False)
-    if not head_only:
-        g_theta = {name: value.sum(0) for name, value in g_theta.items()}
-    return loss.detach(), g_theta, g_w.sum(0)
 
 
 def _detached(theta: Params) -> Params:
@@ -447,46 +579,118 @@ def meta_gradient(
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
-
-def _outer_update(
-    params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], t: Tensor, config: MetaConfig
-) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """One functional outer step (``t`` the step number, from 1): SGD, or Adam as ``torch.optim.Adam``
-    with its defaults."""
-    lr = config.outer_lr
-    if config.optimizer == "sgd":
-        return [p - lr * g for p, g in zip(params, grads, strict=True)], m, v
-    beta1, beta2 = ADAM_BETAS
-    m = [beta1 * a + (1 - beta1) * g for a, g in zip(m, grads, strict=True)]
-    v = [beta2 * b + (1 - beta2) * g * g for b, g in zip(v, grads, strict=True)]
-    step = lr / (1 - beta1**t)
-    root = torch.sqrt(1 - beta2**t)
-    params = [p - step * a / (torch.sqrt(b) / root + ADAM_EPS) for p, a, b in zip(params, m, v, strict=True)]
-    return params, m, v
+_tree_map = torch.utils._pytree.tree_map
 
 
-def _make_step(model: Model, names: list[str], config: MetaConfig, grad: Grad) -> Callable[..., tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]]:
-    """The whole meta-step as a function of tensors: ``(params, m, v, t, Xs, ys, Xq, yq[, sw, qw]) ->
-    (loss, params, m, v)`` with ``params = [*theta values in names order, w]`` (``sw``, ``qw``: the
-    support and query sample weights of ragged tasks)."""
+@runtime_checkable
+class Transform(Protocol):
+    """An outer optimiser as a pure gradient transform: ``state = init(params)``, then every step
+    ``updates, state = update(grads, state, params)`` and ``params = apply_updates(params, updates)``.
 
-    def step(
-        params: list[Tensor],
-        m: list[Tensor],
-        v: list[Tensor],
-        t: Tensor,
-        Xs: Tensor,
-        ys: Tensor,
-        Xq: Tensor,
-        yq: Tensor,
-        sw: Tensor | None = None,
-        qw: Tensor | None = None,
-    ):
+    ``params``, ``grads`` and ``updates`` are the same tree (a dict, list or tuple) of tensors; the state
+    is a tree of tensors too. Neither method may change anything in place or keep anything on the
+    object: :func:`meta_train` runs them inside its (possibly compiled) meta-step."""
+
+    def init(self, params: Any) -> Any: ...
+
+    def update(self, grads: Any, state: Any, params: Any) -> tuple[Any, Any]: ...
+
+
+def apply_updates(params: Any, updates: Any) -> Any:
+    """``params + updates``, leaf by leaf."""
+    return _tree_map(lambda p, u: p + u, params, updates)
+
+
+def _step_count(params: Any) -> Tensor:
+    """A zero step counter in the parameters' (promoted) floating type, on their device."""
+    leaves = torch.utils._pytree.tree_leaves(params)
+    dtype = leaves[0].dtype
+    for leaf in leaves[1:]:
+        dtype = torch.promote_types(dtype, leaf.dtype)
+    return torch.zeros((), dtype=dtype, device=leaves[0].device)
+
+
+@dataclass(frozen=True)
+class Adam:
+    """Adam as ``torch.optim.Adam`` (no weight decay, no amsgrad). State ``(t, m, v)``: the step count
+    and the first and second moments."""
+
+    lr: float
+    betas: tuple[float, float] = ADAM_BETAS
+    eps: float = ADAM_EPS
+
+    def init(self, params: Any) -> tuple[Tensor, Any, Any]:
+        return _step_count(params), _tree_map(torch.zeros_like, params), _tree_map(torch.zeros_like, params)
+
+    def update(self, grads: Any, state: tuple[Tensor, Any, Any], params: Any = None) -> tuple[Any, tuple[Tensor, Any, Any]]:
+        (beta1, beta2), (count, m, v) = self.betas, state
+        t = count + 1
+        m = _tree_map(lambda a, g: beta1 * a + (1 - beta1) * g, m, grads)
+        v = _tree_map(lambda b, g: beta2 * b + (1 - beta2) * g * g, v, grads)
+        step = self.lr / (1 - beta1**t)
+        root = torch.sqrt(1 - beta2**t)
+        updates = _tree_map(lambda a, b: -(step * a / (torch.sqrt(b) / root + self.eps)), m, v)
+        return updates, (t, m, v)
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Gradient descent with heavy-ball momentum as ``torch.optim.SGD`` (no dampening): the velocity
+    ``u = momentum u + g`` (from ``u = 0``), the step ``-lr u``. State: ``(u,)``, or ``()`` without momentum."""
+
+    lr: float
+    momentum: float = 0.0
+
+    def init(self, params: Any) -> tuple[Any, ...]:
+        return (_tree_map(torch.zeros_like, params),) if self.momentum else ()
+
+    def update(self, grads: Any, state: tuple[Any, ...], params: Any = None) -> tuple[Any, tuple[Any, ...]]:
+        if not self.momentum:
+            return _tree_map(lambda g: -(self.lr * g), grads), state
+        velocity = _tree_map(lambda u, g: self.momentum * u + g, state[0], grads)
+        return _tree_map(lambda u: -(self.lr * u), velocity), (velocity,)
+
+
+def adam(lr: float, betas: tuple[float, float] = ADAM_BETAS, eps: float = ADAM_EPS) -> Adam:
+    """Adam with step ``lr`` (:class:`Adam`)."""
+    return Adam(lr, betas, eps)
+
+
+def sgd(lr: float, momentum: float = 0.0) -> SGD:
+    """Gradient descent with step ``lr`` and optional momentum (:class:`SGD`)."""
+    return SGD(lr, momentum)
+
+
+#: The outer optimisers by name: a function of the step ``outer_lr`` giving the :class:`Transform`.
+OPTIMIZERS: dict[str, Callable[[float], Transform]] = {"adam": adam, "sgd": sgd}
+
+
+def get_optimizer(optimizer: str | Transform, lr: float) -> Transform:
+    """The outer optimiser named ``optimizer`` in :data:`OPTIMIZERS` with step ``lr`` (or ``optimizer``
+    itself if it is a :class:`Transform`); a one-line ``ValueError`` otherwise."""
+    if isinstance(optimizer, str) and optimizer in OPTIMIZERS:
+        return OPTIMIZERS[optimizer](lr)
+    if not isinstance(optimizer, str) and isinstance(optimizer, Transform):
+        return optimizer
+    raise ValueError(
+        f"unknown outer optimizer {optimizer!r}; choose {' or '.join(OPTIMIZERS)} or pass an object with init and update (adaptrep.meta.Transform)"
+    )
+
+
+def _make_step(model: Model, names: list[str], config: MetaConfig, grad: Grad) -> Callable[..., tuple[Tensor, list[Tensor], Any]]:
+    """The whole meta-step as a function of tensors: ``(params, state, Xs, ys, Xq, yq[, sw, qw]) ->
+    (loss, params, state)`` with ``params = [*theta values in names order, w]`` and ``state`` the outer
+    optimiser's (``config.transform.init(params)``; ``sw``, ``qw``: the support and query sample
+    weights of ragged tasks). The algorithm and the transform are resolved here, outside the step."""
+    algorithm, transform = config.algo, config.transform
+
+    def step(params: list[Tensor], state: Any, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor, sw: Tensor | None = None, qw: Tensor | None = None):
         theta = dict(zip(names, params[:-1], strict=True))
-        loss, g_theta, g_w = _meta_gradient(model, theta, params[-1], Xs, ys, Xq, yq, config, grad, sw, qw)
-        grads = [*(g_theta[name] for name in names), g_w]
-        params, m, v = _outer_update([p.detach() for p in params], [g.detach() for g in grads], m, v, t, config)
-        return loss.detach(), params, m, v
+        loss, g_theta, g_w = _meta_gradient(model, theta, params[-1], Xs, ys, Xq, yq, config, grad, sw, qw, algorithm)
+        grads = [*(g_theta[name].detach() for name in names), g_w.detach()]
+        params = [p.detach() for p in params]
+        updates, state = transform.update(grads, state, params)
+        return loss.detach(), apply_updates(params, updates), state
 
     return step
 
@@ -523,6 +727,13 @@ def support_sizes(support: float | None, counts: Tensor) -> Tensor | None:
     return sizes
 
 
+def _gather(X: Tensor, y: Tensor, support: Tensor, query: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(Xs, ys, Xq, yq)``: the samples at the per-task indices ``support (B, ns)`` and ``query (B, nq)``."""
+    Xs, Xq = (torch.take_along_dim(X, part.view(*part.shape, *[1] * (X.ndim - 2)), dim=1) for part in (support, query))
+    ys, yq = (torch.take_along_dim(y, part, dim=1) for part in (support, query))
+    return Xs, ys, Xq, yq
+
+
 @overload
 def split_support(X: Tensor, y: Tensor, size: int | Tensor | None, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]: ...
 
@@ -555,10 +766,7 @@ def split_support(
         if not isinstance(size, int):
             raise ValueError("per-task support sizes need the sample weights of ragged tasks (weight=...)")
         order = scores.argsort(-1).to(X.device)
-        support, query = order[:, :size], order[:, size:]
-        Xs, Xq = (torch.take_along_dim(X, part.view(*part.shape, *[1] * (X.ndim - 2)), dim=1) for part in (support, query))
-        ys, yq = (torch.take_along_dim(y, part, dim=1) for part in (support, query))
-        return Xs, ys, Xq, yq
+        return _gather(X, y, order[:, :size], order[:, size:])
     valid = weight > 0
     if isinstance(size, int):
         counts = valid.sum(-1)
@@ -570,8 +778,7 @@ def split_support(
     high, low = widths if widths is not None else (int(sizes.max()), int(sizes.min()))
     order = (scores + 2 * (~valid).to(scores.device, scores.dtype)).argsort(-1).to(X.device)  # real samples first, in random order
     support, query = order[:, :high], order[:, low:]
-    Xs, Xq = (torch.take_along_dim(X, part.view(*part.shape, *[1] * (X.ndim - 2)), dim=1) for part in (support, query))
-    ys, yq = (torch.take_along_dim(y, part, dim=1) for part in (support, query))
+    Xs, ys, Xq, yq = _gather(X, y, support, query)
     slots = torch.arange(n, device=X.device)
     sw = torch.take_along_dim(weight, support, dim=1) * (slots[:high] < sizes.unsqueeze(-1))
     qw = torch.take_along_dim(weight, query, dim=1) * (slots[low:] >= sizes.unsqueeze(-1))
@@ -674,7 +881,7 @@ def meta_train(
         raise ValueError(f"weight must be (T, n) = {(T, n)} like y; got {tuple(weight.shape)}")
     if config.meta_batch > T:
         raise ValueError(f"meta_batch={config.meta_batch} exceeds the number of tasks T={T} (tasks are sampled without replacement within a batch)")
-    splits = config.algorithm in ("maml", "fomaml", "anil")
+    splits = config.algo.splits
     size, sizes, widths = None, None, None
     if weight is None:
         size = support_size(config.support, n) if splits else None
@@ -685,8 +892,7 @@ def meta_train(
         sizes = sizes.to(X.device)
     names = list(theta0)
     params = [*(theta0[name].detach().clone() for name in names), w0.detach().clone()]
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
+    state = config.transform.init(params)
     losses = torch.empty(config.iterations, dtype=w0.dtype, device=w0.device)
     eager = _make_step(model, names, config, _grad_eager)
     step = eager
@@ -696,17 +902,16 @@ def meta_train(
     start = time.perf_counter()
     for i in range(config.iterations):
         batch = _sample(X, y, config.meta_batch, size, generator, weight, sizes, widths)
-        t = torch.tensor(float(i + 1), dtype=w0.dtype, device=w0.device)
         if compiled and i == 0:
             try:
-                loss, params, m, v = step(params, m, v, t, *batch)
+                loss, params, state = step(params, state, *batch)
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
                 warnings.warn(f"torch.compile of the meta-step failed ({type(error).__name__}: {error}); running eager", RuntimeWarning, stacklevel=2)
                 compiled, step = False, eager
-                loss, params, m, v = step(params, m, v, t, *batch)
+                loss, params, state = step(params, state, *batch)
             compile_seconds = time.perf_counter() - start
         else:
-            loss, params, m, v = step(params, m, v, t, *batch)
+            loss, params, state = step(params, state, *batch)
         losses[i] = loss
         if on_step is not None:
             on_step(i)

@@ -36,7 +36,7 @@ from .adaptive import cv_penalty
 from .bayes import head_prior, log_likelihood, perturbation_variance, rank_candidates
 from .data import DataError, Standardizer, Tasks
 from .finetune import FineTune, fit_head
-from .meta import ALGORITHMS, MetaConfig, inner_adapt, meta_train
+from .meta import ALGORITHMS, Algorithm, MetaConfig, Transform, get_algorithm, get_optimizer, inner_adapt, meta_train
 from .models import (
     CURVATURE,
     MLP_WIDTHS,
@@ -743,17 +743,17 @@ class MetaLearner(Method):
     ``k`` is ``rank`` or the true representation's rank.
 
     Target adaptation: the inner loop (:func:`~adaptrep.meta.inner_adapt`, ``adapt_steps`` steps of
-    ``inner_lr`` on the target's ``m`` samples, the head only for ``anil``) from the learned
+    ``inner_lr`` on the target's ``m`` samples, the head only for ``anil``: ``Algorithm.head_only``) from the learned
     ``(theta, w)``; ``pooled``, trained on all source data pooled, adapts with the same loop (all
     parameters). ``representation`` is the learned ``B`` (``W``) with columns orthonormalised (QR)
     for the subspace diagnostics, ``None`` for ``mlp``.
     """
 
-    algorithm: str = "maml"
+    algorithm: str | Algorithm = "maml"
     inner_steps: int | None = None
     inner_lr: float | None = None
     outer_lr: float | None = None
-    optimizer: str = "adam"
+    optimizer: str | Transform = "adam"
     meta_batch: int | None = None
     iterations: int | None = None
     support: float | None = None
@@ -769,8 +769,8 @@ class MetaLearner(Method):
     exact_path = False  # the meta-learners always train by gradient steps
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown meta-learning algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        get_algorithm(self.algorithm)  # one-line errors for an unknown algorithm or optimizer
+        get_optimizer(self.optimizer, 1.0)
         if self.adapt_steps is not None and self.adapt_steps < 0:
             raise ValueError(f"adapt_steps must be >= 0; got {self.adapt_steps}")
         self.info = {}
@@ -832,7 +832,7 @@ class MetaLearner(Method):
     def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
         steps = self.config.inner_steps if self.adapt_steps is None else self.adapt_steps
         theta = {name: value.to(target.X) for name, value in self.theta.items()}
-        head_only = self.algorithm == "anil"
+        head_only = get_algorithm(self.algorithm).head_only
         theta_t, w_t = inner_adapt(
             self.spec.model, theta, self.w.to(target.X), target.X, target.y, steps=steps, lr=self.config.inner_lr, head_only=head_only, weight=_weight(target)
         )
@@ -840,7 +840,7 @@ class MetaLearner(Method):
 
 
 #: The meta-learners by CLI name.
-META_METHODS = ALGORITHMS
+META_METHODS = tuple(ALGORITHMS)
 
 
 def _competitor(name: str) -> Method:

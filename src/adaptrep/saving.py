@@ -5,7 +5,11 @@ The file is a `safetensors <https://github.com/huggingface/safetensors>`_ file: 
 metadata one JSON document with the method's class and hyperparameters, what it resolved at ``fit``
 (model kind, intercept, input shape, feature names, loss, classes), its scalars and the library
 version. Nothing is pickled. A user's ``torch.nn.Module`` is not stored as code: pass the same
-module class again to :func:`load_method` (its parameter names and shapes are checked).
+module class again to :func:`load_method` (its parameter names and shapes are checked). A
+meta-learner's algorithm object is stored by its fields (loaded as the registered one of that name if
+they agree, else as a plain :class:`~adaptrep.meta.Algorithm` that adapts as it did but cannot be fitted
+again); its outer optimiser, which a fitted model no longer uses, by its fields (``adam``, ``sgd``) or
+its ``repr`` (your own, loaded as a stand-in that refuses to fit).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import Tensor
 
 from .data import DataError, Standardizer
 from .finetune import FineTune
-from .meta import MetaConfig
+from .meta import ALGORITHMS, SGD, Adam, Algorithm, MetaConfig, Transform
 from .methods import METHOD_CLASSES, Method, Spec, with_intercept
 from .models import Model, model_for
 
@@ -28,6 +32,46 @@ __all__ = ["save_method", "load_method", "FORMAT"]
 
 #: The ``format`` entry of a saved model's metadata.
 FORMAT = "adaptrep-model/1"
+
+
+class SavedTransform:
+    """The stand-in for a user's outer optimiser in a loaded model (it was not saved as code)."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+
+    def __repr__(self) -> str:
+        return self.description
+
+    def init(self, params: Any) -> Any:
+        raise ValueError(f"this meta-learner was loaded from a file without its outer optimiser {self.description}: pass optimizer=... to fit it again")
+
+    def update(self, grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        return self.init(params)
+
+
+def _encode(value: Any) -> Any:
+    """A meta-learning algorithm or outer optimiser object as JSON (its class and fields, or its repr)."""
+    if isinstance(value, Algorithm) or isinstance(value, (Adam, SGD)):
+        return {"object": type(value).__name__, **dataclasses.asdict(value)}
+    if not isinstance(value, str) and isinstance(value, Transform):
+        return {"object": type(value).__name__, "repr": repr(value)}
+    return value
+
+
+def _decode(value: Any) -> Any:
+    """The inverse of :func:`_encode` (see the module docstring for what comes back)."""
+    if not (isinstance(value, dict) and "object" in value):
+        return value
+    fields = {key: item for key, item in value.items() if key != "object"}
+    if value["object"] in ("Adam", "SGD"):
+        return Adam(fields["lr"], tuple(fields["betas"]), fields["eps"]) if value["object"] == "Adam" else SGD(**fields)
+    if "repr" in fields:
+        return SavedTransform(fields["repr"])
+    registered = ALGORITHMS.get(fields["name"])
+    if registered is not None and all(getattr(registered, key) == item for key, item in fields.items()):
+        return registered
+    return Algorithm(**{f.name: fields[f.name] for f in dataclasses.fields(Algorithm)})
 
 
 def _options(method: Method) -> dict[str, Any]:
@@ -39,7 +83,7 @@ def _options(method: Method) -> dict[str, Any]:
             value = {"module": type(value).__qualname__}
         elif isinstance(value, FineTune):
             value = {"finetune": dataclasses.asdict(value)}
-        options[f.name] = value
+        options[f.name] = _encode(value)
     return options
 
 
@@ -87,7 +131,7 @@ def save_method(method: Method, path: str | Path, data: dict[str, Any] | None = 
             "noise_dof": method.noise_dof,
             "width": getattr(method, "width", None),
             "labels": [spec.standardizer.label_mean, spec.standardizer.label_scale] if spec.standardizer is not None else None,
-            "config": dataclasses.asdict(config) if isinstance(config, MetaConfig) else None,
+            "config": {f.name: _encode(getattr(config, f.name)) for f in dataclasses.fields(config)} if isinstance(config, MetaConfig) else None,
         },
         "data": data or {},
         "info": {key: value for key, value in method.info.items() if isinstance(value, (int, float, str, bool))},
@@ -138,7 +182,7 @@ def load_method(path: str | Path, module: torch.nn.Module | None = None, device:
     if cls is None:
         raise DataError(f"{path}: unknown method class {meta['method']!r}")
     spec_meta, state = meta["spec"], meta["state"]
-    options = dict(meta["options"])
+    options = {key: _decode(value) for key, value in meta["options"].items()}
     theta0 = {name.removeprefix("theta0."): value for name, value in tensors.items() if name.startswith("theta0.")}
     if spec_meta["kind"] == "module":
         if module is None:
@@ -178,6 +222,6 @@ def load_method(path: str | Path, module: torch.nn.Module | None = None, device:
     if state.get("width") is not None:
         method.width = state["width"]  # type: ignore[attr-defined]
     if state.get("config") is not None:
-        method.config = MetaConfig(**state["config"])  # type: ignore[attr-defined]
+        method.config = MetaConfig(**{key: _decode(value) for key, value in state["config"].items()})  # type: ignore[attr-defined]
     method.info = dict(meta.get("info", {}))
     return method
