@@ -117,6 +117,28 @@ def test_bad_input_gives_one_line_and_status_2(case, tmp_path, monkeypatch, caps
         assert (tmp_path / "full" / "old.csv").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("command", [["run", *TINY], ["evaluate", "--dataset", "hsb82"], ["sweep", "{tmp}/spec.yaml"]])
+def test_a_missing_device_is_found_before_the_run_not_by_validation(command, tmp_path, monkeypatch, capsys):
+    """The machine is probed by the command's pre-flight step: a config naming CUDA validates on a
+    machine without it (a worker or a report reads it back), and the command stops with one line,
+    exit status 2 and nothing written."""
+    import torch
+
+    from adaptrep.evaluate import resolve_evaluate
+    from adaptrep.experiment import ConfigError, preflight, resolve_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = resolve_config({"setting": "linear", "device": "cuda:1"})
+    assert config.device == "cuda:1" and resolve_evaluate({"dataset": "hsb82", "device": "cuda"}).device == "cuda"
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        preflight([resolve_config({"setting": "linear"}), config])
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"base": {"setting": "linear", "dim": 6, "rank": 2, "seeds": 1, "device": "cuda"}}))
+    args = [arg.format(tmp=tmp_path) for arg in command] + ["--device", "cuda"] * (command[0] != "sweep")
+    status, out, err = in_process(monkeypatch, capsys, *args, "--out", str(tmp_path / "out"))
+    assert (status, out) == (2, "") and err.splitlines() == ["adaptrep: error: device 'cuda' requested but CUDA is not available on this machine"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_console_command_exits_with_status_2_on_bad_input():
     result = adaptrep("run", "--setting", "cubic")
     assert result.returncode == 2 and result.stdout == ""

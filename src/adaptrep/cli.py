@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - older typer on click
     from click import ClickException as CommandLineError  # type: ignore[no-redef,assignment]
 
 from .data import DataError
-from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, read_yaml, resolve_config, steps_per_seed
+from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, preflight, read_yaml, resolve_config, steps_per_seed
 from .store import Store, StoreError, describe_labels
 from .sweep import Run, SweepOutcome, SweepSpec, check_backend, execute, expand, load_spec, make_backend
 
@@ -175,6 +175,7 @@ def run(
     configs = [resolve_config({**base, **flags}) for base in bases]
     runs = expand(SweepSpec(runs=[{**base, **flags} for base in bases]))
     how = Execution(backend, workers, address, retry_failed, fail_fast)
+    preflight(configs)
     out_dir = _prepare_out(out or Path("adaptrep-runs") / time.strftime("run-%Y%m%d-%H%M%S"), force)
     resolved = {"experiments": [c.model_dump() for c in configs], "versions": library_versions()}
     (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -196,6 +197,7 @@ def sweep(
     parsed = load_spec(spec)
     runs = expand(parsed)
     how = Execution(backend, workers, address, retry_failed, fail_fast)
+    preflight(run.config for run in runs)
     out_dir = _prepare_out(out or Path("adaptrep-runs") / spec.stem, force)
     record = {"spec": parsed.model_dump(), "runs": len(runs), "versions": library_versions()}
     (out_dir / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
@@ -343,6 +345,7 @@ def evaluate(
         values = {**dataset_defaults(dataset), **{key: value for key, value in values.items() if value is not None and key not in ("task_col", "label_col")}}
     values = {key: value for key, value in values.items() if value is not None}
     config = resolve_config(values)
+    preflight([config])
     from .evaluate import check_data
 
     check_data(config)  # bad data fail here, before anything is written

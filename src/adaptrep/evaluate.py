@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import DataError, Tasks, read_tasks, split_shots, split_tasks
+from .experiment import EXECUTION, device_name
 from .methods import METHODS, make_method, synchronize
 
 __all__ = ["EvaluateConfig", "resolve_evaluate", "evaluate_seed", "load_data", "EVALUATE_METHODS"]
@@ -54,8 +55,10 @@ class EvaluateConfig(BaseModel):
     shots: list[int] = Field(default_factory=lambda: [5, 10, 20], description="support samples per target task (per class for classification)")
     methods: list[str] = Field(default_factory=lambda: list(EVALUATE_METHODS))
     seeds: int = Field(3, gt=0, description="number of seeds (task splits)")
-    device: str = "cpu"
+    device: str = Field("cpu", json_schema_extra=EXECUTION)
     dtype: Literal["float32", "float64"] = "float64"
+
+    _device = field_validator("device")(device_name)
 
     @field_validator("shots", "methods", "features", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +27,19 @@ from .meta import support_size
 from .methods import METHODS, MODEL_METHODS, Method, make_method, meta_defaults, synchronize
 from .metrics import block_share, subspace_distance
 
-__all__ = ["RunConfig", "ConfigError", "PRESETS", "DEFAULT_EXPERIMENTS", "resolve_config", "run_seed", "run_experiment", "library_versions"]
+__all__ = [
+    "RunConfig",
+    "ConfigError",
+    "EXECUTION",
+    "identity",
+    "preflight",
+    "PRESETS",
+    "DEFAULT_EXPERIMENTS",
+    "resolve_config",
+    "run_seed",
+    "run_experiment",
+    "library_versions",
+]
 
 DEFAULT_METHODS = ["adaptrep", "frozenrep", "frozenrep-ft", "target-only", "oracle-head", "oracle-ft"]
 
@@ -85,6 +97,36 @@ class ConfigError(ValueError):
     """An invalid configuration; the message is one line naming the culprit."""
 
 
+#: Marks a field as an execution option (``Field(json_schema_extra=EXECUTION)``): it says how a run is
+#: computed, not what is computed, so it is not part of the run's identity (see :func:`identity`).
+EXECUTION: dict[str, Any] = {"execution": True}
+
+
+def execution_keys(model: type[BaseModel]) -> tuple[str, ...]:
+    """The execution options among ``model``'s fields (marked with :data:`EXECUTION`)."""
+    return tuple(name for name, info in model.model_fields.items() if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("execution"))
+
+
+def identity(config: BaseModel) -> dict[str, Any]:
+    """What decides a run's numbers: the config without its seed count and its execution options
+    (the device, compilation, chunking: they change the numbers at most by rounding). Runs are
+    hashed and stored by it, so resuming a folder on another device or with other workers reuses
+    its finished runs."""
+    return config.model_dump(exclude={"seeds", *execution_keys(type(config))})
+
+
+def device_name(value: str) -> str:
+    """A torch device of a kind that computes here (cpu, cuda, mps); whether this machine has it is
+    checked by :func:`preflight`, not here."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"not a torch device: {value!r}") from error
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {value!r}: only cpu, cuda and mps devices compute here")
+    return value
+
+
 class RunConfig(BaseModel):
     """One experiment: a setting, its sizes, the target sample sizes, seeds and methods."""
 
@@ -112,10 +154,10 @@ class RunConfig(BaseModel):
     meta_iterations: int = Field(1000, ge=0, description="outer iterations")
     outer_optimizer: Literal["adam", "sgd"] = "adam"
     support: float = Field(0.0, ge=0, allow_inf_nan=False, description="0: all samples are support and query; a fraction in (0, 1) or a count")
-    compile: Literal["auto", "always", "never"] = "auto"
-    meta_chunk: int = Field(0, ge=0, description="tasks per chunk of a meta-batch (less memory); 0: the whole meta-batch at once")
+    compile: Literal["auto", "always", "never"] = Field("auto", json_schema_extra=EXECUTION)
+    meta_chunk: int = Field(0, ge=0, description="tasks per chunk of a meta-batch (less memory); 0: the whole meta-batch at once", json_schema_extra=EXECUTION)
     adapt_steps: int = Field(5, ge=0, description="inner-loop steps of the target adaptation (default: inner_steps)")
-    device: str = "cpu"
+    device: str = Field("cpu", json_schema_extra=EXECUTION)
     dtype: Literal["float32", "float64"] = "float64"
 
     @model_validator(mode="before")
@@ -174,22 +216,7 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
         return list(dict.fromkeys(value))
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        try:
-            device = torch.device(value)
-        except (RuntimeError, ValueError) as error:
-            raise ValueError(f"not a torch device: {value!r}") from error
-        if device.type not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"device {value!r}: only cpu, cuda and mps devices compute here")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {value!r} requested but CUDA is not available")
-        try:
-            torch.empty(1, device=device)
-        except Exception as error:  # noqa: BLE001 - any backend failure means the device is unusable
-            raise ValueError(f"device {value!r} is not usable here: {str(error).splitlines()[0]}") from None
-        return value
+    _device = field_validator("device")(device_name)
 
     @field_validator("support")
     @classmethod
@@ -218,9 +245,6 @@ class RunConfig(BaseModel):
             raise ValueError(f"rank ({self.rank}) must not exceed dim ({self.dim})")
         if self.setting in ("linear-hard", "relu-hard") and self.dim < 2 * self.rank:
             raise ValueError(f"{self.setting} needs dim >= 2 * rank; got dim={self.dim}, rank={self.rank}")
-        need, have = self.memory_estimate(), _physical_memory()
-        if have and need > have / 2:
-            raise ValueError(f"sizes too large: about {need / 2**30:.1f} GiB needed, this machine has {have / 2**30:.1f} GiB")
         return self
 
     def memory_estimate(self) -> int:
@@ -278,6 +302,31 @@ def _physical_memory() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def check_device(device: str) -> None:
+    """:class:`ConfigError` (one line) unless ``device`` computes on this machine."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
+    try:
+        torch.empty(1, device=device)
+    except Exception as error:  # noqa: BLE001 - any backend failure means the device is unusable
+        raise ConfigError(f"device {device!r} is not usable on this machine: {str(error).splitlines()[0]}") from None
+
+
+def preflight(configs: Iterable[Any]) -> None:
+    """The machine checks before anything runs (the command line calls it; validation does not
+    probe the machine, so a config validates anywhere, e.g. in a worker or when read back from a
+    store): every device is usable here and every :class:`RunConfig`'s memory estimate fits in
+    half of this machine's memory. :class:`ConfigError` with one line otherwise."""
+    configs = list(configs)
+    for device in dict.fromkeys(str(config.device) for config in configs):
+        check_device(device)
+    have = _physical_memory()
+    for config in configs:
+        need = config.memory_estimate() if isinstance(config, RunConfig) else 0
+        if have and need > have / 2:
+            raise ConfigError(f"sizes too large: about {need / 2**30:.1f} GiB needed, this machine has {have / 2**30:.1f} GiB")
 
 
 def one_line(error: ValidationError) -> str:
