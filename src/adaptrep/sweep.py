@@ -35,7 +35,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .evaluate import EvaluateConfig
-from .experiment import ConfigError, RunConfig, execution_keys, identity, library_versions, read_yaml, resolve_config, run_unit
+from .experiment import ConfigError, RunConfig, library_versions, read_yaml, resolve_config, run_unit
+from .options import execution_keys, identity
 from .store import Store, StoreError, describe_labels
 
 __all__ = [
