@@ -117,6 +117,28 @@ def test_bad_input_gives_one_line_and_status_2(case, tmp_path, monkeypatch, caps
         assert (tmp_path / "full" / "old.csv").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("command", [["run", *TINY], ["evaluate", "--dataset", "hsb82"], ["sweep", "{tmp}/spec.yaml"]])
+def test_a_missing_device_is_found_before_the_run_not_by_validation(command, tmp_path, monkeypatch, capsys):
+    """The machine is probed by the command's pre-flight step: a config naming CUDA validates on a
+    machine without it (a worker or a report reads it back), and the command stops with one line,
+    exit status 2 and nothing written."""
+    import torch
+
+    from adaptrep.evaluate import resolve_evaluate
+    from adaptrep.experiment import ConfigError, preflight, resolve_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = resolve_config({"setting": "linear", "device": "cuda:1"})
+    assert config.device == "cuda:1" and resolve_evaluate({"dataset": "hsb82", "device": "cuda"}).device == "cuda"
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        preflight([resolve_config({"setting": "linear"}), config])
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"base": {"setting": "linear", "dim": 6, "rank": 2, "seeds": 1, "device": "cuda"}}))
+    args = [arg.format(tmp=tmp_path) for arg in command] + ["--device", "cuda"] * (command[0] != "sweep")
+    status, out, err = in_process(monkeypatch, capsys, *args, "--out", str(tmp_path / "out"))
+    assert (status, out) == (2, "") and err.splitlines() == ["adaptrep: error: device 'cuda' requested but CUDA is not available on this machine"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_console_command_exits_with_status_2_on_bad_input():
     result = adaptrep("run", "--setting", "cubic")
     assert result.returncode == 2 and result.stdout == ""
@@ -194,3 +216,81 @@ def test_sinusoid_meta_learners_run_from_the_command_line(tmp_path):
     assert len(results) == 6 * 2 * 3 and results["excess_risk"].notna().all() and results["subspace_distance"].isna().all()
     config = yaml.safe_load((out / "config.yaml").read_text())["experiments"][0]
     assert (config["meta_iterations"], config["meta_batch"], config["adapt_steps"], config["inner_lr"], config["inner_steps"]) == (5, 10, 3, 0.01, 5)
+
+
+def flags_of(command: str) -> dict[str, str]:
+    """``adaptrep COMMAND``'s flags (long names) and their help texts, as click sees them."""
+    import typer
+
+    from adaptrep.cli import app
+
+    params = typer.main.get_command(app).commands[command].params  # type: ignore[attr-defined]
+    return {opt: param.help or "" for param in params for opt in param.opts if opt.startswith("--")} | {
+        param.name: param.help or "" for param in params if param.param_type_name == "argument"
+    }
+
+
+@pytest.mark.parametrize("command", ["run", "evaluate"])
+def test_flags_are_the_config_fields_with_their_descriptions(command):
+    """One definition per option: every flag of ``run`` and ``evaluate`` is a config field (named
+    with dashes, its description as help) or one of the few options that say where to read and
+    write and how to execute."""
+    from adaptrep.cli import Execution
+    from adaptrep.evaluate import EvaluateConfig
+    from adaptrep.experiment import RunConfig
+
+    model = RunConfig if command == "run" else EvaluateConfig
+    fields = {name: info for name, info in model.model_fields.items() if name not in ("kind", "setting", "data_hash") or command == "run"}
+    shown = flags_of(command)
+    for name, info in fields.items():
+        flag = name if name == "data" and command == "evaluate" else "--" + name.replace("_", "-")
+        assert flag in shown, flag
+        assert info.description and shown[flag].startswith(info.description), (flag, shown[flag], info.description)
+    others = {flag for flag in shown if flag.lstrip("-").replace("-", "_") not in fields}
+    assert others == {"--out", "--force", *("--" + name.replace("_", "-") for name in Execution.model_fields), *["--config"] * (command == "run")}
+    # the meta-learners' options are one definition, shared by both commands
+    assert shown["--inner-lr"] == flags_of("run")["--inner-lr"] and "sinusoid 0.01" in shown["--inner-lr"]
+    assert "adam (default) | sgd" in shown["--outer-optimizer"]
+
+
+def test_inner_lr_goes_from_its_flag_to_the_meta_learner(monkeypatch, capsys, tmp_path):
+    """``--inner-lr`` sets the field ``inner_lr`` (None when not given: the setting's default), which
+    becomes the MetaLearner's ``inner_lr`` and the ``MetaConfig`` that meta_train uses."""
+    import torch
+
+    from adaptrep import cli
+    from adaptrep.methods import make_method
+
+    captured = []
+    monkeypatch.setattr(cli, "_execute", lambda runs, out, how, title: captured.append((runs, how)))
+    status, _, err = in_process(
+        monkeypatch, capsys, "run", *TINY, "--methods", "maml,adaptrep", "--inner-lr", "0.07", "--workers", "1", "--out", str(tmp_path / "o")
+    )
+    assert status == 0, err
+    runs, how = captured[0]
+    config = runs[0].config
+    assert config.inner_lr == 0.07 and how.workers == 1
+    learner = make_method("maml", config.method_options(0))
+    source = config.environment(0).sample_tasks(15, 10, torch.Generator().manual_seed(0))
+    assert learner.inner_lr == 0.07 and learner.resolve(source).inner_lr == 0.07
+    # not given: the setting's default, recorded in the resolved config; a null in a file is "not given"
+    status, _, err = in_process(monkeypatch, capsys, "run", *TINY, "--methods", "maml", "--out", str(tmp_path / "p"))
+    assert status == 0, err
+    assert captured[1][0][0].config.inner_lr == pytest.approx(0.05)
+    (tmp_path / "null.yaml").write_text("setting: linear\ninner_lr:\nsupport:\nmeta_chunk:\n")
+    status, _, err = in_process(monkeypatch, capsys, "run", "--config", str(tmp_path / "null.yaml"), "--out", str(tmp_path / "q"))
+    assert status == 0, err
+    config = captured[2][0][0].config
+    assert (config.inner_lr, config.support, config.meta_chunk) == (pytest.approx(0.05), None, None)
+
+
+def test_evaluate_takes_the_meta_learners_flags(monkeypatch, capsys, tmp_path):
+    from adaptrep import cli
+
+    captured = []
+    monkeypatch.setattr(cli, "_execute", lambda runs, out, how, title: captured.append(runs))
+    args = ["evaluate", "--dataset", "hsb82", "--methods", "maml", "--inner-lr", "0.2", "--meta-iterations", "7", "--out", str(tmp_path / "o")]
+    status, _, err = in_process(monkeypatch, capsys, *args)
+    assert status == 0, err
+    options = captured[0][0].config.method_options(3)
+    assert (options["inner_lr"], options["iterations"], options["outer_lr"], options["seed"]) == (0.2, 7, None, 3)

@@ -74,6 +74,24 @@ def test_spec_expands_to_stable_runs_with_labels():
     assert len(expand(SweepSpec(base={**BASE, "seeds": 3}))) == 3
 
 
+def test_execution_options_do_not_change_a_run_id(tmp_path):
+    """The device, compilation and chunking say how a run is computed, not what: the same config on
+    another device is the same run (resumed, not recomputed); the dtype changes the numbers, so it
+    makes a new run."""
+    runs = expand(SweepSpec(base=BASE, seeds=[0, 1]))
+    elsewhere = expand(SweepSpec(base={**BASE, "device": "cuda", "compile": "never", "meta_chunk": 2}, seeds=[0, 1]))
+    assert [run.id for run in elsewhere] == [run.id for run in runs] and elsewhere[0].work()["device"] == "cuda"
+    assert "device" not in runs[0].stored_config() and runs[0].stored_config()["dtype"] == "float64"
+    in_float32 = expand(SweepSpec(base={**BASE, "dtype": "float32"}, seeds=[0, 1]))
+    assert not {run.id for run in in_float32} & {run.id for run in runs}
+    with Store(tmp_path / "sweep.db") as store:
+        assert execute(runs, store, InProcess()).done == 2
+        # resumed with other execution options (and other workers): nothing to compute again
+        again = expand(SweepSpec(base={**BASE, "compile": "always", "meta_chunk": 1}, seeds=[0, 1]))
+        outcome = execute(again, store, ProcessPool(2))
+        assert (outcome.done, outcome.skipped) == (0, 2)
+
+
 @pytest.mark.parametrize(
     "spec, culprit",
     [
@@ -81,6 +99,7 @@ def test_spec_expands_to_stable_runs_with_labels():
         ({"base": BASE, "grid": {"dimension": [5]}}, "dimension"),
         ({"base": BASE, "grid": {"delta": []}}, "delta"),
         ({"base": BASE, "grid": {"seeds": [1, 2]}}, "seeds"),
+        ({"base": BASE, "grid": {"device": ["cpu", "cuda"]}}, "device: an execution option"),
         ({"base": BASE, "seeds": [0, -1]}, "seeds"),
         ({"base": BASE, "grids": {}}, "grids"),
         ([1, 2], "mapping"),

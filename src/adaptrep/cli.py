@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
-from dataclasses import dataclass
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import typer
 import yaml
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -21,7 +26,9 @@ except ImportError:  # pragma: no cover - older typer on click
     from click import ClickException as CommandLineError  # type: ignore[no-redef,assignment]
 
 from .data import DataError
-from .experiment import DEFAULT_EXPERIMENTS, ConfigError, library_versions, read_yaml, resolve_config, steps_per_seed
+from .evaluate import EvaluateConfig
+from .experiment import DEFAULT_EXPERIMENTS, ConfigError, RunConfig, library_versions, preflight, read_yaml, resolve_config, steps_per_seed
+from .options import execution_keys
 from .store import Store, StoreError, describe_labels
 from .sweep import Run, SweepOutcome, SweepSpec, check_backend, execute, expand, load_spec, make_backend
 
@@ -73,143 +80,167 @@ def _prepare_out(out: Path, force: bool) -> Path:
     return out
 
 
-BACKEND = typer.Option("local", "--backend", help="local (a process pool on this machine) | ray")
-WORKERS = typer.Option(None, "--workers", help="parallel runs (default: the number of cores; 1 runs in this process)")
-ADDRESS = typer.Option(None, "--address", help="Ray cluster to join: auto | HOST:PORT (default: start a local one)")
-RETRY = typer.Option(False, "--retry-failed", help="run again the runs that failed before")
-FAIL_FAST = typer.Option(False, "--fail-fast", help="stop at the first failing run")
-DEVICE = typer.Option(None, help="torch device, e.g. cpu or cuda")
-DTYPE = typer.Option(None, help="float64 (default) | float32")
-FORCE = typer.Option(False, "--force", help="write into a non-empty --out")
+class Execution(BaseModel):
+    """How runs are executed: the backend options of ``run``, ``sweep`` and ``evaluate`` (not part of
+    a run's identity: a folder resumed with other options keeps its finished runs)."""
+
+    backend: Literal["local", "ray"] = Field("local", description="local (a process pool on this machine) | ray")
+    workers: Optional[int] = Field(None, description="parallel runs (default: the number of cores; 1 runs in this process)")
+    address: Optional[str] = Field(None, description="Ray cluster to join: auto | HOST:PORT (default: start a local one)")
+    retry_failed: bool = Field(False, description="run again the runs that failed before")
+    fail_fast: bool = Field(False, description="stop at the first failing run")
+
+    @classmethod
+    def of(cls, values: dict[str, Any]) -> Execution:
+        """The execution options among a command's ``values``, checked (:class:`ConfigError`, one line)."""
+        how = cls.model_construct(**{key: values[key] for key in cls.model_fields})
+        check_backend(how.backend, how.workers, how.address)
+        return how
 
 
-@dataclass
-class Execution:
-    """How to execute runs: the backend options of ``run`` and ``sweep``."""
-
-    backend: str = "local"
-    workers: Optional[int] = None
-    address: Optional[str] = None
-    retry_failed: bool = False
-    fail_fast: bool = False
-
-    def __post_init__(self) -> None:
-        check_backend(self.backend, self.workers, self.address)
+# -- flags generated from the configs' fields ------------------------------------------------------
 
 
-@app.command()
-def run(
-    setting: Optional[str] = typer.Option(None, help="linear | linear-hard | logistic | relu-net | relu-hard | sinusoid"),
-    dim: Optional[int] = typer.Option(None, help="input dimension d"),
-    rank: Optional[int] = typer.Option(None, help="representation dimension k"),
-    tasks: Optional[int] = typer.Option(None, help="number of source tasks T"),
-    samples: Optional[int] = typer.Option(None, help="samples per source task n"),
-    target_samples: Optional[str] = typer.Option(None, help="comma-separated target sample sizes, e.g. 10,20,40"),
-    target_tasks: Optional[int] = typer.Option(None, help="target tasks per m and seed"),
-    target: Optional[str] = typer.Option(None, help="linear-hard targets: adversarial | random"),
-    delta: Optional[float] = typer.Option(None, help="perturbation size delta (linear)"),
-    noise: Optional[float] = typer.Option(None, help="noise standard deviation sigma"),
-    eps: Optional[float] = typer.Option(None, help="low input variance eps (linear-hard, relu-hard)"),
-    scale: Optional[float] = typer.Option(None, help="signal scale s of the logits (logistic)"),
-    seeds: Optional[int] = typer.Option(None, help="number of seeds"),
-    methods: Optional[str] = typer.Option(
-        None, help="comma-separated: adaptrep,frozenrep,frozenrep-ft,target-only,oracle-head,oracle-ft,maml,fomaml,anil,reptile,pooled"
-    ),
-    inner_steps: Optional[int] = typer.Option(None, help="meta-learners: inner-loop gradient steps K (default 5)"),
-    inner_lr: Optional[float] = typer.Option(None, help="meta-learners: inner step size (default 0.1 / (curvature x input variance); sinusoid 0.01)"),
-    outer_lr: Optional[float] = typer.Option(None, help="meta-learners: outer step size (default 0.01; sinusoid 0.001)"),
-    meta_batch: Optional[int] = typer.Option(None, help="meta-learners: tasks per meta-batch (default 25)"),
-    meta_iterations: Optional[int] = typer.Option(None, help="meta-learners: outer iterations (default 1000; sinusoid 1500)"),
-    outer_optimizer: Optional[str] = typer.Option(None, help="meta-learners: adam (default) | sgd"),
-    support: Optional[float] = typer.Option(None, help="maml/fomaml/anil: support share of each task's samples, a fraction or a count (0: all, the default)"),
-    compile: Optional[str] = typer.Option(None, "--compile", help="meta-learners: torch.compile the meta-step: auto (long runs) | always | never"),
-    meta_chunk: Optional[int] = typer.Option(None, help="meta-learners: tasks per chunk of a meta-batch, for less memory (0: all at once, the default)"),
-    adapt_steps: Optional[int] = typer.Option(None, help="meta-learners, target-only on sinusoid: inner-loop steps on the target (default: inner steps)"),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with the same keys (underscores)"),
-    out: Optional[Path] = typer.Option(None, help="output directory (default: adaptrep-runs/run-<time>); rerunning into it resumes"),
-    force: bool = FORCE,
-    backend: str = BACKEND,
-    workers: Optional[int] = WORKERS,
-    address: Optional[str] = ADDRESS,
-    retry_failed: bool = RETRY,
-    fail_fast: bool = FAIL_FAST,
-) -> None:
-    """Run an experiment; with no flags, the default one (hard-case separation + benign sweep)."""
-    flags = dict(
-        setting=setting,
-        dim=dim,
-        rank=rank,
-        tasks=tasks,
-        samples=samples,
-        target_samples=target_samples,
-        target_tasks=target_tasks,
-        target=target,
-        delta=delta,
-        noise=noise,
-        eps=eps,
-        scale=scale,
-        seeds=seeds,
-        methods=methods,
-        inner_steps=inner_steps,
-        inner_lr=inner_lr,
-        outer_lr=outer_lr,
-        meta_batch=meta_batch,
-        meta_iterations=meta_iterations,
-        outer_optimizer=outer_optimizer,
-        support=support,
-        compile=compile,
-        meta_chunk=meta_chunk,
-        adapt_steps=adapt_steps,
-        device=device,
-        dtype=dtype,
-    )
-    flags = {key: value for key, value in flags.items() if value is not None}
-    if config is not None:
-        bases = _load_config_file(config)
-    elif set(flags) - {"device", "dtype"}:
+def _flag_type(annotation: Any) -> tuple[type, tuple[str, ...]]:
+    """The command-line type of a field (int, float, bool or str: lists and mixed unions are
+    comma-separated text that the config parses) and its choices (a ``Literal``'s values)."""
+    origin, args = typing.get_origin(annotation), [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if origin is Literal:
+        return str, tuple(str(arg) for arg in args)
+    if origin in (Union, types.UnionType):
+        return _flag_type(args[0]) if len(args) == 1 else (str, ())
+    if annotation in (int, float, bool):
+        return annotation, ()
+    return str, ()
+
+
+def _help(info: FieldInfo, choices: tuple[str, ...], default: bool) -> str:
+    """A flag's help: the field's description, its choices (the default marked) where the
+    description does not name them, and with ``default`` its default where the description does not."""
+    text, value = info.description or "", info.get_default(call_default_factory=True)
+    if choices and not all(choice in text for choice in choices):
+        marked = value if "default" not in text else None
+        listed = " | ".join(f"{choice} (default)" if choice == marked else choice for choice in choices)
+        text = f"{text}: {listed}" if text else listed
+    elif default and value not in (None, "") and "default" not in text:
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        text = f"{text} (default: {shown})"
+    return text
+
+
+def flags(
+    model: type[BaseModel], *, skip: tuple[str, ...] = (), arguments: tuple[str, ...] = (), given: bool = True, defaults: bool = False
+) -> list[inspect.Parameter]:
+    """Command-line parameters for ``model``'s fields (``--inner-lr`` for ``inner_lr``), with the
+    field's description as help. ``given``: every flag defaults to ``None``, "not given" (the
+    config's preset or file applies), and ``defaults`` adds the field's default to the help;
+    otherwise a flag defaults to the field's default. ``arguments`` are positional (optional)."""
+    parameters = []
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        kind, choices = _flag_type(info.annotation)
+        help = _help(info, choices, defaults)
+        if name in arguments:
+            default: Any = typer.Argument(None, metavar=name.upper(), help=help, show_default=False)
+        elif given:
+            default = typer.Option(None, "--" + name.replace("_", "-"), help=help, show_default=False)
+        else:
+            value = info.get_default(call_default_factory=True)
+            default = typer.Option(value, "--" + name.replace("_", "-"), help=help, show_default=kind is not bool and value is not None)
+        annotation = kind if kind is bool and not given else Optional[kind]
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation))
+    return parameters
+
+
+def option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    """A command-line parameter that is not a config field (where to write, which file to read)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def command(name: str, parameters: list[inspect.Parameter]) -> Callable[[Callable[[dict[str, Any]], None]], Callable[..., None]]:
+    """Register ``body(values)`` as the subcommand ``name`` with these parameters (typer reads the
+    signature); ``values`` maps each parameter's name to its value. The body's docstring is the help."""
+
+    def register(body: Callable[[dict[str, Any]], None]) -> Callable[..., None]:
+        def call(**values: Any) -> None:
+            body(values)
+
+        call.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        call.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+        call.__doc__, call.__name__, call.__qualname__ = body.__doc__, body.__name__, body.__qualname__
+        app.command(name)(call)
+        return call
+
+    return register
+
+
+EXECUTION_FLAGS = flags(Execution, given=False)
+FORCE = option("force", bool, typer.Option(False, "--force", help="write into a non-empty --out"))
+
+
+def _out(default: str) -> inspect.Parameter:
+    return option("out", Optional[Path], typer.Option(None, "--out", help=f"output directory (default: adaptrep-runs/{default}); rerunning into it resumes"))
+
+
+@command(
+    "run",
+    [
+        *flags(RunConfig),
+        option("config", Optional[Path], typer.Option(None, "--config", help="YAML file with the same keys (underscores)")),
+        _out("run-<time>"),
+        FORCE,
+        *EXECUTION_FLAGS,
+    ],
+)
+def run(values: dict[str, Any]) -> None:
+    """Run an experiment; with no flags, the default one (hard-case separation + benign sweep). Flags not given take the setting's preset."""
+    given = {key: value for key, value in values.items() if key in RunConfig.model_fields and value is not None}
+    if values["config"] is not None:
+        bases = _load_config_file(values["config"])
+    elif set(given) - {"dtype", *execution_keys(RunConfig)}:
         bases = [{}]
     else:
         bases = [{"setting": name} for name in DEFAULT_EXPERIMENTS]
-    configs = [resolve_config({**base, **flags}) for base in bases]
-    runs = expand(SweepSpec(runs=[{**base, **flags} for base in bases]))
-    how = Execution(backend, workers, address, retry_failed, fail_fast)
-    out_dir = _prepare_out(out or Path("adaptrep-runs") / time.strftime("run-%Y%m%d-%H%M%S"), force)
+    configs = [resolve_config({**base, **given}) for base in bases]
+    runs = expand(SweepSpec(runs=[{**base, **given} for base in bases]))
+    how = Execution.of(values)
+    preflight(configs)
+    out_dir = _prepare_out(values["out"] or Path("adaptrep-runs") / time.strftime("run-%Y%m%d-%H%M%S"), values["force"])
     resolved = {"experiments": [c.model_dump() for c in configs], "versions": library_versions()}
     (out_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     _execute(runs, out_dir, how, "adaptrep run")
 
 
-@app.command()
-def sweep(
-    spec: Path = typer.Argument(..., help="sweep spec (YAML): base, grid, runs, seeds"),
-    out: Optional[Path] = typer.Option(None, help="sweep folder (default: adaptrep-runs/<spec name>); rerunning into it resumes"),
-    force: bool = typer.Option(False, "--force", help="write into a non-empty folder that holds no sweep"),
-    backend: str = BACKEND,
-    workers: Optional[int] = WORKERS,
-    address: Optional[str] = ADDRESS,
-    retry_failed: bool = RETRY,
-    fail_fast: bool = FAIL_FAST,
-) -> None:
+@command(
+    "sweep",
+    [
+        option("spec", Path, typer.Argument(..., help="sweep spec (YAML): base, grid, runs, seeds")),
+        option("out", Optional[Path], typer.Option(None, "--out", help="sweep folder (default: adaptrep-runs/<spec name>); rerunning into it resumes")),
+        option("force", bool, typer.Option(False, "--force", help="write into a non-empty folder that holds no sweep")),
+        *EXECUTION_FLAGS,
+    ],
+)
+def sweep(values: dict[str, Any]) -> None:
     """Run every config x seed of a spec; finished runs are kept in DIR/sweep.db and skipped on a rerun."""
+    spec: Path = values["spec"]
     parsed = load_spec(spec)
     runs = expand(parsed)
-    how = Execution(backend, workers, address, retry_failed, fail_fast)
-    out_dir = _prepare_out(out or Path("adaptrep-runs") / spec.stem, force)
+    how = Execution.of(values)
+    preflight(run.config for run in runs)
+    out_dir = _prepare_out(values["out"] or Path("adaptrep-runs") / spec.stem, values["force"])
     record = {"spec": parsed.model_dump(), "runs": len(runs), "versions": library_versions()}
     (out_dir / "sweep.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
     _execute(runs, out_dir, how, f"sweep {spec.stem}")
 
 
-DATA_OPTIONS = dict(
-    task_col=typer.Option("task", "--task-col", help="column naming each row's task"),
-    label_col=typer.Option("y", "--label-col", help="column of the labels"),
-    features=typer.Option(None, "--features", help="comma-separated feature columns (default: every other numeric column)"),
-    loss=typer.Option("squared", "--loss", help="squared | logistic (labels 0/1) | multiclass (class ids, relabelled per task)"),
-    model=typer.Option("linear", "--model", help="linear | relu (a two-layer ReLU network's first layer)"),
-    rank=typer.Option(None, "--rank", help="representation dimension k"),
-)
+#: The data options of ``fit``: the fields of :class:`~adaptrep.evaluate.EvaluateConfig` with their defaults.
+DATA_OPTIONS = {
+    parameter.name: parameter.default
+    for parameter in flags(
+        EvaluateConfig, given=False, skip=tuple(set(EvaluateConfig.model_fields) - {"task_col", "label_col", "features", "loss", "model", "rank"})
+    )
+}
 
 
 def _columns(features: Optional[str]) -> Optional[list[str]]:
@@ -288,67 +319,34 @@ def predict(
     console.print(f"predicted {rows} rows of {tasks} tasks; wrote {out}", soft_wrap=True)
 
 
-@app.command()
-def evaluate(
-    data: Optional[Path] = typer.Argument(None, help="CSV or Parquet file, one row per sample (or --dataset)"),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="a bundled dataset by name (see adaptrep.datasets)"),
-    task_col: str = DATA_OPTIONS["task_col"],
-    label_col: str = DATA_OPTIONS["label_col"],
-    features: Optional[str] = DATA_OPTIONS["features"],
-    loss: Optional[str] = typer.Option(None, "--loss", help="squared | logistic | multiclass (default: squared, or the dataset's)"),
-    model: str = DATA_OPTIONS["model"],
-    rank: Optional[int] = DATA_OPTIONS["rank"],
-    target_tasks: Optional[str] = typer.Option(
-        None, "--target-tasks", help="share of tasks held out as targets, or a comma-separated list of task names (default: 0.3, or the dataset's)"
-    ),
-    shots: Optional[str] = typer.Option(
-        None, "--shots", help="comma-separated support sizes per target task, per class for classification (default: 5,10,20, or the dataset's)"
-    ),
-    methods: Optional[str] = typer.Option(
-        None, "--methods", help="comma-separated methods (default: adaptrep,frozenrep,frozenrep-ft,target-only, or the dataset's)"
-    ),
-    seeds: Optional[int] = typer.Option(None, "--seeds", help="number of seeds (random task splits; default: 3, or the dataset's)"),
-    device: Optional[str] = DEVICE,
-    dtype: Optional[str] = DTYPE,
-    out: Optional[Path] = typer.Option(None, help="output directory (default: adaptrep-runs/evaluate-<time>); rerunning into it resumes"),
-    force: bool = FORCE,
-    backend: str = BACKEND,
-    workers: Optional[int] = WORKERS,
-    address: Optional[str] = ADDRESS,
-    retry_failed: bool = RETRY,
-    fail_fast: bool = FAIL_FAST,
-) -> None:
-    """Evaluate methods on task data: split tasks, fit on the source tasks, adapt with each shot count, score on query samples."""
-    if (data is None) == (dataset is None):
+@command(
+    "evaluate",
+    [
+        *flags(EvaluateConfig, skip=("kind", "setting", "data_hash"), arguments=("data",), defaults=True),
+        _out("evaluate-<time>"),
+        FORCE,
+        *EXECUTION_FLAGS,
+    ],
+)
+def evaluate(values: dict[str, Any]) -> None:
+    """Evaluate methods on task data: split tasks, fit on the source tasks, adapt with each shot count, score on query samples.
+
+    With --dataset, flags not given take the dataset's settings."""
+    if (values["data"] is None) == (values["dataset"] is None):
         raise UserError("give a data file or --dataset NAME (one of them)")
-    values: dict[str, Any] = dict(
-        data=str(data) if data is not None else None,
-        dataset=dataset,
-        task_col=task_col,
-        label_col=label_col,
-        features=features,
-        loss=loss,
-        model=model,
-        rank=rank,
-        target_tasks=target_tasks,
-        shots=shots,
-        methods=methods,
-        seeds=seeds,
-        device=device,
-        dtype=dtype,
-    )
-    if dataset is not None:
+    given = {key: value for key, value in values.items() if key in EvaluateConfig.model_fields and value is not None}
+    if values["dataset"] is not None:
         from .datasets import dataset_defaults
 
-        values = {**dataset_defaults(dataset), **{key: value for key, value in values.items() if value is not None and key not in ("task_col", "label_col")}}
-    values = {key: value for key, value in values.items() if value is not None}
-    config = resolve_config(values)
+        given = {**dataset_defaults(values["dataset"]), **{key: value for key, value in given.items() if key not in ("task_col", "label_col")}}
+    config = resolve_config(given)
+    preflight([config])
     from .evaluate import check_data
 
     check_data(config)  # bad data fail here, before anything is written
     runs = expand(SweepSpec(runs=[config.model_dump()]))
-    how = Execution(backend, workers, address, retry_failed, fail_fast)
-    out_dir = _prepare_out(out or Path("adaptrep-runs") / time.strftime("evaluate-%Y%m%d-%H%M%S"), force)
+    how = Execution.of(values)
+    out_dir = _prepare_out(values["out"] or Path("adaptrep-runs") / time.strftime("evaluate-%Y%m%d-%H%M%S"), values["force"])
     (out_dir / "config.yaml").write_text(yaml.safe_dump({"experiments": [config.model_dump()], "versions": library_versions()}, sort_keys=False))
     _execute(runs, out_dir, how, "adaptrep evaluate")
 

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .data import DataError, Tasks, read_tasks, split_shots, split_tasks
 from .methods import METHODS, make_method, synchronize
+from .options import Compute, MetaOptions
 
 __all__ = ["EvaluateConfig", "resolve_evaluate", "evaluate_seed", "load_data", "EVALUATE_METHODS"]
 
@@ -34,28 +35,35 @@ EVALUATE_METHODS = ["adaptrep", "frozenrep", "frozenrep-ft", "target-only"]
 NEEDS_TRUTH = ("oracle-head", "oracle-ft")
 
 
-class EvaluateConfig(BaseModel):
-    """One evaluation on task data (keys: the ``adaptrep evaluate`` flags with underscores)."""
+class DataOptions(BaseModel):
+    """The data and the evaluation design: which tasks, which loss and model, the targets held out,
+    the shot counts, the seeds and the methods."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["evaluate"] = "evaluate"
     setting: str = Field("", description="a name for the data in results and reports (default: the file's or dataset's name)")
-    data: str = Field("", description="CSV or Parquet file, one row per sample")
-    dataset: str = Field("", description="a dataset of adaptrep.datasets by name (instead of data)")
+    data: str = Field("", description="CSV or Parquet file, one row per sample (or --dataset)")
+    dataset: str = Field("", description="a bundled dataset by name (see adaptrep.datasets)")
     data_hash: str = Field("", description="content hash of the data file (set automatically; part of a run's identity)")
-    task_col: str = "task"
-    label_col: str = "y"
-    features: list[str] | None = None
-    loss: Literal["squared", "logistic", "multiclass"] = "squared"
-    model: Literal["linear", "relu"] = "linear"
-    rank: int | None = Field(None, gt=0, description="representation dimension k (linear and relu models)")
-    target_tasks: float | list[str] = Field(0.3, description="share of tasks held out as targets, or their names")
-    shots: list[int] = Field(default_factory=lambda: [5, 10, 20], description="support samples per target task (per class for classification)")
-    methods: list[str] = Field(default_factory=lambda: list(EVALUATE_METHODS))
-    seeds: int = Field(3, gt=0, description="number of seeds (task splits)")
-    device: str = "cpu"
-    dtype: Literal["float32", "float64"] = "float64"
+    task_col: str = Field("task", description="column naming each row's task")
+    label_col: str = Field("y", description="column of the labels")
+    features: list[str] | None = Field(None, description="comma-separated feature columns (default: every other numeric column)")
+    loss: Literal["squared", "logistic", "multiclass"] = Field(
+        "squared", description="squared | logistic (labels 0/1) | multiclass (class ids, relabelled per task)"
+    )
+    model: Literal["linear", "relu"] = Field("linear", description="linear | relu (a two-layer ReLU network's first layer)")
+    rank: int | None = Field(None, gt=0, description="representation dimension k")
+    target_tasks: float | list[str] = Field(0.3, description="share of tasks held out as targets, or a comma-separated list of task names")
+    shots: list[int] = Field(default_factory=lambda: [5, 10, 20], description="comma-separated support sizes per target task, per class for classification")
+    methods: list[str] = Field(default_factory=lambda: list(EVALUATE_METHODS), description="comma-separated methods")
+    seeds: int = Field(3, gt=0, description="number of seeds (random task splits)")
+
+
+class EvaluateConfig(Compute, MetaOptions, DataOptions):
+    """One evaluation on task data (keys: the ``adaptrep evaluate`` flags with underscores): the data
+    and design (:class:`DataOptions`), the meta-learners' options (``None``: the learner's defaults for
+    the data, :func:`adaptrep.methods.meta_defaults`) and the computation."""
 
     @field_validator("shots", "methods", "features", mode="before")
     @classmethod
@@ -105,13 +113,9 @@ class EvaluateConfig(BaseModel):
             raise ValueError(f"target_tasks: a share must be in (0, 1); got {self.target_tasks}")
         return self
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return torch.float64 if self.dtype == "float64" else torch.float32
-
     def method_options(self, seed: int) -> dict[str, Any]:
         """Options of :func:`adaptrep.methods.make_method`."""
-        return {"rank": self.rank, "model": self.model, "seed": seed}
+        return {**self.learner_options(), "rank": self.rank, "model": self.model, "seed": seed}
 
 
 def file_hash(path: Path) -> str:

@@ -12,7 +12,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,8 +26,21 @@ from .environments import SETTINGS, Environment, Tasks, TwoBlocks, make_environm
 from .meta import support_size
 from .methods import METHODS, MODEL_METHODS, Method, make_method, meta_defaults, synchronize
 from .metrics import block_share, subspace_distance
+from .options import Compute, MetaOptions
 
-__all__ = ["RunConfig", "ConfigError", "PRESETS", "DEFAULT_EXPERIMENTS", "resolve_config", "run_seed", "run_experiment", "library_versions"]
+__all__ = [
+    "RunConfig",
+    "ConfigError",
+    "SettingOptions",
+    "DesignOptions",
+    "preflight",
+    "PRESETS",
+    "DEFAULT_EXPERIMENTS",
+    "resolve_config",
+    "run_seed",
+    "run_experiment",
+    "library_versions",
+]
 
 DEFAULT_METHODS = ["adaptrep", "frozenrep", "frozenrep-ft", "target-only", "oracle-head", "oracle-ft"]
 
@@ -72,9 +85,8 @@ def meta_setting_defaults(setting: str, loss: str, eps: float) -> dict[str, Any]
     for the setting's model, with its largest input variance (``max(1, eps)`` for the hard cases, 1 otherwise)."""
     kind = "mlp" if setting == "sinusoid" else "relu" if setting.startswith("relu") else "linear"
     variance = max(1.0, eps) if setting in ("linear-hard", "relu-hard") else 1.0
-    values = meta_defaults(loss, kind, variance)
-    values["meta_iterations"] = values.pop("iterations")
-    return values
+    field = {keyword: name for name, keyword in MetaOptions.keywords().items()}
+    return {field.get(key, key): value for key, value in meta_defaults(loss, kind, variance).items()}
 
 
 #: What ``adaptrep run`` does with no flags: the hard-case separation, then the benign sweep.
@@ -85,65 +97,36 @@ class ConfigError(ValueError):
     """An invalid configuration; the message is one line naming the culprit."""
 
 
-class RunConfig(BaseModel):
-    """One experiment: a setting, its sizes, the target sample sizes, seeds and methods."""
+class SettingOptions(BaseModel):
+    """The environment: a setting and its parameters (see :mod:`adaptrep.environments`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    setting: Literal["linear", "linear-hard", "logistic", "relu-net", "relu-hard", "sinusoid"] = "linear"
+    setting: Literal["linear", "linear-hard", "logistic", "relu-net", "relu-hard", "sinusoid"] = Field(
+        "linear", description="the environment (default: the default experiments, linear-hard then linear)"
+    )
     dim: int = Field(20, gt=0, description="input dimension d")
     rank: int = Field(3, gt=0, description="representation dimension k")
+    delta: float = Field(0.4, ge=0, allow_inf_nan=False, description="perturbation size delta (linear)")
+    noise: float = Field(0.5, ge=0, allow_inf_nan=False, description="noise standard deviation sigma")
+    eps: float = Field(0.1, gt=0, allow_inf_nan=False, description="low input variance eps (linear-hard, relu-hard)")
+    scale: float = Field(3.0, gt=0, allow_inf_nan=False, description="signal scale s of the logits (logistic)")
+
+
+class DesignOptions(BaseModel):
+    """The experiment design: the source tasks, the targets, the seeds and the methods compared."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     tasks: int = Field(100, gt=0, description="number of source tasks T")
     samples: int = Field(25, gt=0, description="samples per source task n")
-    target_samples: list[int] = Field(default_factory=lambda: [10, 20, 40, 80, 160], description="target sample sizes m")
+    target_samples: list[int] = Field(default_factory=lambda: [10, 20, 40, 80, 160], description="comma-separated target sample sizes m, e.g. 10,20,40")
     target_tasks: int = Field(20, gt=0, description="target tasks per m and seed")
-    target: Literal["adversarial", "random"] = "adversarial"
-    delta: float = Field(0.4, ge=0, allow_inf_nan=False, description="perturbation size (linear)")
-    noise: float = Field(0.5, ge=0, allow_inf_nan=False, description="noise standard deviation sigma")
-    eps: float = Field(0.1, gt=0, allow_inf_nan=False, description="input variance of the low-variance block (linear-hard)")
-    scale: float = Field(3.0, gt=0, allow_inf_nan=False, description="signal scale s of the logits (logistic)")
+    target: Literal["adversarial", "random"] = Field("adversarial", description="linear-hard targets")
     seeds: int = Field(5, gt=0, description="number of seeds (0 .. seeds-1)")
-    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
-    # the meta-learners (maml, fomaml, anil, reptile, pooled); defaults per setting (meta_setting_defaults)
-    inner_steps: int = Field(5, ge=0, description="inner-loop gradient steps K")
-    inner_lr: float = Field(0.05, gt=0, allow_inf_nan=False, description="inner-loop step size alpha")
-    outer_lr: float = Field(0.01, gt=0, allow_inf_nan=False, description="outer optimiser step size")
-    meta_batch: int = Field(25, gt=0, description="tasks per meta-batch (capped at tasks)")
-    meta_iterations: int = Field(1000, ge=0, description="outer iterations")
-    outer_optimizer: Literal["adam", "sgd"] = "adam"
-    support: float = Field(0.0, ge=0, allow_inf_nan=False, description="0: all samples are support and query; a fraction in (0, 1) or a count")
-    compile: Literal["auto", "always", "never"] = "auto"
-    meta_chunk: int = Field(0, ge=0, description="tasks per chunk of a meta-batch (less memory); 0: the whole meta-batch at once")
-    adapt_steps: int = Field(5, ge=0, description="inner-loop steps of the target adaptation (default: inner_steps)")
-    device: str = "cpu"
-    dtype: Literal["float32", "float64"] = "float64"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_booleans_or_nulls(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            for key, value in values.items():
-                if value is None:
-                    raise ValueError(f"{key}: needs a value")
-                if isinstance(value, bool) and key in cls.model_fields:
-                    raise ValueError(f"{key}: expected a number or a name, got {value}")
-        return values
-
-    @model_validator(mode="before")
-    @classmethod
-    def _meta_defaults(cls, values: Any) -> Any:
-        """Fill the meta-learners' keys that are not given with the setting's defaults (so the
-        resolved config records the numbers used); ``adapt_steps`` defaults to ``inner_steps``."""
-        if isinstance(values, dict):
-            setting, eps = values.get("setting", "linear"), values.get("eps", 0.1)
-            loss = "logistic" if setting == "logistic" else "squared"
-            try:
-                defaults = meta_setting_defaults(setting, loss, float(eps))
-            except (TypeError, ValueError):
-                return values  # a bad eps is reported by its own field
-            values = {**defaults, **values}
-            values.setdefault("adapt_steps", values["inner_steps"])
-        return values
+    methods: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_METHODS), description=f"comma-separated method names, e.g. adaptrep,frozenrep (names: {', '.join(METHODS)})"
+    )
 
     @field_validator("target_samples", "methods", mode="before")
     @classmethod
@@ -174,29 +157,37 @@ class RunConfig(BaseModel):
             raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
         return list(dict.fromkeys(value))
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        try:
-            device = torch.device(value)
-        except (RuntimeError, ValueError) as error:
-            raise ValueError(f"not a torch device: {value!r}") from error
-        if device.type not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"device {value!r}: only cpu, cuda and mps devices compute here")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {value!r} requested but CUDA is not available")
-        try:
-            torch.empty(1, device=device)
-        except Exception as error:  # noqa: BLE001 - any backend failure means the device is unusable
-            raise ValueError(f"device {value!r} is not usable here: {str(error).splitlines()[0]}") from None
-        return value
 
-    @field_validator("support")
+class RunConfig(Compute, MetaOptions, DesignOptions, SettingOptions):
+    """One experiment. Its options are grouped by concern: the environment (:class:`SettingOptions`),
+    the design (:class:`DesignOptions`), the meta-learners (:class:`~adaptrep.options.MetaOptions`) and
+    the computation (:class:`~adaptrep.options.Compute`); the keys stay flat (config files, flags,
+    stored configs). The bases are listed last-first: pydantic orders fields from the last base."""
+
+    @model_validator(mode="before")
     @classmethod
-    def _support(cls, value: float) -> float:
-        if not (value < 1 or float(value).is_integer()):
-            raise ValueError(f"must be 0, a fraction in (0, 1) or an integer count; got {value}")
-        return value
+    def _given(cls, values: Any) -> Any:
+        """Refuse booleans for numbers and nulls where a value is needed; fill the meta-learners'
+        options not given with the setting's defaults (so the resolved config records the numbers
+        used); ``adapt_steps`` defaults to ``inner_steps``."""
+        if not isinstance(values, dict):
+            return values
+        for key, value in values.items():
+            field = cls.model_fields.get(key)
+            if value is None and field is not None and field.default is not None:
+                raise ValueError(f"{key}: needs a value")
+            if isinstance(value, bool) and field is not None:
+                raise ValueError(f"{key}: expected a number or a name, got {value}")
+        values = {key: value for key, value in values.items() if value is not None}
+        setting, eps = values.get("setting", "linear"), values.get("eps", 0.1)
+        loss = "logistic" if setting == "logistic" else "squared"
+        try:
+            defaults = meta_setting_defaults(setting, loss, float(eps))
+        except (TypeError, ValueError):
+            return values  # a bad eps is reported by its own field
+        values = {**defaults, **values}
+        values.setdefault("adapt_steps", values["inner_steps"])
+        return values
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -209,7 +200,7 @@ class RunConfig(BaseModel):
                     f"methods: {misfits[0]} needs a true representation and a moment start, which sinusoid does not have; "
                     "use maml, fomaml, anil, reptile, pooled or target-only"
                 )
-        if self.support:
+        if self.support is not None:
             try:
                 support_size(self.support, self.samples)
             except ValueError as error:
@@ -218,9 +209,6 @@ class RunConfig(BaseModel):
             raise ValueError(f"rank ({self.rank}) must not exceed dim ({self.dim})")
         if self.setting in ("linear-hard", "relu-hard") and self.dim < 2 * self.rank:
             raise ValueError(f"{self.setting} needs dim >= 2 * rank; got dim={self.dim}, rank={self.rank}")
-        need, have = self.memory_estimate(), _physical_memory()
-        if have and need > have / 2:
-            raise ValueError(f"sizes too large: about {need / 2**30:.1f} GiB needed, this machine has {have / 2**30:.1f} GiB")
         return self
 
     def memory_estimate(self) -> int:
@@ -235,28 +223,12 @@ class RunConfig(BaseModel):
     def method_options(self, seed: int) -> dict[str, Any]:
         """Keyword options of :func:`adaptrep.methods.make_method` (the meta-learners' settings; the
         seed of their initialisation)."""
-        return dict(
-            inner_steps=self.inner_steps,
-            inner_lr=self.inner_lr,
-            outer_lr=self.outer_lr,
-            meta_batch=self.meta_batch,
-            iterations=self.meta_iterations,
-            optimizer=self.outer_optimizer,
-            support=self.support or None,
-            compile=self.compile,
-            chunk=self.meta_chunk or None,
-            adapt_steps=self.adapt_steps,
-            seed=seed,
-        )
+        return {**self.learner_options(), "seed": seed}
 
     @property
     def adversarial_targets(self) -> bool:
         """Whether targets are built against each method's representation (``linear-hard`` only)."""
         return self.setting == "linear-hard" and self.target == "adversarial"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return torch.float64 if self.dtype == "float64" else torch.float32
 
     def environment(self, seed: int) -> Environment:
         return make_environment(
@@ -278,6 +250,31 @@ def _physical_memory() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def check_device(device: str) -> None:
+    """:class:`ConfigError` (one line) unless ``device`` computes on this machine."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
+    try:
+        torch.empty(1, device=device)
+    except Exception as error:  # noqa: BLE001 - any backend failure means the device is unusable
+        raise ConfigError(f"device {device!r} is not usable on this machine: {str(error).splitlines()[0]}") from None
+
+
+def preflight(configs: Iterable[Any]) -> None:
+    """The machine checks before anything runs (the command line calls it; validation does not
+    probe the machine, so a config validates anywhere, e.g. in a worker or when read back from a
+    store): every device is usable here and every :class:`RunConfig`'s memory estimate fits in
+    half of this machine's memory. :class:`ConfigError` with one line otherwise."""
+    configs = list(configs)
+    for device in dict.fromkeys(str(config.device) for config in configs):
+        check_device(device)
+    have = _physical_memory()
+    for config in configs:
+        need = config.memory_estimate() if isinstance(config, RunConfig) else 0
+        if have and need > have / 2:
+            raise ConfigError(f"sizes too large: about {need / 2**30:.1f} GiB needed, this machine has {have / 2**30:.1f} GiB")
 
 
 def one_line(error: ValidationError) -> str:

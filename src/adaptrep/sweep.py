@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .evaluate import EvaluateConfig
 from .experiment import ConfigError, RunConfig, library_versions, read_yaml, resolve_config, run_unit
+from .options import execution_keys, identity
 from .store import Store, StoreError, describe_labels
 
 __all__ = [
@@ -70,16 +71,22 @@ class Run:
 
     @property
     def id(self) -> str:
-        """A hash of the resolved config (without its seed count), the seed and the adaptrep
-        version: the same sweep always has the same runs, a run shared by two sweeps is computed
-        once, and a new version of the library never reuses an older version's results."""
+        """A hash of the stored config, the seed and the adaptrep version: the same sweep always has
+        the same runs, a run shared by two sweeps is computed once, a new version of the library
+        never reuses an older version's results, and the execution options (device, compilation,
+        chunking; backend and workers are not in the config at all) never make a run new."""
         from . import __version__
 
         text = json.dumps({"config": self.stored_config(), "seed": self.seed, "adaptrep": __version__}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def stored_config(self) -> dict[str, Any]:
-        return self.config.model_dump(exclude={"seeds"})
+        """What the store keeps and the id hashes: :func:`~adaptrep.experiment.identity` of the config."""
+        return identity(self.config)
+
+    def work(self) -> dict[str, Any]:
+        """What a worker computes: the whole config, execution options included."""
+        return dict(self.config.model_dump())
 
 
 class SweepSpec(BaseModel):
@@ -100,6 +107,8 @@ class SweepSpec(BaseModel):
                 raise ValueError("seeds: give seeds at the top level of the spec, not in the grid")
             if key not in RunConfig.model_fields and key not in EvaluateConfig.model_fields:
                 raise ValueError(f"{key}: unknown key")
+            if key in execution_keys(RunConfig) or key in execution_keys(EvaluateConfig):
+                raise ValueError(f"{key}: an execution option does not change the numbers, so it cannot make a grid; set it in base")
             if not values:
                 raise ValueError(f"{key}: needs at least one value")
         return grid
@@ -184,7 +193,7 @@ class InProcess:
         for run in runs:
             step = None if self.on_step is None else (lambda text, run=run: self.on_step(run, text))  # type: ignore[misc]
             try:
-                outcome: Outcome = compute(run.stored_config(), run.seed, on_step=step)
+                outcome: Outcome = compute(run.work(), run.seed, on_step=step)
             except Exception as error:  # noqa: BLE001 - a failing run is recorded, the sweep goes on
                 outcome = error
             yield run, outcome
@@ -267,7 +276,7 @@ class _Here:
     def _compute(self, run: Run, threads: int) -> None:
         previous = torch.get_num_threads()
         try:
-            self.future.set_result(compute(run.stored_config(), run.seed, threads))
+            self.future.set_result(compute(run.work(), run.seed, threads))
         except BaseException as error:  # noqa: BLE001 - handed to the driver like a worker's exception
             self.future.set_exception(error)
         finally:
@@ -320,10 +329,10 @@ class ProcessPool(_Windowed):
         if not self._up.is_set() and torch.device(run.config.device).type == "cpu":
             return _Here(run, self.threads).future
         try:
-            return self._executor().submit(compute, run.stored_config(), run.seed)
+            return self._executor().submit(compute, run.work(), run.seed)
         except BrokenProcessPool:
             self._pool = self._start()
-            return self._pool.submit(compute, run.stored_config(), run.seed)
+            return self._pool.submit(compute, run.work(), run.seed)
 
     def _wait(self, handles: list[Any]) -> list[Any]:
         starting = not self._up.is_set()  # wake up when the workers are, to give them runs
@@ -378,7 +387,7 @@ class RayBackend(_Windowed):
 
     def _submit(self, run: Run) -> Any:
         gpus = 1 if torch.device(run.config.device).type == "cuda" else 0  # Ray hides GPUs from tasks that do not ask
-        return self._remote.options(num_gpus=gpus).remote(run.stored_config(), run.seed, 1)
+        return self._remote.options(num_gpus=gpus).remote(run.work(), run.seed, 1)
 
     def _wait(self, handles: list[Any]) -> list[Any]:
         ready, _ = self._ray.wait(handles, num_returns=1)
