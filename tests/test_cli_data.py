@@ -89,7 +89,7 @@ def test_evaluate_writes_results_report_and_resumes(tmp_path, monkeypatch, capsy
         (["fit", "{data}", "--task-col", "nope", "--label-col", "label", "--rank", "2"], "no task column 'nope'"),
         (["fit", "{data}", "--task-col", "school", "--label-col", "label", "--features", "x0,zz", "--rank", "2"], "no feature column 'zz'"),
         (["fit", "{data}", "--task-col", "school", "--label-col", "label", "--loss", "logistic", "--rank", "2"], "the logistic loss needs labels 0 and 1"),
-        (["fit", "{data}", "--task-col", "school", "--label-col", "label"], "needs rank="),
+        (["fit", "{data}", "--task-col", "school", "--label-col", "label", "--model", "relu"], "needs rank="),
         (["fit", "{missing}", "--task-col", "school", "--label-col", "label"], "data file not found"),
         (["evaluate", "{data}", "--task-col", "school", "--label-col", "label", "--rank", "2", "--shots", "60"], "60 shots need at least 61"),
         (["evaluate", "{data}", "--task-col", "school", "--label-col", "label", "--methods", "adaptrep,oracle-ft"], "needs a simulated environment"),

@@ -129,6 +129,7 @@ def save_method(method: Method, path: str | Path, data: dict[str, Any] | None = 
         "state": {
             "noise_estimate": method.noise_estimate,
             "noise_dof": method.noise_dof,
+            "perturbation_variance": method.perturbation_variance,
             "width": getattr(method, "width", None),
             "labels": [spec.standardizer.label_mean, spec.standardizer.label_scale] if spec.standardizer is not None else None,
             "config": {f.name: _encode(getattr(config, f.name)) for f in dataclasses.fields(config)} if isinstance(config, MetaConfig) else None,
@@ -219,6 +220,7 @@ def load_method(path: str | Path, module: torch.nn.Module | None = None, device:
     if "w" in tensors:
         method.w = tensors["w"]  # type: ignore[attr-defined]
     method.noise_estimate, method.noise_dof = state["noise_estimate"], state["noise_dof"]
+    method.perturbation_variance = state.get("perturbation_variance")
     if state.get("width") is not None:
         method.width = state["width"]  # type: ignore[attr-defined]
     if state.get("config") is not None:
