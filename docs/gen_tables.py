@@ -25,7 +25,9 @@ means are over every seed and target task of a method and ``m``):
   ``labels``) x methods, the subspace distance (and the opt-block share in brackets);
 * ``meta-largest-m file= [digits=3] [labels=a,b]``: experiments x methods, the mean excess risk at
   each experiment's largest m (``digits`` significant digits);
-* ``presets``: the settings' presets (``adaptrep.experiment.PRESETS``).
+* ``presets``: the settings' presets (``adaptrep.experiment.PRESETS``);
+* ``evaluation file= [metric=query_loss] [focus=adaptrep]``: an ``adaptrep evaluate`` result, methods x
+  shots with 95% intervals over target tasks and splits, and the generated sentences of its report.
 """
 
 from __future__ import annotations
@@ -189,7 +191,18 @@ def presets() -> str:
     return markdown_table(["setting", *names], rows)
 
 
+def evaluation(file: str, metric: str = "query_loss", focus: str = "adaptrep") -> str:
+    """An ``adaptrep evaluate`` result: methods x shots with 95% intervals, then the report's generated
+    sentences (best method per shot count; ``focus`` against the best other, paired)."""
+    from adaptrep.report import evaluation_table, standings
+
+    frame = load(file)
+    column(frame, metric)
+    return "\n".join([evaluation_table(frame, metric), "", *standings(frame, metric, focus)]).rstrip()
+
+
 DIRECTIVES: dict[str, Callable[..., str]] = {
+    "evaluation": evaluation,
     "risk": risk,
     "ratio": ratio,
     "representation": representation,

@@ -54,3 +54,25 @@ def test_summary_interval_uses_t_for_the_seed_count():
     row = report.summarise(results).iloc[0]
     half = 2.0860 * values.std(ddof=1) / np.sqrt(seeds)
     assert row["ci_high"] - row["mean"] == pytest.approx(half, rel=1e-4)
+
+
+def test_standings_pair_the_focus_method_with_the_best_other_on_the_same_targets():
+    """The paired difference is the mean of per-target differences with Student's interval (scipy's
+    paired t interval); a shared per-target effect that would swamp an unpaired interval cancels."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(3):
+        for target in range(20):
+            shared = rng.normal(scale=5.0)
+            for method, shift in (("adaptrep", -0.3), ("mixed-effects", 0.0), ("target-only", 4.0)):
+                rows.append(dict(method=method, m=5, seed=seed, target_task=target, query_loss=10 + shared + shift + rng.normal(scale=0.1)))
+    frame = pd.DataFrame(rows)
+    mean, half, n = report.paired_difference(frame, "query_loss", "adaptrep", "mixed-effects", 5)
+    diff = frame[frame.method == "adaptrep"].query_loss.to_numpy() - frame[frame.method == "mixed-effects"].query_loss.to_numpy()
+    low, high = stats.ttest_1samp(diff, 0.0).confidence_interval(0.95)
+    assert n == 60 and mean == pytest.approx(diff.mean()) and half == pytest.approx((high - low) / 2)
+    (line,) = [text for text in report.standings(frame, "query_loss") if text]
+    assert "best query loss adaptrep" in line and "within its interval: mixed-effects" in line
+    assert "adaptrep minus the best other (mixed-effects), paired over 60 target tasks: -0.2" in line and "(better)" in line

@@ -235,7 +235,7 @@ def _evaluate_section(part: pd.DataFrame, config: dict[str, Any], figures: Path,
     lines = [
         heading,
         "",
-        f"Data: `{source}`; loss {config['loss']}, model {config['model']}, rank {config.get('rank')}; "
+        f"Data: `{source}`; loss {config['loss']}, model {config['model']}, rank {config.get('rank') or 'chosen from the data'}; "
         f"{part['seed'].nunique()} seeds (task splits), {part.groupby('seed')['target_task'].nunique().sum()} target tasks in all.",
         "",
     ]
@@ -243,19 +243,8 @@ def _evaluate_section(part: pd.DataFrame, config: dict[str, Any], figures: Path,
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.0 * len(metrics), 4.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         summary = summarise(part, metric)
-        table = summary.assign(cell=[f"{m:.4g} ± {(h - m):.2g}" for m, h in zip(summary["mean"], summary["ci_high"], strict=True)])
-        pivot = table.pivot(index="method", columns="m", values="cell").reindex(list(dict.fromkeys(part["method"])))
-        pivot.columns = [f"{c} shots" for c in pivot.columns]
-        lines += [f"Mean {metric.replace('_', ' ')} on the query samples (± 95% interval):", "", _markdown_text(pivot), ""]
-        better = max if metric == "query_accuracy" else min
-        for shots, rows in summary.groupby("m"):
-            best = rows.loc[rows["mean"].idxmax() if better is max else rows["mean"].idxmin()]
-            tied = rows[(rows["ci_high"] >= best["ci_low"]) & (rows["ci_low"] <= best["ci_high"]) & (rows["method"] != best["method"])]
-            others = f"; within its interval: {', '.join(tied['method'])}" if len(tied) else "; no other method within its interval"
-            lines.append(
-                f"- {shots} shots: best {metric.replace('_', ' ')} {best['method']} ({best['mean']:.4g} ± {best['ci_high'] - best['mean']:.2g}){others}."
-            )
-        lines.append("")
+        lines += [f"Mean {metric.replace('_', ' ')} on the query samples (± 95% interval):", "", evaluation_table(part, metric), ""]
+        lines += standings(part, metric)
         look = styles([str(method) for method in summary["method"]])
         for method, rows in summary.groupby("method", sort=False):
             color, marker = look[str(method)]
@@ -276,6 +265,52 @@ def _evaluate_section(part: pd.DataFrame, config: dict[str, Any], figures: Path,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [*lines, f"![query metrics, {config['setting']}](figures/{path.name})", ""]
+
+
+def evaluation_table(part: pd.DataFrame, metric: str) -> str:
+    """Markdown table of an evaluation: methods x shots, the mean of ``metric`` ± its 95% interval."""
+    summary = summarise(part, metric)
+    table = summary.assign(cell=[f"{m:.4g} ± {(h - m):.2g}" for m, h in zip(summary["mean"], summary["ci_high"], strict=True)])
+    pivot = table.pivot(index="method", columns="m", values="cell").reindex(list(dict.fromkeys(part["method"])))
+    pivot.columns = [f"{c} shots" for c in pivot.columns]
+    return _markdown_text(pivot)
+
+
+def paired_difference(part: pd.DataFrame, metric: str, method: str, other: str, shots: int) -> tuple[float, float, int]:
+    """Mean of ``metric`` of ``method`` minus ``other``'s at ``shots``, paired on the same target task
+    of the same split, with its 95% interval's half-width and the number of pairs."""
+    rows = part[part["m"] == shots]
+    a = rows[rows["method"] == method].set_index(["seed", "target_task"])[metric]
+    b = rows[rows["method"] == other].set_index(["seed", "target_task"])[metric]
+    diff = (a - b).dropna()
+    n = len(diff)
+    half = float(t_quantile_975(pd.Series([n - 1])).iloc[0] * diff.std() / np.sqrt(n)) if n > 1 else float("nan")
+    return float(diff.mean()), half, n
+
+
+def standings(part: pd.DataFrame, metric: str, focus: str = "adaptrep") -> list[str]:
+    """Generated sentences on an evaluation: per shot count the best method and those within its
+    interval, and where ``focus`` (if run) stands against the best of the others, paired."""
+    summary = summarise(part, metric)
+    higher = metric == "query_accuracy"
+    name = metric.replace("_", " ")
+    lines = []
+    for shots, rows in summary.groupby("m"):
+        best = rows.loc[rows["mean"].idxmax() if higher else rows["mean"].idxmin()]
+        tied = rows[(rows["ci_high"] >= best["ci_low"]) & (rows["ci_low"] <= best["ci_high"]) & (rows["method"] != best["method"])]
+        others = f"; within its interval: {', '.join(tied['method'])}" if len(tied) else "; no other method within its interval"
+        text = f"- {shots} shots: best {name} {best['method']} ({best['mean']:.4g} ± {best['ci_high'] - best['mean']:.2g}){others}."
+        rivals = rows[rows["method"] != focus]
+        if focus in set(rows["method"]) and len(rivals):
+            rival = rivals.loc[rivals["mean"].idxmax() if higher else rivals["mean"].idxmin()]["method"]
+            mean, half, n = paired_difference(part, metric, focus, str(rival), int(shots))
+            better = (mean > half) if higher else (mean < -half)
+            worse = (mean < -half) if higher else (mean > half)
+            verdict = "better" if better else "worse" if worse else "no different within the interval"
+            text += f" {focus} minus the best other ({rival}), paired over {n} target tasks: {mean:+.3g} ± {half:.2g} ({verdict})."
+        lines.append(text)
+    lines.append("")
+    return lines
 
 
 def _markdown_text(frame: pd.DataFrame) -> str:
