@@ -199,11 +199,30 @@ def test_evaluate_cli_runs_both_baselines(tmp_path, monkeypatch, capsys):
     pd.concat(frames).to_csv(tmp_path / "data.csv", index=False)
     args = ["evaluate", tmp_path / "data.csv", "--methods", "pretrain-probe,pretrain-ft,target-only", "--shots", "5", "--seeds", "1", "--workers", "1"]
     args += ["--out", tmp_path / "out"]
-    monkeypatch.setattr(sys, "argv", ["adaptrep", *map(str, args)])
-    with pytest.raises(SystemExit) as stop:
-        entry()
-    assert stop.value.code == 0, capsys.readouterr().err
+    assert cli(monkeypatch, capsys, *args) == 0
     results = pd.read_csv(tmp_path / "out" / "results.csv")
     loss = results.groupby("method")["query_loss"].mean()
     assert set(loss.index) == {"pretrain-probe", "pretrain-ft", "target-only"}
     assert loss["pretrain-probe"] < loss["target-only"]  # a shared slope: 2 parameters beat 4 at 5 shots
+    # fit -> model file -> predict
+    frame = pd.read_csv(tmp_path / "data.csv")
+    frame[frame["task"] != "s15"].to_csv(tmp_path / "source.csv", index=False)
+    target = frame[frame["task"] == "s15"]
+    target.head(6).to_csv(tmp_path / "support.csv", index=False)
+    target.iloc[6:].drop(columns="y").to_csv(tmp_path / "query.csv", index=False)
+    assert cli(monkeypatch, capsys, "fit", tmp_path / "source.csv", "--method", "pretrain-ft", "--out", tmp_path / "m.adaptrep") == 0
+    args = ["predict", tmp_path / "m.adaptrep", "--support", tmp_path / "support.csv", "--query", tmp_path / "query.csv", "--out", tmp_path / "p.csv"]
+    assert cli(monkeypatch, capsys, *args) == 0
+    predicted = pd.read_csv(tmp_path / "p.csv")
+    error = float(((predicted["prediction"].to_numpy() - target["y"].iloc[6:].to_numpy()) ** 2).mean())
+    assert len(predicted) == len(target) - 6 and error < 1.0, error  # the noise variance is 0.09
+
+
+def cli(monkeypatch, capsys, *args):
+    """``adaptrep ARGS`` in this process: its exit status (stderr shown on failure)."""
+    monkeypatch.setattr(sys, "argv", ["adaptrep", *map(str, args)])
+    with pytest.raises(SystemExit) as stop:
+        entry()
+    err = capsys.readouterr().err
+    assert stop.value.code == 0, err
+    return stop.value.code
