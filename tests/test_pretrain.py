@@ -129,17 +129,18 @@ def test_probe_head_is_a_ridge_fit_on_the_frozen_features():
     tasks = regression_tasks(T=18)
     source, target = tasks.subset(range(12)), tasks.subset(range(12, 18))
     method = Pretrain(standardize=False).fit(source)
-    support, _ = split_shots(target, 6, seed=0)
-    adapted = method.adapt(support, torch.Generator().manual_seed(0))
     b = method.representation[:, 0]
-    for r in range(support.num_tasks):  # the closed form, one target at a time
-        keep = support.mask[r] if support.mask is not None else torch.ones(support.num_samples, dtype=torch.bool)
-        Phi = torch.stack([support.X[r][keep] @ b, torch.ones(int(keep.sum()), dtype=b.dtype)], -1)
-        y = support.y[r][keep]
-        m = Phi.shape[0]
-        closed = [torch.linalg.solve(Phi.T @ Phi / m + ridge * torch.eye(2, dtype=b.dtype), Phi.T @ y / m) for ridge in RIDGES]
-        gap = min(float((adapted.w[r] - w).abs().max()) for w in closed)
-        assert gap < 1e-9, (r, gap)
+    assert target.ragged
+    for support in (split_shots(target, 6, seed=0)[0], target):  # 6 shots each, and all samples of ragged targets
+        adapted = method.adapt(support, torch.Generator().manual_seed(0))
+        for r in range(support.num_tasks):  # the closed form, one target at a time
+            keep = support.mask[r] if support.mask is not None else torch.ones(support.num_samples, dtype=torch.bool)
+            Phi = torch.stack([support.X[r][keep] @ b, torch.ones(int(keep.sum()), dtype=b.dtype)], -1)
+            y = support.y[r][keep]
+            m = Phi.shape[0]
+            closed = [torch.linalg.solve(Phi.T @ Phi / m + ridge * torch.eye(2, dtype=b.dtype), Phi.T @ y / m) for ridge in RIDGES]
+            gap = min(float((adapted.w[r] - w).abs().max()) for w in closed)
+            assert gap < 1e-9, (r, gap)
 
 
 @pytest.mark.parametrize("kind", ["multiclass", "squared"])
