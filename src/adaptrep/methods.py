@@ -899,3 +899,9 @@ METHOD_CLASSES: dict[str, type[Method]] = {cls.__name__: cls for cls in (AdaptRe
 from .baselines import MixedEffects, RidgePerTask  # noqa: E402
 
 METHODS.update({"ridge-per-task": RidgePerTask, "mixed-effects": MixedEffects})
+
+# the pre-training baselines (Chen et al. 2019; Tian et al. 2020), likewise built on Method
+from .pretrain import Pretrain  # noqa: E402
+
+METHODS.update({"pretrain-probe": Pretrain, "pretrain-ft": lambda: Pretrain(finetune=True)})
+METHOD_CLASSES["Pretrain"] = Pretrain
