@@ -320,3 +320,30 @@ def test_mlp_features_with_stacked_parameters_equal_each_tasks_own(monkeypatch, 
         h = torch.relu(X[task] * params["W1"] + params["b1"])
         h = torch.relu(h @ params["W2"] + params["b2"])
         torch.testing.assert_close(Phi[task], torch.cat([h, torch.ones(7, 1, dtype=torch.float64)], -1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ridge", [0.05, 0.0])
+def test_target_only_with_fewer_samples_than_features_solves_in_the_row_space_exactly(ridge):
+    """Multiclass target-only with m < d is solved in each target's row space; it equals the fit in
+    all d coordinates (fit_heads, or cv_heads with the same folds) and scikit-learn's multinomial
+    regression, to solver tolerance."""
+    from adaptrep.data import Tasks
+    from adaptrep.models import cv_heads, fit_heads, linear_model
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(4, 12, 30, generator=gen, dtype=F64)
+    y = torch.arange(12).remainder(3).expand(4, -1).to(F64)
+    tasks = Tasks(X, y, loss="multiclass")
+    method = TargetOnly(ridge=ridge, intercept=False, standardize=False).fit(tasks)
+    ours = method.adapt(tasks, torch.Generator().manual_seed(5)).w
+    model, identity = linear_model("multiclass", 3), {"B": torch.eye(30, dtype=F64)}
+    if ridge > 0:
+        full = fit_heads(model, identity, X, y, ridge=ridge)
+        sklearn = pytest.importorskip("sklearn.linear_model")
+        # ours: mean cross-entropy + ridge ||W||^2; scikit-learn: C sum cross-entropy + ||W||^2 / 2
+        peer = sklearn.LogisticRegression(C=1 / (2 * ridge * 12), fit_intercept=False, tol=1e-12, max_iter=10_000).fit(X[0].numpy(), y[0].numpy())
+        centred = ours[0] - ours[0].mean(-1, keepdim=True)  # softmax heads are defined up to a shift per feature
+        torch.testing.assert_close(centred, torch.tensor(peer.coef_.T, dtype=F64), rtol=1e-4, atol=1e-6)
+    else:
+        full = cv_heads(model, identity, X, y, torch.Generator().manual_seed(5))[0]
+    torch.testing.assert_close(ours, full, rtol=1e-6, atol=1e-8)
