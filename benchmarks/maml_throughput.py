@@ -8,6 +8,12 @@ Cases (float32, CPU; problems, parameters and data from ``benchmarks/peers.py``)
 - ``linear``: ``f(x) = w^T B^T x`` with d = 50, k = 5, meta-batch 64, 25 + 25 samples, 5 inner steps,
   inner lr 0.01 (``peers.PROBLEMS``), second order, MAML and ANIL.
 
+The JAX peer (``--peers jax``; ``benchmarks/jax_peer.py``, installed into the peers' environment by
+``benchmarks/setup_jax_peer.sh``) is the peer of ours compiled: the same iteration (the meta-gradient and
+Adam, ``torch.optim.Adam``'s formula) as one ``jax.jit`` of ``jax.vmap`` over tasks, its state carried
+between calls; its target is ours compiled >= 0.8x its it/s (sinusoid MAML 5-step, linear MAML and ANIL).
+It runs with XLA's own CPU threads (``--threads`` sets torch's only); its memory is not measured.
+
 One iteration = one outer step on a fixed meta-batch: the meta-gradient of the mean query loss over the
 meta-batch (all inner loops and the backward pass) plus one Adam update of the meta-parameters (lr 1e-3).
 Ours runs the step :func:`adaptrep.meta.meta_train` runs (``_make_step``: the eager ``torch.autograd``
@@ -45,6 +51,8 @@ and are skipped when not importable)::
     PEERS/bin/python benchmarks/maml_throughput.py --json maml.json   # all, several minutes
     .venv/bin/python benchmarks/maml_throughput.py --quick --no-compile           # smoke test, ours only
     PEERS/bin/python benchmarks/maml_throughput.py --chunk 1 --peers learn2learn --cases sinusoid-maml-5
+    PEERS/bin/python benchmarks/maml_throughput.py --threads 2 --peers jax,learn2learn --no-memory \
+        --cases sinusoid-maml-5 linear-maml-5 linear-anil-5                    # ours compiled against JAX
 
 The ``src/`` next to this file is put first on ``sys.path``, so the checkout the script lives in is benchmarked.
 """

@@ -349,15 +349,16 @@ def test_compiled_meta_train_equals_eager(algorithm, chunk):
 
 def test_the_compiled_step_runs_with_its_own_thread_count_and_restores_torchs(monkeypatch):
     """compile_step (torch.compile replaced by a recorder: no compilation) runs the step with ``threads``
-    torch threads, compiles its kernels for that many, restores torch's setting after the call, and keeps
-    torch's setting with ``threads=None``."""
+    torch threads, compiles its kernels for that many with a C++ driver, restores torch's setting after the
+    call, and keeps torch's setting with ``threads=None``."""
     import adaptrep.meta as meta
 
-    seen: list[tuple[int, object]] = []
+    seen: list[tuple[int, object, bool]] = []
 
     def fake_compile(fn, **kwargs):
         def run(*args):
-            seen.append((torch.get_num_threads(), (kwargs.get("options") or {}).get("cpp.threads")))
+            options = kwargs["options"]
+            seen.append((torch.get_num_threads(), options.get("cpp.threads"), options["cpp_wrapper"]))
             return "result"
 
         return run
@@ -373,7 +374,7 @@ def test_the_compiled_step_runs_with_its_own_thread_count_and_restores_torchs(mo
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    assert seen == [(meta.COMPILED_THREADS, meta.COMPILED_THREADS), (2, None)]
+    assert seen == [(meta.COMPILED_THREADS, meta.COMPILED_THREADS, True), (2, None, True)]
     with pytest.raises(ValueError, match="threads"):
         meta.compile_step(linear_model(), ["B"], config, threads=0)
 
