@@ -8,6 +8,12 @@ Cases (float32, CPU; problems, parameters and data from ``benchmarks/peers.py``)
 - ``linear``: ``f(x) = w^T B^T x`` with d = 50, k = 5, meta-batch 64, 25 + 25 samples, 5 inner steps,
   inner lr 0.01 (``peers.PROBLEMS``), second order, MAML and ANIL.
 
+The JAX peer (``--peers jax``; ``benchmarks/jax_peer.py``, installed into the peers' environment by
+``benchmarks/setup_jax_peer.sh``) is the peer of ours compiled: the same iteration (the meta-gradient and
+Adam, ``torch.optim.Adam``'s formula) as one ``jax.jit`` of ``jax.vmap`` over tasks, its state carried
+between calls; its target is ours compiled >= 0.8x its it/s (sinusoid MAML 5-step, linear MAML and ANIL).
+It runs with XLA's own CPU threads (``--threads`` sets torch's only); its memory is not measured.
+
 One iteration = one outer step on a fixed meta-batch: the meta-gradient of the mean query loss over the
 meta-batch (all inner loops and the backward pass) plus one Adam update of the meta-parameters (lr 1e-3).
 Ours runs the step :func:`adaptrep.meta.meta_train` runs (``_make_step``: the eager ``torch.autograd``
@@ -45,6 +51,8 @@ and are skipped when not importable)::
     PEERS/bin/python benchmarks/maml_throughput.py --json maml.json   # all, several minutes
     .venv/bin/python benchmarks/maml_throughput.py --quick --no-compile           # smoke test, ours only
     PEERS/bin/python benchmarks/maml_throughput.py --chunk 1 --peers learn2learn --cases sinusoid-maml-5
+    PEERS/bin/python benchmarks/maml_throughput.py --threads 2 --peers jax,learn2learn --no-memory \
+        --cases sinusoid-maml-5 linear-maml-5 linear-anil-5                    # ours compiled against JAX
 
 The ``src/`` next to this file is put first on ``sys.path``, so the checkout the script lives in is benchmarked.
 """
@@ -77,7 +85,7 @@ from adaptrep.models import linear_model, mlp_model  # noqa: E402
 OUTER_LR = 1e-3
 #: ``MetaConfig.chunk`` of ours (``--chunk``): ``None`` computes a meta-batch as one batch
 CHUNK: int | None = None
-PEERS = ("learn2learn", "higher", "torchopt")
+PEERS = ("learn2learn", "higher", "torchopt", "jax")
 OURS = ("ours eager", "ours compiled")
 GRAD_TOLERANCE = 1e-5  # float32 relative meta-gradient error, ours against each peer
 MEMORY_STEPS = 5
@@ -91,6 +99,7 @@ class Case:
     steps: int
     compiled_target: float | None = None  # ours compiled / learn2learn it/s
     eager_target: float | None = None  # ours eager / learn2learn it/s
+    jax_target: float | None = None  # ours compiled / the JAX peer's it/s
 
     @property
     def peer_algorithm(self) -> str:
@@ -113,12 +122,12 @@ class Case:
 CASES = {
     c.name: c
     for c in (
-        Case("sinusoid-maml-5", "sinusoid", "maml", 5, compiled_target=30, eager_target=10),
+        Case("sinusoid-maml-5", "sinusoid", "maml", 5, compiled_target=30, eager_target=10, jax_target=0.8),
         Case("sinusoid-fomaml-5", "sinusoid", "fomaml", 5),
         Case("sinusoid-maml-1", "sinusoid", "maml", 1, compiled_target=20, eager_target=10),
         Case("sinusoid-fomaml-1", "sinusoid", "fomaml", 1),
-        Case("linear-maml-5", "linear", "maml", 5, compiled_target=40),
-        Case("linear-anil-5", "linear", "anil", 5, compiled_target=40),
+        Case("linear-maml-5", "linear", "maml", 5, compiled_target=40, jax_target=0.8),
+        Case("linear-anil-5", "linear", "anil", 5, compiled_target=40, jax_target=0.8),
     )
 }
 
@@ -158,8 +167,14 @@ def our_iteration(case: Case, compiled: bool) -> OurIteration:
 
 
 def peer_iteration(library: str, case: Case, dtype: torch.dtype = torch.float32):
-    """The peer's meta-gradient step followed by ``torch.optim.Adam.step()`` on its module."""
+    """The peer's meta-gradient step followed by ``torch.optim.Adam.step()`` on its module (JAX: its own jitted
+    meta-step with Adam, ``jax_peer.make_iteration``)."""
     c = peers.PROBLEMS[case.problem]
+    if library == "jax":
+        import jax_peer
+
+        params = peers.init_params(case.problem, dtype)
+        return jax_peer.make_iteration(case.problem, case.peer_algorithm, case.steps, case.first_order, params, c["inner_lr"], OUTER_LR)
     step = peers.make_peer_step(library, case.problem, case.peer_algorithm, case.steps, case.first_order, peers.init_params(case.problem, dtype), c["inner_lr"])
     optimizer = torch.optim.Adam(step.module.parameters(), lr=OUTER_LR)
 
@@ -288,7 +303,7 @@ def run_case(case: Case, libraries: list[str], args) -> dict:
     # memory, each in a fresh process
     if not args.no_memory and not (args.quick and args.memory_done):
         args.memory_done = True
-        for kind in [*(k for k in OURS if k in rates), *libraries]:
+        for kind in [*(k for k in OURS if k in rates), *(lib for lib in libraries if lib != "jax")]:  # JAX's memory: not torch's profiler's
             result["memory"][kind] = memory = measure_memory(kind, case, threads)
             if "warm_compile_s" in memory:
                 result["compile"]["warm_s"] = memory["warm_compile_s"]
@@ -335,6 +350,10 @@ def report(result: dict, libraries: list[str], checks: list[dict]) -> None:
                 ok = ratio >= target
                 cell += f" (>={target:g}x {_verdict(ok)})"
                 checks.append(dict(case=case.name, check=f"{ours} / learn2learn it/s", value=ratio, target=f">= {target:g}", ok=ok))
+            if lib == "jax" and ours == "ours compiled" and case.jax_target is not None:
+                ok = ratio >= case.jax_target
+                cell += f" (>={case.jax_target:g}x {_verdict(ok)})"
+                checks.append(dict(case=case.name, check="ours compiled / JAX (jit) it/s", value=ratio, target=f">= {case.jax_target:g}", ok=ok))
             cells.append(cell)
         mem = []
         for ours in OURS:

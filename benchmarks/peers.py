@@ -49,6 +49,9 @@ examples):
   the functional form is the one that expresses first order). ``"torchopt-metasgd"`` is TorchOpt's
   object-oriented form of its MAML examples, ``torchopt.MetaSGD(net, lr)`` with ``extract_state_dict`` /
   ``recover_state_dict`` around each task (second order only).
+* JAX (``benchmarks/jax_peer.py``, set up by ``benchmarks/setup_jax_peer.sh``): not a per-task loop but the
+  idiomatic batched form, ``jax.vmap`` over tasks of ``jax.grad`` inner steps inside one ``jax.jit``; the peer
+  of our compiled step. Its memory is not the PyTorch profiler's to measure (``--memory`` skips it).
 
 API (importable by other benchmarks; ``benchmarks/`` is put on ``sys.path`` or run from the root)::
 
@@ -57,7 +60,7 @@ API (importable by other benchmarks; ``benchmarks/`` is put on ``sys.path`` or r
     make_batch(problem, dtype, seed) -> (Xs, ys, Xq, yq)
     make_peer_step(library, problem, algorithm, inner_steps, first_order, params, inner_lr)
         -> step(Xs, ys, Xq, yq) -> (mean query loss, {name: meta-gradient} in our layout)
-        library: "learn2learn" | "higher" | "torchopt" | "torchopt-metasgd" (second order only) | "reference"
+        library: "learn2learn" | "higher" | "torchopt" | "torchopt-metasgd" (second order only) | "jax" | "reference"
     supports(library, first_order) -> bool
     reference_step(...)   same signature, plain autograd (library "reference" in make_peer_step)
     time_step(step, batch, seconds=2.0, clock="wall" | "cpu") -> it/s (or iterations per CPU-second)
@@ -80,7 +83,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-LIBRARIES = ("learn2learn", "higher", "torchopt")
+LIBRARIES = ("learn2learn", "higher", "torchopt", "jax")
 # make_peer_step's ``library``: the peers, TorchOpt's MetaSGD form (second order only), our plain loop
 STEP_KINDS = LIBRARIES + ("torchopt-metasgd", "reference")
 PROBLEMS = {
@@ -111,6 +114,11 @@ def _import(library: str):
         import torchopt
 
         return torchopt
+    if library == "jax":
+        import jax
+        import jax_peer  # noqa: F401 - benchmarks/jax_peer.py, next to this file
+
+        return jax
     raise ValueError(f"unknown peer library {library!r}; choose from {LIBRARIES}")
 
 
@@ -402,6 +410,11 @@ def make_peer_step(library: str, problem: str, algorithm: str, inner_steps: int,
     _check_args(library, problem, algorithm, inner_steps)
     if library == "reference":
         return reference_step(problem, algorithm, inner_steps, first_order, params, inner_lr)
+    if library == "jax":
+        _import("jax")
+        import jax_peer
+
+        return jax_peer.make_step(problem, algorithm, inner_steps, first_order, params, inner_lr)
     net = build_module(problem, params)
     build = {"learn2learn": _learn2learn_step, "higher": _higher_step, "torchopt": _torchopt_step, "torchopt-metasgd": _torchopt_metasgd_step}[library]
     run = build(problem, algorithm, inner_steps, first_order, net, inner_lr)
@@ -637,7 +650,7 @@ def main() -> None:
         for problem, algorithm, steps, fo in configurations():
             cells = []
             for lib in usable:
-                if not supports(lib, fo):
+                if not supports(lib, fo) or lib == "jax":
                     cells.append("-")
                     continue
                 m = peak_memory(lib, problem, algorithm, steps, fo, threads=args.threads)

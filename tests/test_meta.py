@@ -322,23 +322,61 @@ def test_compiled_meta_train_equals_eager(algorithm, chunk):
     theta, w = init_mlp((1, 8, 8), g, dtype=F64)
     X = torch.rand(10, 12, 1, generator=g, dtype=F64) * 10 - 5
     y = torch.sin(X[..., 0] - torch.rand(10, 1, generator=g, dtype=F64))
-    fits = [
-        meta_train(
-            model,
-            theta,
-            w,
-            X,
-            y,
-            MetaConfig(algorithm, inner_steps=2, meta_batch=4, iterations=6, support=6, compile=c, chunk=chunk),
-            torch.Generator().manual_seed(1),
-        )
-        for c in ("never", "always")
-    ]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the compiled step runs with meta.COMPILED_THREADS (1) and restores torch's setting
+    try:
+        fits = [
+            meta_train(
+                model,
+                theta,
+                w,
+                X,
+                y,
+                MetaConfig(algorithm, inner_steps=2, meta_batch=4, iterations=6, support=6, compile=c, chunk=chunk),
+                torch.Generator().manual_seed(1),
+            )
+            for c in ("never", "always")
+        ]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert not fits[0].compiled and fits[1].compiled
     torch.testing.assert_close(fits[1].losses, fits[0].losses, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fits[1].w, fits[0].w, rtol=1e-10, atol=1e-12)
     for name in theta:
         torch.testing.assert_close(fits[1].theta[name], fits[0].theta[name], rtol=1e-10, atol=1e-12)
+
+
+def test_the_compiled_step_runs_with_its_own_thread_count_and_restores_torchs(monkeypatch):
+    """compile_step (torch.compile replaced by a recorder: no compilation) runs the step with ``threads``
+    torch threads, compiles its kernels for that many with a C++ driver, restores torch's setting after the
+    call, and keeps torch's setting with ``threads=None``."""
+    import adaptrep.meta as meta
+
+    seen: list[tuple[int, object, bool]] = []
+
+    def fake_compile(fn, **kwargs):
+        def run(*args):
+            options = kwargs["options"]
+            seen.append((torch.get_num_threads(), options.get("cpp.threads"), options["cpp_wrapper"]))
+            return "result"
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    config = MetaConfig("maml", inner_steps=1, meta_batch=4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert meta.compile_step(linear_model(), ["B"], config)() == "result"
+        assert torch.get_num_threads() == 2
+        assert meta.compile_step(linear_model(), ["B"], config, threads=None)() == "result"
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(meta.COMPILED_THREADS, meta.COMPILED_THREADS, True), (2, None, True)]
+    with pytest.raises(ValueError, match="threads"):
+        meta.compile_step(linear_model(), ["B"], config, threads=0)
 
 
 def test_a_failed_compilation_falls_back_to_eager_with_a_warning(monkeypatch):

@@ -820,17 +820,47 @@ def enable_compile_cache() -> str:
     return directory
 
 
-def compile_step(model: Model, names: list[str], config: MetaConfig) -> Callable[..., Any]:
+#: Intra-op threads of the compiled meta-step (:func:`compile_step`). Its kernels are small (a meta-batch of small
+#: tasks: tens of microseconds each) and there are tens of them a step; with more threads every kernel ends at a
+#: barrier that waits for the slowest thread, and on a busy machine that thread may be descheduled for a time
+#: slice. Measured on a loaded 2-core machine (linear MAML, 5 steps): about 30 it/s with 2 threads, 450 with 1.
+COMPILED_THREADS = 1
+
+
+def compile_step(model: Model, names: list[str], config: MetaConfig, threads: int | None = COMPILED_THREADS) -> Callable[..., Any]:
     """The meta-step (:func:`_make_step` on the :mod:`torch.func` backend) compiled by
-    :func:`torch.compile` with static shapes and one graph. With ``config.chunk``, the full chunks
-    run as a ``while_loop`` (one copy of the chunk's code; a Python loop would be unrolled into one
-    copy a chunk) and inductor writes the step's driver in C++ (``cpp_wrapper``) with single-threaded
-    kernels, so the loop's small kernels are not paid for in Python or in thread start-ups."""
+    :func:`torch.compile` with static shapes and one graph. Inductor writes the step's driver in C++
+    (``cpp_wrapper``): a step calls tens to a hundred small kernels and library matmuls, and a Python
+    driver costs about as much as they do (sinusoid MAML, 5 steps: about 290 it/s with the Python driver,
+    450-540 with the C++ one). With ``config.chunk``, the full chunks run as a ``while_loop`` (one copy of
+    the chunk's code; a Python loop would be unrolled into one copy a chunk) with single-threaded kernels.
+
+    ``threads``: the CPU threads the step runs with (its generated kernels and the library calls in it;
+    torch's thread count is set for the call and restored after it); ``None`` keeps torch's setting
+    (:data:`COMPILED_THREADS` says why the default is 1)."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be None or an integer >= 1; got {threads!r}")
     enable_compile_cache()
-    # a chunk's kernels are small: their threads would cost more to start than they save
+    # a chunk's kernels are small: their threads would cost more to start than they save (whatever ``threads``)
     chunked = config.chunk is not None and config.chunk < config.meta_batch
-    options: dict[str, Any] | None = {"cpp_wrapper": True, "cpp.threads": 1} if chunked else None
-    return torch.compile(_make_step(model, names, config, _grad_func), dynamic=False, fullgraph=True, options=options)
+    options: dict[str, Any] = {"cpp_wrapper": True, "cpp.threads": 1} if chunked else {"cpp_wrapper": True}
+    if threads is not None:
+        options.setdefault("cpp.threads", threads)
+    compiled = torch.compile(_make_step(model, names, config, _grad_func), dynamic=False, fullgraph=True, options=options)
+    if threads is None:
+        return compiled
+
+    def step(*args: Any) -> Any:
+        before = torch.get_num_threads()
+        if before == threads:
+            return compiled(*args)
+        torch.set_num_threads(threads)
+        try:
+            return compiled(*args)
+        finally:
+            torch.set_num_threads(before)
+
+    return step
 
 
 def _sample(
