@@ -56,13 +56,13 @@ def _objective(Phi: Tensor, labels: Tensor, weight: Tensor, count: Tensor, ridge
     return (losses * weight).sum(-1) / count + ridge * (W * W).sum((-1, -2))
 
 
-def _newton_chunk(Phi: Tensor, labels: Tensor, weight: Tensor, ridge: Tensor, classes: int, max_iter: int, tol: float) -> Tensor:
+def _newton_chunk(Phi: Tensor, labels: Tensor, weight: Tensor, ridge: Tensor, classes: int, max_iter: int, tol: float, init: Tensor | None) -> Tensor:
     T, n, k = Phi.shape
     N = classes
     dtype, device = Phi.dtype, Phi.device
     count = weight.sum(-1)
     onehot = (labels.unsqueeze(-1) == torch.arange(N, device=device)).to(dtype)
-    W = torch.zeros(T, k, N, dtype=dtype, device=device)
+    W = torch.zeros(T, k, N, dtype=dtype, device=device) if init is None else init.to(dtype).clone()
     eye = torch.eye(N * k, dtype=dtype, device=device)
     eps = torch.finfo(dtype).eps
     active = torch.arange(T, device=device)
@@ -118,13 +118,14 @@ def fit_multinomial(
     max_iter: int = 100,
     tol: float = 1e-10,
     chunk_bytes: int = CHUNK_BYTES,
+    init: Tensor | None = None,
 ) -> Tensor:
     """Per-task heads ``W`` ``(T, k, N)`` minimising ``sum_i a_i CE(W^T phi_i, y_i) / sum_i a_i +
     ridge ||W||_F^2`` (``a`` = ``weight``, 1 when ``None``; ``ridge`` a number or ``(T,)``, ``> 0``
     for a unique minimiser) for features ``Phi`` ``(T, n, k)`` and labels ``y`` ``(T, n)`` in
     ``{0, ..., classes - 1}``.
 
-    Damped Newton from ``W = 0``: the direction solves the ``kN x kN`` Hessian system by Cholesky
+    Damped Newton from ``W = 0`` (or ``init``, e.g. the solution for a nearby ridge): the direction solves the ``kN x kN`` Hessian system by Cholesky
     (a ``1e-12`` relative jitter), the step is backtracked (Armijo) per task, and a task stops once
     its gradient norm is at most ``tol`` or no step decreases its objective beyond rounding. Tasks
     are processed in chunks whose Hessians and intermediates fit in ``chunk_bytes``."""
@@ -144,5 +145,5 @@ def fit_multinomial(
     parts = []
     for start in range(0, T, chunk):  # chunks of tasks (memory), not a loop over tasks
         part = slice(start, start + chunk)
-        parts.append(_newton_chunk(Phi[part], labels[part], weight[part], lam[part], classes, max_iter, tol))
+        parts.append(_newton_chunk(Phi[part], labels[part], weight[part], lam[part], classes, max_iter, tol, None if init is None else init[part]))
     return torch.cat(parts) if parts else torch.zeros(0, k, classes, dtype=Phi.dtype, device=Phi.device)
