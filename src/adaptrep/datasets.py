@@ -126,7 +126,7 @@ def load_digits(
     novel: int = 5,
     split: int | None = None,
     source_tasks: int = 100,
-    target_tasks: int = 100,
+    target_tasks: int = 200,
     per_class: int = 20,
     loss: str = "multiclass",
     seed: int = 0,
@@ -404,21 +404,21 @@ class Dataset:
         return self.loader.__doc__ or ""
 
 
-def _digits_defaults(options: dict[str, Any]) -> dict[str, Any]:
-    targets = int(options.get("target_tasks", 100))
+def _digits_defaults(options: dict[str, Any], targets: int = 200) -> dict[str, Any]:
+    targets = int(options.get("target_tasks", targets))
     return dict(
         loss=options.get("loss", "multiclass"),
         model="linear",
         rank=8,
         shots=[1, 5, 10],
         target_tasks=[f"novel-{i}" for i in range(targets)],
-        methods=["adaptrep", "frozenrep", "frozenrep-ft", "target-only", "anil"],
+        methods=["adaptrep", "frozenrep", "target-only", "maml", "anil", "pretrain-probe", "pretrain-ft"],
         seeds=3,
     )
 
 
 def _images_defaults(options: dict[str, Any]) -> dict[str, Any]:
-    return {**_digits_defaults(options), "rank": 16, "methods": ["frozenrep", "target-only", "anil"]}
+    return {**_digits_defaults(options, targets=100), "rank": 16, "methods": ["frozenrep", "target-only", "anil"]}
 
 
 def _hsb82_defaults(options: dict[str, Any]) -> dict[str, Any]:
@@ -428,7 +428,7 @@ def _hsb82_defaults(options: dict[str, Any]) -> dict[str, Any]:
         rank=None,  # chosen from the data (held-out marginal likelihood)
         shots=[5, 10, 20],
         target_tasks=0.3,
-        methods=["adaptrep", "frozenrep", "target-only", "ridge-per-task", "mixed-effects", "pooled"],
+        methods=["adaptrep", "frozenrep", "target-only", "ridge-per-task", "mixed-effects", "pooled", "pretrain-probe", "pretrain-ft"],
         seeds=5,
     )
 
@@ -440,7 +440,7 @@ def _contraception_defaults(options: dict[str, Any]) -> dict[str, Any]:
         rank=1,
         shots=[1, 3, 5],
         target_tasks=0.3,
-        methods=["adaptrep", "frozenrep", "target-only", "pooled"],
+        methods=["adaptrep", "frozenrep", "target-only", "pooled", "pretrain-probe", "pretrain-ft"],
         seeds=5,
     )
 
