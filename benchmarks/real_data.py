@@ -31,10 +31,10 @@ RUNS: dict[str, list[str]] = {
 
 def run(name: str) -> None:
     out = ROOT / "runs" / "real" / name
-    command = [sys.executable, "-m", "adaptrep.cli", "evaluate", *RUNS[name], "--out", str(out)]
+    command = [str(Path(sys.executable).parent / "adaptrep"), "evaluate", *RUNS[name], "--out", str(out)]
     start = time.perf_counter()
     subprocess.run(command, check=True)
-    print(f"{name}: {time.perf_counter() - start:.0f} s ({' '.join(command[3:])})", flush=True)
+    print(f"{name}: {time.perf_counter() - start:.0f} s ({' '.join(command[1:])})", flush=True)
     shutil.copyfile(out / "results.csv", ROOT / "docs" / "results" / f"{name}.csv")
     (figure,) = (out / "figures").glob("*_query.png")  # named after the dataset (one evaluation per run)
     shutil.copyfile(figure, ROOT / "docs" / "figures" / f"{name}_query.png")

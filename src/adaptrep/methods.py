@@ -197,6 +197,8 @@ class Method(ABC):
         if rank is None:
             if source.representation is None and self.spec.prior and isinstance(self, _RepresentationMethod):
                 return self._select_rank(source)
+            if source.representation is None and self.spec.kind == "linear" and isinstance(self, MetaLearner):
+                return source.dim  # meta-learners' linear model without a bottleneck
             if source.representation is None:
                 raise ValueError(
                     f"{type(self).__name__} needs rank= (the representation's dimension k) for data without a true representation "
