@@ -34,6 +34,8 @@ STYLE = {
     "mom": ("slateblue", "^"),
     "ridge-per-task": ("chocolate", "v"),
     "mixed-effects": ("darkgreen", "*"),
+    "pretrain-probe": ("teal", "d"),
+    "pretrain-ft": ("darkmagenta", "p"),
 }
 
 #: Styles handed out, in turn, to methods without an entry in :data:`STYLE`.
