@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .environments import SETTINGS, Environment, Tasks, TwoBlocks, make_environment
 from .meta import support_size
-from .methods import METHODS, MODEL_METHODS, Method, make_method, meta_defaults, synchronize
+from .methods import METHODS, MODEL_METHODS, Method, make_method, synchronize
 from .metrics import block_share, subspace_distance
 from .options import Compute, MetaOptions
 
@@ -78,15 +78,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         support=10,
     ),
 }
-
-
-def meta_setting_defaults(setting: str, loss: str, eps: float) -> dict[str, Any]:
-    """The meta-learners' defaults of a setting where its preset gives none: :func:`adaptrep.methods.meta_defaults`
-    for the setting's model, with its largest input variance (``max(1, eps)`` for the hard cases, 1 otherwise)."""
-    kind = "mlp" if setting == "sinusoid" else "relu" if setting.startswith("relu") else "linear"
-    variance = max(1.0, eps) if setting in ("linear-hard", "relu-hard") else 1.0
-    field = {keyword: name for name, keyword in MetaOptions.keywords().items()}
-    return {field.get(key, key): value for key, value in meta_defaults(loss, kind, variance).items()}
 
 
 #: What ``adaptrep run`` does with no flags: the hard-case separation, then the benign sweep.
@@ -167,9 +158,8 @@ class RunConfig(Compute, MetaOptions, DesignOptions, SettingOptions):
     @model_validator(mode="before")
     @classmethod
     def _given(cls, values: Any) -> Any:
-        """Refuse booleans for numbers and nulls where a value is needed; fill the meta-learners'
-        options not given with the setting's defaults (so the resolved config records the numbers
-        used); ``adapt_steps`` defaults to ``inner_steps``."""
+        """Refuse booleans for numbers and nulls where a value is needed. The meta-learners' options
+        not given stay ``None``: the learner sets them from the source tasks (:meth:`adaptrep.methods.MetaLearner.resolve`)."""
         if not isinstance(values, dict):
             return values
         for key, value in values.items():
@@ -178,16 +168,7 @@ class RunConfig(Compute, MetaOptions, DesignOptions, SettingOptions):
                 raise ValueError(f"{key}: needs a value")
             if isinstance(value, bool) and field is not None:
                 raise ValueError(f"{key}: expected a number or a name, got {value}")
-        values = {key: value for key, value in values.items() if value is not None}
-        setting, eps = values.get("setting", "linear"), values.get("eps", 0.1)
-        loss = "logistic" if setting == "logistic" else "squared"
-        try:
-            defaults = meta_setting_defaults(setting, loss, float(eps))
-        except (TypeError, ValueError):
-            return values  # a bad eps is reported by its own field
-        values = {**defaults, **values}
-        values.setdefault("adapt_steps", values["inner_steps"])
-        return values
+        return {key: value for key, value in values.items() if value is not None}
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -58,12 +58,11 @@ when ``MetaConfig.compile`` says so (see :func:`should_compile`).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple, Protocol, cast, overload, runtime_checkable
 
 import torch
@@ -71,6 +70,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from .models import Model, Params, pointwise_loss, pointwise_loss_slope
+from .options import MetaOptions
 
 __all__ = [
     "ALGORITHMS",
@@ -105,10 +105,17 @@ __all__ = [
 #: faster than the eager one, so shorter runs do not repay it.
 COMPILE_MIN_ITERATIONS = 2000
 
+#: The Python keywords of the options defined in :class:`~adaptrep.options.MetaOptions`.
+_OPTION_KEYWORDS = frozenset(MetaOptions.keywords().values())
+
 
 @dataclass(frozen=True)
 class MetaConfig:
-    """Settings of :func:`meta_train` (see the module docstring for the algorithms).
+    """Settings of :func:`meta_train` (see the module docstring for the algorithms). The options
+    shared with the command line and :class:`~adaptrep.methods.MetaLearner` (all but ``algorithm``
+    and ``first_order``) are defined, with their bounds, in :class:`adaptrep.options.MetaOptions`
+    (under their keywords: ``iterations`` is ``meta_iterations`` there); this class validates them
+    there and gives the engine's defaults.
 
     ``algorithm``: a name in :data:`ALGORITHMS` or an :class:`Algorithm` object (your own variant;
     :attr:`algo` is the object either way). ``first_order=True`` holds the inner gradients constant
@@ -141,23 +148,17 @@ class MetaConfig:
 
     def __post_init__(self) -> None:
         get_algorithm(self.algorithm)  # a one-line error for an unknown name or a wrong type
-        if not isinstance(self.inner_steps, int) or self.inner_steps < 0:
-            raise ValueError(f"inner_steps must be an integer >= 0; got {self.inner_steps!r}")
-        for name in ("inner_lr", "outer_lr"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+        # the options' bounds are defined once, in MetaOptions: validate (and coerce) through it
+        named = {f.name: getattr(self, f.name) for f in fields(self) if f.name in _OPTION_KEYWORDS}
+        if not isinstance(self.optimizer, str):
+            del named["optimizer"]  # a Transform object, checked below
+        missing = [keyword for keyword, value in named.items() if value is None and keyword not in ("support", "chunk")]
+        if missing:
+            raise ValueError(f"{missing[0]} needs a value; got None")
+        for keyword, value in MetaOptions.from_keywords(**named).learner_options().items():
+            if keyword in named:
+                object.__setattr__(self, keyword, value)
         get_optimizer(self.optimizer, self.outer_lr)
-        if not isinstance(self.meta_batch, int) or self.meta_batch < 1:
-            raise ValueError(f"meta_batch must be an integer >= 1; got {self.meta_batch!r}")
-        if not isinstance(self.iterations, int) or self.iterations < 0:
-            raise ValueError(f"iterations must be an integer >= 0; got {self.iterations!r}")
-        if self.support is not None and not (self.support > 0 and (self.support < 1 or float(self.support).is_integer())):
-            raise ValueError(f"support must be None, a fraction in (0, 1) or an integer count >= 1; got {self.support!r}")
-        if self.compile not in ("auto", "always", "never"):
-            raise ValueError(f"compile must be auto, always or never; got {self.compile!r}")
-        if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
-            raise ValueError(f"chunk must be None or an integer >= 1; got {self.chunk!r}")
 
     @property
     def algo(self) -> Algorithm:
