@@ -317,7 +317,9 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _generator(*keys: int) -> torch.Generator:
+def keyed_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by a hash of ``keys`` (a run's seed and what is drawn: source tasks,
+    targets, adaptation), so every draw of a run has its own stream."""
     seed = 0
     for key in keys:
         seed = (seed * 1_000_003 + key) % (2**63 - 1)
@@ -332,7 +334,7 @@ def run_seed(config: RunConfig, seed: int, on_step: Callable[[str], None] | None
     """
     step = on_step or (lambda _: None)
     env = config.environment(seed)
-    source = env.sample_tasks(config.tasks, config.samples, _generator(seed, 1))
+    source = env.sample_tasks(config.tasks, config.samples, keyed_generator(seed, 1))
     methods: dict[str, Method] = {}
     for name in config.methods:
         methods[name] = make_method(name, config.method_options(seed))
@@ -390,7 +392,7 @@ def _evaluate_targets(
     config: RunConfig, env: Environment, methods: dict[str, Method], fallback: torch.Tensor | None, seed: int, m: int, step: Callable[[str], None]
 ) -> list[dict[str, Any]]:
     R = config.target_tasks
-    generator = _generator(seed, 2, m)
+    generator = keyed_generator(seed, 2, m)
     adversarial = config.adversarial_targets
     shared_beta = None if adversarial else env.sample_parameters(R, generator)
     Z, xi = env.sample_inputs(R, m, generator)
@@ -406,7 +408,7 @@ def _evaluate_targets(
         target = env.make_tasks(beta, Z, xi)
         assert target.beta is not None
         start = time.perf_counter()
-        beta_hat = method.adapt(target, _generator(seed, 3, m)).beta
+        beta_hat = method.adapt(target, keyed_generator(seed, 3, m)).beta
         synchronize(beta_hat.device)
         adapt_time = (time.perf_counter() - start) / R
         risk = env.excess_risk(beta_hat, target.beta).cpu().numpy()

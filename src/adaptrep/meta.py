@@ -454,37 +454,26 @@ def get_algorithm(algorithm: str | Algorithm) -> Algorithm:
 
 
 def _meta_gradient(
-    model: Model,
-    theta: Params,
-    w: Tensor,
-    Xs: Tensor,
-    ys: Tensor,
-    Xq: Tensor,
-    yq: Tensor,
-    config: MetaConfig,
-    grad: Grad,
-    sw: Tensor | None = None,
-    qw: Tensor | None = None,
-    algorithm: Algorithm | None = None,
+    model: Model, theta: Params, w: Tensor, batch: Batch, config: MetaConfig, grad: Grad, algorithm: Algorithm | None = None
 ) -> tuple[Tensor, Params, Tensor]:
     """The meta-gradient of ``config``'s algorithm (``algorithm``: the same, resolved beforehand, as a
     compiled step passes it), in chunks of ``config.chunk`` tasks if given."""
     algorithm = config.algo if algorithm is None else algorithm
-    B = ys.shape[0]
+    B = batch.ys.shape[0]
     if config.chunk is None or config.chunk >= B:
-        return algorithm.gradient(model, theta, w, Batch(Xs, ys, Xq, yq, sw, qw), config.inner_steps, config.inner_lr, grad)
+        return algorithm.gradient(model, theta, w, batch, config.inner_steps, config.inner_lr, grad)
     # every quantity is a mean over tasks: chunks weighted by their share of the tasks
     chunk = config.chunk
     loss, g_theta, g_w = torch.zeros((), dtype=w.dtype, device=w.device), {name: torch.zeros_like(v) for name, v in theta.items()}, torch.zeros_like(w)
     first = 0
     if torch.compiler.is_compiling() and grad is _grad_func:  # the full chunks as one compiled loop body, run B // chunk times
         first = B - B % chunk
-        loss, g_theta, g_w = _chunk_loop(model, theta, w, (Xs, ys, Xq, yq, sw, qw), config, grad, (loss, g_theta, g_w), algorithm)
+        loss, g_theta, g_w = _chunk_loop(model, theta, w, batch, config, grad, (loss, g_theta, g_w), algorithm)
     for start in range(first, B, chunk):  # eager: every chunk; compiled: the remainder
         part = slice(start, start + chunk)
-        batch = Batch(*(None if x is None else x[part] for x in (Xs, ys, Xq, yq, sw, qw)))  # type: ignore[arg-type]
-        value, gt, gw = algorithm.gradient(model, theta, w, batch, config.inner_steps, config.inner_lr, grad)
-        loss, g_theta, g_w = _add_share((loss, g_theta, g_w), (value.detach(), _detached(gt), gw.detach()), ys[part].shape[0] / B)
+        sliced = Batch(*(None if x is None else x[part] for x in batch))  # type: ignore[arg-type]
+        value, gt, gw = algorithm.gradient(model, theta, w, sliced, config.inner_steps, config.inner_lr, grad)
+        loss, g_theta, g_w = _add_share((loss, g_theta, g_w), (value.detach(), _detached(gt), gw.detach()), sliced.ys.shape[0] / B)
     return loss, g_theta, g_w
 
 
@@ -499,7 +488,7 @@ def _chunk_loop(
     model: Model,
     theta: Params,
     w: Tensor,
-    data: tuple[Tensor | None, ...],
+    batch: Batch,
     config: MetaConfig,
     grad: Grad,
     totals: tuple[Tensor, Params, Tensor],
@@ -517,8 +506,7 @@ def _chunk_loop(
 
     algorithm = config.algo if algorithm is None else algorithm
     chunk = cast(int, config.chunk)
-    Xs, ys, Xq, yq, sw, qw = data if len(data) == 6 else (*data, None, None)  # weights optional
-    assert Xs is not None and ys is not None and Xq is not None and yq is not None
+    Xs, ys, Xq, yq, sw, qw = batch
     same = Xq is Xs and yq is ys and qw is sw  # no support/query split
     B, names = ys.shape[0], list(theta)
     count, share = B // chunk, chunk / B
@@ -570,7 +558,7 @@ def meta_gradient(
     (B, nq)`` make each task's support, resp. query, loss a weighted mean (ragged tasks)."""
     theta = {name: value.detach().requires_grad_() for name, value in theta.items()}
     w = w.detach().requires_grad_()
-    loss, g_theta, g_w = _meta_gradient(model, theta, w, Xs, ys, Xq, yq, config, _grad_eager, support_weight, query_weight)
+    loss, g_theta, g_w = _meta_gradient(model, theta, w, Batch(Xs, ys, Xq, yq, support_weight, query_weight), config, _grad_eager)
     return loss.detach(), _detached(g_theta), g_w.detach()
 
 
@@ -687,7 +675,7 @@ def _make_step(model: Model, names: list[str], config: MetaConfig, grad: Grad) -
 
     def step(params: list[Tensor], state: Any, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor, sw: Tensor | None = None, qw: Tensor | None = None):
         theta = dict(zip(names, params[:-1], strict=True))
-        loss, g_theta, g_w = _meta_gradient(model, theta, params[-1], Xs, ys, Xq, yq, config, grad, sw, qw, algorithm)
+        loss, g_theta, g_w = _meta_gradient(model, theta, params[-1], Batch(Xs, ys, Xq, yq, sw, qw), config, grad, algorithm)
         grads = [*(g_theta[name].detach() for name in names), g_w.detach()]
         params = [p.detach() for p in params]
         updates, state = transform.update(grads, state, params)
