@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from adaptrep.experiment import PRESETS, _generator, resolve_config
+from adaptrep.experiment import PRESETS, keyed_generator, resolve_config
 from adaptrep.metrics import block_share
 from adaptrep.models import fit_shared, model_for
 from adaptrep.solvers import moment_inits, sufficient_statistics
@@ -31,7 +31,7 @@ def main() -> None:
     for seed in range(args.seeds):
         start = time.perf_counter()
         env = config.environment(seed)
-        source = env.sample_tasks(config.tasks, config.samples, _generator(seed, 1))
+        source = env.sample_tasks(config.tasks, config.samples, keyed_generator(seed, 1))
         G, c, _ = sufficient_statistics(source.X, source.y)
         starts = [(f"moment{i}", W) for i, W in enumerate(moment_inits(G, c, config.rank))]
         g = torch.Generator().manual_seed(100 + seed)

@@ -215,7 +215,8 @@ def test_sinusoid_meta_learners_run_from_the_command_line(tmp_path):
     assert set(results["method"]) == {"maml", "fomaml", "anil", "reptile", "pooled", "target-only"}
     assert len(results) == 6 * 2 * 3 and results["excess_risk"].notna().all() and results["subspace_distance"].isna().all()
     config = yaml.safe_load((out / "config.yaml").read_text())["experiments"][0]
-    assert (config["meta_iterations"], config["meta_batch"], config["adapt_steps"], config["inner_lr"], config["inner_steps"]) == (5, 10, 3, 0.01, 5)
+    # options not given stay null: the learner takes its defaults from the source tasks
+    assert (config["meta_iterations"], config["meta_batch"], config["adapt_steps"], config["inner_lr"], config["inner_steps"]) == (5, 10, 3, None, None)
 
 
 def flags_of(command: str) -> dict[str, str]:
@@ -254,8 +255,8 @@ def test_flags_are_the_config_fields_with_their_descriptions(command):
 
 
 def test_inner_lr_goes_from_its_flag_to_the_meta_learner(monkeypatch, capsys, tmp_path):
-    """``--inner-lr`` sets the field ``inner_lr`` (None when not given: the setting's default), which
-    becomes the MetaLearner's ``inner_lr`` and the ``MetaConfig`` that meta_train uses."""
+    """``--inner-lr`` sets the field ``inner_lr`` (None when not given: the learner's default from the
+    source tasks), which becomes the MetaLearner's ``options.inner_lr`` and the ``MetaConfig`` that meta_train uses."""
     import torch
 
     from adaptrep import cli
@@ -272,16 +273,19 @@ def test_inner_lr_goes_from_its_flag_to_the_meta_learner(monkeypatch, capsys, tm
     assert config.inner_lr == 0.07 and how.workers == 1
     learner = make_method("maml", config.method_options(0))
     source = config.environment(0).sample_tasks(15, 10, torch.Generator().manual_seed(0))
-    assert learner.inner_lr == 0.07 and learner.resolve(source).inner_lr == 0.07
-    # not given: the setting's default, recorded in the resolved config; a null in a file is "not given"
+    assert learner.options.inner_lr == 0.07 and learner.resolve(source).inner_lr == 0.07
+    # not given: None in the config, and the learner's rule 0.1 / (2 v) with v the source inputs' largest variance;
+    # a null in a file is "not given"
     status, _, err = in_process(monkeypatch, capsys, "run", *TINY, "--methods", "maml", "--out", str(tmp_path / "p"))
     assert status == 0, err
-    assert captured[1][0][0].config.inner_lr == pytest.approx(0.05)
+    config = captured[1][0][0].config
+    variance = float((source.X**2).mean((0, 1)).max())
+    assert config.inner_lr is None and make_method("maml", config.method_options(0)).resolve(source).inner_lr == pytest.approx(0.05 / variance)
     (tmp_path / "null.yaml").write_text("setting: linear\ninner_lr:\nsupport:\nmeta_chunk:\n")
     status, _, err = in_process(monkeypatch, capsys, "run", "--config", str(tmp_path / "null.yaml"), "--out", str(tmp_path / "q"))
     assert status == 0, err
     config = captured[2][0][0].config
-    assert (config.inner_lr, config.support, config.meta_chunk) == (pytest.approx(0.05), None, None)
+    assert (config.inner_lr, config.support, config.meta_chunk) == (None, None, None)
 
 
 def test_evaluate_takes_the_meta_learners_flags(monkeypatch, capsys, tmp_path):

@@ -9,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).parents[1]
@@ -47,6 +48,7 @@ def test_readme_python_example_runs_and_shows_its_output():
         assert math.isclose(shown[name], value, rel_tol=2e-3, abs_tol=2e-4), (name, shown[name], value)
 
 
+@pytest.mark.slow  # three methods trained on a CNN: minutes on a loaded 2-core machine
 def test_readme_own_module_example_runs_and_shows_its_output():
     """The README's CNN on generated 5-way image tasks: every method well above chance (0.2), as shown."""
     readme = ROOT / "README.md"

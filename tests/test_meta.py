@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from adaptrep.meta import MetaConfig, _grad_func, _meta_gradient, inner_adapt, meta_gradient, meta_train, split_support
+from adaptrep.meta import Batch, MetaConfig, _grad_func, _meta_gradient, inner_adapt, meta_gradient, meta_train, split_support
 from adaptrep.models import Model, init_mlp, linear_model, mlp_model, relu_model, task_loss
 
 F64 = torch.float64
@@ -142,9 +142,9 @@ def test_the_compiled_steps_chunk_loop_equals_the_per_task_loop(algorithm, first
     Xs, ys, Xq, yq = (x.contiguous() for x in _data(model, B=5))  # separate tensors: while_loop refuses aliases
     config = MetaConfig(algorithm, inner_steps=2, inner_lr=0.1, first_order=first_order, chunk=2)
     zeros = (torch.zeros((), dtype=F64), {n: torch.zeros_like(v) for n, v in theta.items()}, torch.zeros_like(w))
-    loss, g_theta, g_w = _chunk_loop(model, theta, w, (Xs, ys, Xq, yq), config, _grad_func, zeros)  # tasks 0-3
+    loss, g_theta, g_w = _chunk_loop(model, theta, w, Batch(Xs, ys, Xq, yq), config, _grad_func, zeros)  # tasks 0-3
     last = (x[4:] for x in (Xs, ys, Xq, yq))
-    rest = _meta_gradient(model, theta, w, *last, MetaConfig(algorithm, inner_steps=2, inner_lr=0.1, first_order=first_order), _grad_func)
+    rest = _meta_gradient(model, theta, w, Batch(*last), MetaConfig(algorithm, inner_steps=2, inner_lr=0.1, first_order=first_order), _grad_func)
     loss = loss + rest[0] / 5
     ref_loss, ref_theta, ref_w = _reference(model, theta, w, Xs, ys, Xq, yq, algorithm, 2, 0.1, first_order)
     ref_loss = float(ref_loss.detach())
@@ -408,7 +408,7 @@ def test_torch_func_backend_equals_the_per_task_loop(name, algorithm, first_orde
     Xs, ys, Xq, yq = _data(model)
     config = MetaConfig(algorithm, inner_steps=2, inner_lr=0.1, first_order=first_order)
     leaves = {n: v.clone().requires_grad_() for n, v in theta.items()}
-    loss, g_theta, g_w = _meta_gradient(model, leaves, w.clone().requires_grad_(), Xs, ys, Xq, yq, config, _grad_func)
+    loss, g_theta, g_w = _meta_gradient(model, leaves, w.clone().requires_grad_(), Batch(Xs, ys, Xq, yq), config, _grad_func)
     ref_loss, ref_theta, ref_w = _reference(model, theta, w, Xs, ys, Xq, yq, algorithm, 2, 0.1, first_order)
     ref_loss = float(ref_loss.detach())
     assert abs(float(loss.detach()) - ref_loss) <= 1e-10 * max(1.0, abs(ref_loss))

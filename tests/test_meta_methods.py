@@ -9,9 +9,10 @@ import torch
 from adaptrep import LinearEnvironment, MetaLearner, SinusoidEnvironment, make_method
 from adaptrep.environments import make_environment
 from adaptrep.experiment import ConfigError, resolve_config
-from adaptrep.meta import ALGORITHMS
+from adaptrep.meta import ALGORITHMS, MetaConfig
 from adaptrep.metrics import subspace_distance
 from adaptrep.models import MLP_WIDTHS, init_mlp, task_parameters, unflatten_mlp
+from adaptrep.options import MetaOptions
 
 
 def _linear(seed: int = 0):
@@ -45,7 +46,7 @@ def test_longer_adaptation_fits_the_target_better():
     env, source, target = _linear()
     method = MetaLearner("fomaml", iterations=50).fit(source)
     short = env.excess_risk(method.adapt(target).beta, target.beta).mean()
-    method.adapt_steps = 50
+    method.options = method.options.model_copy(update={"adapt_steps": 50})
     assert env.excess_risk(method.adapt(target).beta, target.beta).mean() < short
 
 
@@ -118,9 +119,43 @@ def test_representation_methods_refuse_sinusoid():
     with pytest.raises(ConfigError, match="frozenrep"):
         resolve_config({"setting": "sinusoid", "methods": "maml,frozenrep"})
     config = resolve_config({"setting": "sinusoid"})
-    assert config.methods == ["maml", "fomaml", "anil", "reptile", "pooled", "target-only"] and config.inner_lr == 0.01
-    assert resolve_config({"setting": "linear", "inner_steps": 3}).adapt_steps == 3
-    assert resolve_config({"setting": "logistic"}).inner_lr == pytest.approx(0.4)
+    assert config.methods == ["maml", "fomaml", "anil", "reptile", "pooled", "target-only"] and config.inner_lr is None
+    # the one rule for the defaults is the learner's, from the source tasks (sinusoid: the MAML paper's 0.01)
+    assert make_method("maml", config.method_options(0)).resolve(source).inner_lr == 0.01
+
+
+def test_meta_options_not_given_take_one_rule():
+    """A config leaves the options not given as ``None``; the learner fills them from the source
+    tasks by :func:`meta_defaults` (the inner step from the inputs' largest estimated variance), and
+    the target adaptation takes ``adapt_steps``, else ``inner_steps``, else the resolved inner steps."""
+    config = resolve_config({"setting": "logistic", "inner_steps": 3, "meta_iterations": 0})
+    assert config.inner_lr is None and config.adapt_steps is None and config.target_steps() == 3
+    env = config.environment(0)
+    source = env.sample_tasks(20, 30, torch.Generator().manual_seed(0))
+    learner = make_method("maml", config.method_options(0))
+    resolved = learner.resolve(source)
+    variance = float((source.X**2).mean((0, 1)).max())
+    assert math.isclose(resolved.inner_lr, 0.1 / (0.25 * variance)) and abs(resolved.inner_lr - 0.4) < 0.1  # x ~ N(0, I): about 0.4
+    assert (resolved.inner_steps, resolved.iterations, resolved.meta_batch) == (3, 0, 20)
+    assert MetaOptions(inner_steps=3, adapt_steps=7).target_steps(5) == 7 and MetaOptions().target_steps(5) == 5
+    target_only = make_method("target-only", {"inner_steps": 4, "inner_lr": 0.2})
+    assert (target_only.inner_steps, target_only.inner_lr) == (4, 0.2)
+    assert make_method("target-only", {"inner_steps": 4, "adapt_steps": 9}).inner_steps == 9
+
+
+def test_learner_options_are_validated_where_they_are_defined():
+    """``MetaLearner``'s keywords and ``MetaConfig``'s values are checked by :class:`MetaOptions`: one-line errors naming the keyword."""
+    for make, culprit in [
+        (lambda: MetaLearner("maml", inner_lr=-1.0), "inner_lr"),
+        (lambda: MetaLearner("maml", iterations=-2), "iterations"),
+        (lambda: MetaLearner("maml", inner_rate=0.1), "inner_rate"),
+        (lambda: MetaConfig("maml", chunk=0), "chunk"),
+        (lambda: MetaConfig("maml", inner_steps=None), "inner_steps"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            make()
+        assert culprit in str(error.value) and "\n" not in str(error.value)
+    assert MetaLearner("anil", iterations=7, chunk=2).options == MetaOptions(meta_iterations=7, meta_chunk=2)
 
 
 def test_target_adaptation_is_the_inner_loop_in_closed_form():

@@ -204,6 +204,7 @@ def test_target_only_on_relu_tasks_is_reproducible_without_a_generator():
     assert not torch.equal(TargetOnly(seed=1).fit(target).adapt(target).beta, first)  # its own seed does
 
 
+@pytest.mark.slow  # the default source training of two methods on 50 x 100 ReLU tasks: minutes on a loaded 2-core machine
 def test_relu_hard_environment_and_its_separation():
     """The nonlinear hard case with the default source training: ADAPTREP's layer keeps the opt
     block, FROZENREP's (the frozen objective's minimum, see the README) only in part, and head-only

@@ -236,6 +236,16 @@ def _noise(G: Tensor, c: Tensor, q: Tensor, counts: Tensor, rank: int) -> float:
 # the methods
 
 
+def _head_only(method: Method, target: Tasks) -> Adapted:
+    """Head-only least squares on the learned representation (the target step of the spectral
+    method and the method of moments)."""
+    if method.representation is None:
+        raise RuntimeError(f"{type(method).__name__}.adapt called before fit")
+    target, mx, my = _centred(target, method.spec.intercept)
+    G, c, _, _ = _statistics(target)
+    return _adapted(fit_head(method.representation.to(target.X), G, c), mx, my)
+
+
 @dataclass
 class PenalizedERM(Method):
     """Tian, Gu & Feng's penalised ERM (pERM, their Algorithm 1); see the module docstring.
@@ -264,13 +274,19 @@ class PenalizedERM(Method):
             raise ValueError(f"perm needs non-negative lam and gamma; got {lam}, {gamma}")
         return lam, gamma
 
-    def _fit(self, source: Tasks) -> None:
-        rank = _check("perm", self, source)
-        start = time.perf_counter()
+    def _statistics(self, name: str, source: Tasks) -> tuple[int, Tensor, Tensor, Tensor, Tensor]:
+        """What pERM and the spectral method start from: the rank, the centred source tasks' sufficient
+        statistics ``(G, c, q, counts)``; sets the noise estimate and ``(lam_, gamma_)``."""
+        rank = _check(name, self, source)
         source = _centred(source, self.spec.intercept)[0]
         G, c, q, counts = _statistics(source)
         self.noise_estimate = _noise(G, c, q, counts, rank)
         self.lam_, self.gamma_ = self.constants(self.noise_estimate, source.dim, rank, source.num_tasks)
+        return rank, G, c, q, counts
+
+    def _fit(self, source: Tasks) -> None:
+        start = time.perf_counter()
+        rank, G, c, q, counts = self._statistics("perm", source)
         erm = fit_source(G, c, q, rank, penalty=math.inf)
         A, beta = erm.B, predictor(erm.B, erm.W)
         tau = self.lam_ / counts.sqrt()
@@ -318,12 +334,8 @@ class Spectral(PenalizedERM):
     least squares on the target."""
 
     def _fit(self, source: Tasks) -> None:
-        rank = _check("spectral", self, source)
         start = time.perf_counter()
-        source = _centred(source, self.spec.intercept)[0]
-        G, c, q, counts = _statistics(source)
-        self.noise_estimate = _noise(G, c, q, counts, rank)
-        self.lam_, self.gamma_ = self.constants(self.noise_estimate, source.dim, rank, source.num_tasks)
+        rank, G, c, _, counts = self._statistics("spectral", source)
         estimates = least_squares(G, c)
         weights = counts / counts.sum()
         A = top_eigenvectors((estimates * weights.unsqueeze(-1)).transpose(-1, -2) @ estimates, rank)
@@ -333,11 +345,7 @@ class Spectral(PenalizedERM):
         self.info = {"source_time": time.perf_counter() - start, "gamma": self.gamma_, "noise_estimate": self.noise_estimate}
 
     def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
-        if self.representation is None:
-            raise RuntimeError("Spectral.adapt called before fit")
-        target, mx, my = _centred(target, self.spec.intercept)
-        G, c, _, _ = _statistics(target)
-        return _adapted(fit_head(self.representation.to(target.X), G, c), mx, my)
+        return _head_only(self, target)
 
 
 @dataclass
@@ -360,11 +368,7 @@ class MethodOfMoments(Method):
         self.info = {"source_time": time.perf_counter() - start}
 
     def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
-        if self.representation is None:
-            raise RuntimeError("MethodOfMoments.adapt called before fit")
-        target, mx, my = _centred(target, self.spec.intercept)
-        G, c, _, _ = _statistics(target)
-        return _adapted(fit_head(self.representation.to(target.X), G, c), mx, my)
+        return _head_only(self, target)
 
 
 #: The competitors by CLI name.

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import DataError, Tasks, read_tasks, split_shots, split_tasks
+from .experiment import keyed_generator
 from .methods import METHODS, make_method, synchronize
 from .options import Compute, MetaOptions
 
@@ -182,13 +182,6 @@ def check_data(config: EvaluateConfig) -> Tasks:
     return tasks
 
 
-def _generator(*keys: int) -> torch.Generator:
-    seed = 0
-    for key in keys:
-        seed = (seed * 1_000_003 + key) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
 def evaluate_seed(config: EvaluateConfig, seed: int, on_step: Callable[[str], None] | None = None) -> pd.DataFrame:
     """One unit of work: split the tasks with ``seed``, fit every method on the source tasks, adapt
     to each target's support for every shot count and score on its query samples."""
@@ -206,7 +199,7 @@ def evaluate_seed(config: EvaluateConfig, seed: int, on_step: Callable[[str], No
         support, query = split_shots(target, shots, seed=1000 * seed + shots)
         for name, method in fitted.items():
             start = time.perf_counter()
-            adapted = method.adapt(support, _generator(seed, 3, shots))
+            adapted = method.adapt(support, keyed_generator(seed, 3, shots))
             synchronize(adapted.w.device)
             adapt_time = (time.perf_counter() - start) / target.num_tasks
             scores = {key: value.cpu().numpy() for key, value in adapted.score(query).items()}

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .environments import SETTINGS, Environment, Tasks, TwoBlocks, make_environment
 from .meta import support_size
-from .methods import METHODS, MODEL_METHODS, Method, make_method, meta_defaults, synchronize
+from .methods import METHODS, MODEL_METHODS, Method, make_method, synchronize
 from .metrics import block_share, subspace_distance
 from .options import Compute, MetaOptions
 
@@ -78,15 +78,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         support=10,
     ),
 }
-
-
-def meta_setting_defaults(setting: str, loss: str, eps: float) -> dict[str, Any]:
-    """The meta-learners' defaults of a setting where its preset gives none: :func:`adaptrep.methods.meta_defaults`
-    for the setting's model, with its largest input variance (``max(1, eps)`` for the hard cases, 1 otherwise)."""
-    kind = "mlp" if setting == "sinusoid" else "relu" if setting.startswith("relu") else "linear"
-    variance = max(1.0, eps) if setting in ("linear-hard", "relu-hard") else 1.0
-    field = {keyword: name for name, keyword in MetaOptions.keywords().items()}
-    return {field.get(key, key): value for key, value in meta_defaults(loss, kind, variance).items()}
 
 
 #: What ``adaptrep run`` does with no flags: the hard-case separation, then the benign sweep.
@@ -167,9 +158,8 @@ class RunConfig(Compute, MetaOptions, DesignOptions, SettingOptions):
     @model_validator(mode="before")
     @classmethod
     def _given(cls, values: Any) -> Any:
-        """Refuse booleans for numbers and nulls where a value is needed; fill the meta-learners'
-        options not given with the setting's defaults (so the resolved config records the numbers
-        used); ``adapt_steps`` defaults to ``inner_steps``."""
+        """Refuse booleans for numbers and nulls where a value is needed. The meta-learners' options
+        not given stay ``None``: the learner sets them from the source tasks (:meth:`adaptrep.methods.MetaLearner.resolve`)."""
         if not isinstance(values, dict):
             return values
         for key, value in values.items():
@@ -178,16 +168,7 @@ class RunConfig(Compute, MetaOptions, DesignOptions, SettingOptions):
                 raise ValueError(f"{key}: needs a value")
             if isinstance(value, bool) and field is not None:
                 raise ValueError(f"{key}: expected a number or a name, got {value}")
-        values = {key: value for key, value in values.items() if value is not None}
-        setting, eps = values.get("setting", "linear"), values.get("eps", 0.1)
-        loss = "logistic" if setting == "logistic" else "squared"
-        try:
-            defaults = meta_setting_defaults(setting, loss, float(eps))
-        except (TypeError, ValueError):
-            return values  # a bad eps is reported by its own field
-        values = {**defaults, **values}
-        values.setdefault("adapt_steps", values["inner_steps"])
-        return values
+        return {key: value for key, value in values.items() if value is not None}
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -336,7 +317,9 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _generator(*keys: int) -> torch.Generator:
+def keyed_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by a hash of ``keys`` (a run's seed and what is drawn: source tasks,
+    targets, adaptation), so every draw of a run has its own stream."""
     seed = 0
     for key in keys:
         seed = (seed * 1_000_003 + key) % (2**63 - 1)
@@ -351,7 +334,7 @@ def run_seed(config: RunConfig, seed: int, on_step: Callable[[str], None] | None
     """
     step = on_step or (lambda _: None)
     env = config.environment(seed)
-    source = env.sample_tasks(config.tasks, config.samples, _generator(seed, 1))
+    source = env.sample_tasks(config.tasks, config.samples, keyed_generator(seed, 1))
     methods: dict[str, Method] = {}
     for name in config.methods:
         methods[name] = make_method(name, config.method_options(seed))
@@ -409,7 +392,7 @@ def _evaluate_targets(
     config: RunConfig, env: Environment, methods: dict[str, Method], fallback: torch.Tensor | None, seed: int, m: int, step: Callable[[str], None]
 ) -> list[dict[str, Any]]:
     R = config.target_tasks
-    generator = _generator(seed, 2, m)
+    generator = keyed_generator(seed, 2, m)
     adversarial = config.adversarial_targets
     shared_beta = None if adversarial else env.sample_parameters(R, generator)
     Z, xi = env.sample_inputs(R, m, generator)
@@ -425,7 +408,7 @@ def _evaluate_targets(
         target = env.make_tasks(beta, Z, xi)
         assert target.beta is not None
         start = time.perf_counter()
-        beta_hat = method.adapt(target, _generator(seed, 3, m)).beta
+        beta_hat = method.adapt(target, keyed_generator(seed, 3, m)).beta
         synchronize(beta_hat.device)
         adapt_time = (time.perf_counter() - start) / R
         risk = env.excess_risk(beta_hat, target.beta).cpu().numpy()

@@ -58,12 +58,11 @@ when ``MetaConfig.compile`` says so (see :func:`should_compile`).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple, Protocol, cast, overload, runtime_checkable
 
 import torch
@@ -71,6 +70,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from .models import Model, Params, pointwise_loss, pointwise_loss_slope
+from .options import MetaOptions
 
 __all__ = [
     "ALGORITHMS",
@@ -105,10 +105,17 @@ __all__ = [
 #: faster than the eager one, so shorter runs do not repay it.
 COMPILE_MIN_ITERATIONS = 2000
 
+#: The Python keywords of the options defined in :class:`~adaptrep.options.MetaOptions`.
+_OPTION_KEYWORDS = frozenset(MetaOptions.keywords().values())
+
 
 @dataclass(frozen=True)
 class MetaConfig:
-    """Settings of :func:`meta_train` (see the module docstring for the algorithms).
+    """Settings of :func:`meta_train` (see the module docstring for the algorithms). The options
+    shared with the command line and :class:`~adaptrep.methods.MetaLearner` (all but ``algorithm``
+    and ``first_order``) are defined, with their bounds, in :class:`adaptrep.options.MetaOptions`
+    (under their keywords: ``iterations`` is ``meta_iterations`` there); this class validates them
+    there and gives the engine's defaults.
 
     ``algorithm``: a name in :data:`ALGORITHMS` or an :class:`Algorithm` object (your own variant;
     :attr:`algo` is the object either way). ``first_order=True`` holds the inner gradients constant
@@ -141,23 +148,17 @@ class MetaConfig:
 
     def __post_init__(self) -> None:
         get_algorithm(self.algorithm)  # a one-line error for an unknown name or a wrong type
-        if not isinstance(self.inner_steps, int) or self.inner_steps < 0:
-            raise ValueError(f"inner_steps must be an integer >= 0; got {self.inner_steps!r}")
-        for name in ("inner_lr", "outer_lr"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+        # the options' bounds are defined once, in MetaOptions: validate (and coerce) through it
+        named = {f.name: getattr(self, f.name) for f in fields(self) if f.name in _OPTION_KEYWORDS}
+        if not isinstance(self.optimizer, str):
+            del named["optimizer"]  # a Transform object, checked below
+        missing = [keyword for keyword, value in named.items() if value is None and keyword not in ("support", "chunk")]
+        if missing:
+            raise ValueError(f"{missing[0]} needs a value; got None")
+        for keyword, value in MetaOptions.from_keywords(**named).learner_options().items():
+            if keyword in named:
+                object.__setattr__(self, keyword, value)
         get_optimizer(self.optimizer, self.outer_lr)
-        if not isinstance(self.meta_batch, int) or self.meta_batch < 1:
-            raise ValueError(f"meta_batch must be an integer >= 1; got {self.meta_batch!r}")
-        if not isinstance(self.iterations, int) or self.iterations < 0:
-            raise ValueError(f"iterations must be an integer >= 0; got {self.iterations!r}")
-        if self.support is not None and not (self.support > 0 and (self.support < 1 or float(self.support).is_integer())):
-            raise ValueError(f"support must be None, a fraction in (0, 1) or an integer count >= 1; got {self.support!r}")
-        if self.compile not in ("auto", "always", "never"):
-            raise ValueError(f"compile must be auto, always or never; got {self.compile!r}")
-        if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
-            raise ValueError(f"chunk must be None or an integer >= 1; got {self.chunk!r}")
 
     @property
     def algo(self) -> Algorithm:
@@ -453,37 +454,26 @@ def get_algorithm(algorithm: str | Algorithm) -> Algorithm:
 
 
 def _meta_gradient(
-    model: Model,
-    theta: Params,
-    w: Tensor,
-    Xs: Tensor,
-    ys: Tensor,
-    Xq: Tensor,
-    yq: Tensor,
-    config: MetaConfig,
-    grad: Grad,
-    sw: Tensor | None = None,
-    qw: Tensor | None = None,
-    algorithm: Algorithm | None = None,
+    model: Model, theta: Params, w: Tensor, batch: Batch, config: MetaConfig, grad: Grad, algorithm: Algorithm | None = None
 ) -> tuple[Tensor, Params, Tensor]:
     """The meta-gradient of ``config``'s algorithm (``algorithm``: the same, resolved beforehand, as a
     compiled step passes it), in chunks of ``config.chunk`` tasks if given."""
     algorithm = config.algo if algorithm is None else algorithm
-    B = ys.shape[0]
+    B = batch.ys.shape[0]
     if config.chunk is None or config.chunk >= B:
-        return algorithm.gradient(model, theta, w, Batch(Xs, ys, Xq, yq, sw, qw), config.inner_steps, config.inner_lr, grad)
+        return algorithm.gradient(model, theta, w, batch, config.inner_steps, config.inner_lr, grad)
     # every quantity is a mean over tasks: chunks weighted by their share of the tasks
     chunk = config.chunk
     loss, g_theta, g_w = torch.zeros((), dtype=w.dtype, device=w.device), {name: torch.zeros_like(v) for name, v in theta.items()}, torch.zeros_like(w)
     first = 0
     if torch.compiler.is_compiling() and grad is _grad_func:  # the full chunks as one compiled loop body, run B // chunk times
         first = B - B % chunk
-        loss, g_theta, g_w = _chunk_loop(model, theta, w, (Xs, ys, Xq, yq, sw, qw), config, grad, (loss, g_theta, g_w), algorithm)
+        loss, g_theta, g_w = _chunk_loop(model, theta, w, batch, config, grad, (loss, g_theta, g_w), algorithm)
     for start in range(first, B, chunk):  # eager: every chunk; compiled: the remainder
         part = slice(start, start + chunk)
-        batch = Batch(*(None if x is None else x[part] for x in (Xs, ys, Xq, yq, sw, qw)))  # type: ignore[arg-type]
-        value, gt, gw = algorithm.gradient(model, theta, w, batch, config.inner_steps, config.inner_lr, grad)
-        loss, g_theta, g_w = _add_share((loss, g_theta, g_w), (value.detach(), _detached(gt), gw.detach()), ys[part].shape[0] / B)
+        sliced = Batch(*(None if x is None else x[part] for x in batch))  # type: ignore[arg-type]
+        value, gt, gw = algorithm.gradient(model, theta, w, sliced, config.inner_steps, config.inner_lr, grad)
+        loss, g_theta, g_w = _add_share((loss, g_theta, g_w), (value.detach(), _detached(gt), gw.detach()), sliced.ys.shape[0] / B)
     return loss, g_theta, g_w
 
 
@@ -498,7 +488,7 @@ def _chunk_loop(
     model: Model,
     theta: Params,
     w: Tensor,
-    data: tuple[Tensor | None, ...],
+    batch: Batch,
     config: MetaConfig,
     grad: Grad,
     totals: tuple[Tensor, Params, Tensor],
@@ -516,8 +506,7 @@ def _chunk_loop(
 
     algorithm = config.algo if algorithm is None else algorithm
     chunk = cast(int, config.chunk)
-    Xs, ys, Xq, yq, sw, qw = data if len(data) == 6 else (*data, None, None)  # weights optional
-    assert Xs is not None and ys is not None and Xq is not None and yq is not None
+    Xs, ys, Xq, yq, sw, qw = batch
     same = Xq is Xs and yq is ys and qw is sw  # no support/query split
     B, names = ys.shape[0], list(theta)
     count, share = B // chunk, chunk / B
@@ -569,7 +558,7 @@ def meta_gradient(
     (B, nq)`` make each task's support, resp. query, loss a weighted mean (ragged tasks)."""
     theta = {name: value.detach().requires_grad_() for name, value in theta.items()}
     w = w.detach().requires_grad_()
-    loss, g_theta, g_w = _meta_gradient(model, theta, w, Xs, ys, Xq, yq, config, _grad_eager, support_weight, query_weight)
+    loss, g_theta, g_w = _meta_gradient(model, theta, w, Batch(Xs, ys, Xq, yq, support_weight, query_weight), config, _grad_eager)
     return loss.detach(), _detached(g_theta), g_w.detach()
 
 
@@ -686,7 +675,7 @@ def _make_step(model: Model, names: list[str], config: MetaConfig, grad: Grad) -
 
     def step(params: list[Tensor], state: Any, Xs: Tensor, ys: Tensor, Xq: Tensor, yq: Tensor, sw: Tensor | None = None, qw: Tensor | None = None):
         theta = dict(zip(names, params[:-1], strict=True))
-        loss, g_theta, g_w = _meta_gradient(model, theta, params[-1], Xs, ys, Xq, yq, config, grad, sw, qw, algorithm)
+        loss, g_theta, g_w = _meta_gradient(model, theta, params[-1], Batch(Xs, ys, Xq, yq, sw, qw), config, grad, algorithm)
         grads = [*(g_theta[name].detach() for name in names), g_w.detach()]
         params = [p.detach() for p in params]
         updates, state = transform.update(grads, state, params)

@@ -52,6 +52,7 @@ from .models import (
     logistic_finetune,
     model_for,
 )
+from .options import MetaOptions
 from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, predictor, spd_solve, sufficient_statistics, task_statistics
 
 __all__ = [
@@ -735,17 +736,21 @@ def meta_defaults(loss: str, kind: str, input_variance: float = 1.0) -> dict[str
 MLP_ITERATIONS = 1500
 
 
-@dataclass
+@dataclass(init=False)
 class MetaLearner(Method):
     """Meta-learning baselines through :func:`adaptrep.meta.meta_train`: MAML, first-order MAML,
     ANIL, Reptile, or pooled training (``algorithm``), on the generic model of the tasks
     (:func:`adaptrep.models.model_for`: ``B`` for ``linear``, ``W`` for ``relu``, the 1-40-40-1
     network for ``mlp``).
 
-    Settings left ``None`` take :func:`meta_defaults` for the source tasks' loss and model (``v``
-    estimated as the largest per-coordinate mean of ``x^2`` over the source inputs); ``meta_batch`` is
-    capped at the number of source tasks ``T``; ``adapt_steps`` (default ``inner_steps``) is the number
-    of steps of the target adaptation.
+    Options: ``options`` (a :class:`~adaptrep.options.MetaOptions`, where every option is defined) or
+    the same as keywords (``MetaLearner("anil", iterations=300, inner_lr=0.05)``; the keywords of
+    :meth:`MetaOptions.keywords <adaptrep.options.MetaOptions.keywords>`); ``optimizer`` may also be a
+    :class:`~adaptrep.meta.Transform` object (kept as ``transform``). Options left ``None`` take
+    :func:`meta_defaults` for the source tasks' loss and model (``v`` estimated as the largest
+    per-coordinate mean of ``x^2`` over the source inputs: :meth:`resolve`); ``meta_batch`` is capped
+    at the number of source tasks ``T``; the target adaptation takes
+    :meth:`MetaOptions.target_steps <adaptrep.options.MetaOptions.target_steps>` steps.
 
     Initialisation (all draws from ``torch.Generator().manual_seed(seed)`` on the CPU, then moved, so
     the same seed gives the same numbers everywhere): ``linear``: ``B_0`` the Q factor of a standard
@@ -764,16 +769,8 @@ class MetaLearner(Method):
     """
 
     algorithm: str | Algorithm = "maml"
-    inner_steps: int | None = None
-    inner_lr: float | None = None
-    outer_lr: float | None = None
-    optimizer: str | Transform = "adam"
-    meta_batch: int | None = None
-    iterations: int | None = None
-    support: float | None = None
-    compile: str = "auto"
-    chunk: int | None = None
-    adapt_steps: int | None = None
+    options: MetaOptions = field(default_factory=lambda: MetaOptions.model_validate({}))
+    transform: Transform | None = None
     rank: int | None = None
     seed: int = 0
     model: Any = field(default=None, kw_only=True)
@@ -782,24 +779,48 @@ class MetaLearner(Method):
 
     exact_path = False  # the meta-learners always train by gradient steps
 
-    def __post_init__(self) -> None:
-        get_algorithm(self.algorithm)  # one-line errors for an unknown algorithm or optimizer
-        get_optimizer(self.optimizer, 1.0)
-        if self.adapt_steps is not None and self.adapt_steps < 0:
-            raise ValueError(f"adapt_steps must be >= 0; got {self.adapt_steps}")
+    def __init__(
+        self,
+        algorithm: str | Algorithm = "maml",
+        options: MetaOptions | None = None,
+        *,
+        transform: Transform | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        model: Any = None,
+        intercept: bool | None = None,
+        standardize: bool | None = None,
+        **keywords: Any,
+    ) -> None:
+        get_algorithm(algorithm)  # one-line errors for an unknown algorithm or optimizer
+        optimizer = keywords.get("optimizer")
+        if optimizer is not None and not isinstance(optimizer, str):
+            transform = get_optimizer(keywords.pop("optimizer"), 1.0)
+        if keywords:
+            given = options.learner_options() if options is not None else {}
+            options = MetaOptions.from_keywords(**{**given, **keywords})
+        self.algorithm, self.options, self.transform = algorithm, options or MetaOptions.model_validate({}), transform
+        self.rank, self.seed, self.model, self.intercept, self.standardize = rank, seed, model, intercept, standardize
         self.info = {}
 
+    @property
+    def optimizer(self) -> str | Transform:
+        """The outer optimiser: the :class:`~adaptrep.meta.Transform` object given, else its name."""
+        return self.transform if self.transform is not None else self.options.outer_optimizer
+
     def resolve(self, source: Tasks) -> MetaConfig:
-        """The :class:`MetaConfig` for these source tasks (``None`` settings from :func:`meta_defaults`)."""
+        """The :class:`MetaConfig` for these source tasks: the options given, the others from
+        :func:`meta_defaults` (the one rule for the defaults, with the source inputs' largest variance)."""
         kind = self.model if isinstance(self.model, str) else "module" if self.model is not None else source.model
         # the input variance only sets the default inner step of the linear and relu models
-        needs_variance = self.inner_lr is None and kind != "mlp"
+        needs_variance = self.options.inner_lr is None and kind != "mlp"
         variance = float(((source.X * source.X).sum((0, 1)) / source.counts.sum()).max()) if needs_variance else 1.0
-        defaults = meta_defaults(source.loss, kind, variance)
-        chosen = dict(inner_steps=self.inner_steps, inner_lr=self.inner_lr, outer_lr=self.outer_lr, meta_batch=self.meta_batch, iterations=self.iterations)
-        values: dict[str, Any] = {key: defaults[key] if value is None else value for key, value in chosen.items()}
+        given = {key: value for key, value in self.options.learner_options().items() if value is not None and key != "adapt_steps"}
+        values: dict[str, Any] = {**meta_defaults(source.loss, kind, variance), **given}
         values["meta_batch"] = min(values["meta_batch"], source.num_tasks)
-        return MetaConfig(self.algorithm, optimizer=self.optimizer, support=self.support, compile=self.compile, chunk=self.chunk, **values)
+        if self.transform is not None:
+            values["optimizer"] = self.transform
+        return MetaConfig(self.algorithm, **values)
 
     def _init(self, source: Tasks) -> tuple[Params, Tensor]:
         g = torch.Generator().manual_seed(self.seed)
@@ -844,7 +865,8 @@ class MetaLearner(Method):
         }
 
     def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
-        steps = self.config.inner_steps if self.adapt_steps is None else self.adapt_steps
+        steps = self.options.target_steps(self.config.inner_steps)
+        assert steps is not None
         theta = {name: value.to(target.X) for name, value in self.theta.items()}
         head_only = get_algorithm(self.algorithm).head_only
         theta_t, w_t = inner_adapt(
@@ -876,8 +898,9 @@ METHODS: dict[str, Any] = {
     **{name: (lambda name=name: _competitor(name)) for name in ("perm", "spectral", "mom")},
 }
 
-#: The keyword options :func:`make_method` passes on: to the meta-learners, and the inner loop to target-only.
-META_OPTIONS = ("inner_steps", "inner_lr", "outer_lr", "optimizer", "meta_batch", "iterations", "support", "compile", "chunk", "adapt_steps", "seed")
+#: The keyword options :func:`make_method` passes on: to the meta-learners (their options are defined in
+#: :class:`~adaptrep.options.MetaOptions`), and the inner loop to target-only.
+META_OPTIONS = (*MetaOptions.keywords().values(), "seed")
 #: Options every method that has them takes: the model, the rank ``k``, the intercept and the feature scaling.
 COMMON_OPTIONS = ("model", "rank", "intercept", "standardize", "prior")
 
@@ -895,8 +918,8 @@ def make_method(name: str, options: dict[str, Any] | None = None) -> Method:
     if name in META_METHODS:
         method = MetaLearner(algorithm=name, **given)
     elif name == "target-only":
-        steps = given.get("adapt_steps", given.get("inner_steps"))
-        loop = {"inner_lr": given.get("inner_lr"), "inner_steps": steps, "seed": given.get("seed")}
+        meta = MetaOptions.from_keywords(**{key: value for key, value in given.items() if key != "seed"})
+        loop: dict[str, Any] = {"inner_lr": meta.inner_lr, "inner_steps": meta.target_steps(), "seed": given.get("seed")}
         method = TargetOnly(**{key: value for key, value in loop.items() if value is not None})
     else:
         method = METHODS[name]()

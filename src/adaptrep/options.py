@@ -5,8 +5,11 @@ A field's type, bounds, default and description are the option's one definition:
 these groups, config files use the field names as keys, and ``adaptrep run`` / ``adaptrep evaluate``
 generate their flags and help from the fields (``--inner-lr`` is the field ``inner_lr``).
 
-* :class:`MetaOptions`: the meta-learners' options (``None``: not given, so the default applies),
-  with the keyword of :class:`~adaptrep.methods.MetaLearner` that each one sets.
+* :class:`MetaOptions`: the meta-learners' options (``None``: not given, so the learner's default
+  for the source tasks applies, :func:`adaptrep.methods.meta_defaults`), with the keyword of
+  :class:`~adaptrep.methods.MetaLearner` and :class:`~adaptrep.meta.MetaConfig` that each one sets.
+  This is their one definition: a ``MetaLearner`` holds a ``MetaOptions`` (its keywords are validated
+  here) and a ``MetaConfig`` validates its values here.
 * :class:`Compute`: the device and the floating-point type.
 
 Fields marked :data:`EXECUTION` say how a run is computed, not what is computed (the device,
@@ -20,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = ["EXECUTION", "MetaOptions", "Compute", "execution_keys", "identity", "device_name"]
 
@@ -63,15 +66,19 @@ def _keyword(name: str, **extra: Any) -> dict[str, Any]:
 
 class MetaOptions(BaseModel):
     """The meta-learners' options (``maml``, ``fomaml``, ``anil``, ``reptile``, ``pooled``; ``target-only``
-    on ``sinusoid`` takes ``inner_lr`` and ``adapt_steps``). ``None`` is "not given": the setting's
-    default (:func:`adaptrep.experiment.meta_setting_defaults`) or the learner's own
-    (:func:`adaptrep.methods.meta_defaults`) applies."""
+    on ``sinusoid`` takes ``inner_lr`` and ``adapt_steps``). ``None`` is "not given": the learner's
+    default for its source tasks applies (:meth:`adaptrep.methods.MetaLearner.resolve`, which applies
+    :func:`adaptrep.methods.meta_defaults`). A field's ``keyword`` (where it differs from its name)
+    is its name in the Python API (``MetaLearner(iterations=...)``, ``MetaConfig(iterations=...)``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     inner_steps: int | None = Field(None, ge=0, description="meta-learners: inner-loop gradient steps K (default 5)")
     inner_lr: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="meta-learners: inner step size alpha (default 0.1 / (curvature x input variance); sinusoid 0.01)"
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="meta-learners: inner step size alpha (default 0.1 / (curvature x largest input variance of the source tasks); sinusoid 0.01)",
     )
     outer_lr: float | None = Field(None, gt=0, allow_inf_nan=False, description="meta-learners: outer step size (default 0.01; sinusoid 0.001)")
     meta_batch: int | None = Field(None, gt=0, description="meta-learners: tasks per meta-batch, at most the source tasks (default 25)")
@@ -108,9 +115,35 @@ class MetaOptions(BaseModel):
         """Each option's keyword of :class:`~adaptrep.methods.MetaLearner` (and :func:`~adaptrep.methods.meta_defaults`)."""
         return {name: _extra(info).get("keyword", name) for name, info in MetaOptions.model_fields.items()}
 
+    @classmethod
+    def from_keywords(cls, **keywords: Any) -> MetaOptions:
+        """The options given by their keywords (``iterations=...``, ``chunk=...``); a one-line
+        ``ValueError`` naming an unknown keyword or a value out of bounds."""
+        names = {keyword: name for name, keyword in cls.keywords().items()}
+        unknown = [keyword for keyword in keywords if keyword not in names]
+        if unknown:
+            raise ValueError(f"unknown meta-learner option {unknown[0]!r}; the options are {', '.join(names)}")
+        try:
+            return MetaOptions(**{names[keyword]: value for keyword, value in keywords.items()})
+        except ValidationError as error:
+            first = error.errors()[0]
+            keyword = cls.keywords().get(str(first["loc"][0]), str(first["loc"][0])) if first["loc"] else "options"
+            raise ValueError(f"{keyword}: {str(first['msg']).removeprefix('Value error, ')}; got {first.get('input')!r}") from None
+
+    def meta_options(self) -> MetaOptions:
+        """These options alone (from a config that has other fields too)."""
+        return MetaOptions(**{name: getattr(self, name) for name in MetaOptions.model_fields})
+
     def learner_options(self) -> dict[str, Any]:
         """The options as keywords of :func:`adaptrep.methods.make_method` (``None``: the learner's default)."""
         return {keyword: getattr(self, name) for name, keyword in self.keywords().items()}
+
+    def target_steps(self, default: int | None = None) -> int | None:
+        """The inner-loop steps on a target: ``adapt_steps``, else ``inner_steps``, else ``default``
+        (the one place that says ``adapt_steps`` defaults to the inner steps)."""
+        if self.adapt_steps is not None:
+            return self.adapt_steps
+        return self.inner_steps if self.inner_steps is not None else default
 
 
 class Compute(BaseModel):

@@ -185,7 +185,7 @@ def write_report(
             "",
             "```",
             " ".join(
-                [f"{key}={config[key]}" for key in ("dim", "rank", "tasks", "samples", "target_tasks", *SETTING_KEYS[setting])]
+                [f"{key}={config[key]}" for key in ("dim", "rank", "tasks", "samples", "target_tasks", *SETTING_KEYS[setting]) if config.get(key) is not None]
                 + [f"seeds={part['seed'].nunique()}"]
             ),
             "```",

@@ -27,6 +27,7 @@ from .finetune import FineTune
 from .meta import ALGORITHMS, SGD, Adam, Algorithm, MetaConfig, Transform
 from .methods import METHOD_CLASSES, Method, Spec, with_intercept
 from .models import Model, model_for
+from .options import MetaOptions
 
 __all__ = ["save_method", "load_method", "FORMAT"]
 
@@ -51,11 +52,13 @@ class SavedTransform:
 
 
 def _encode(value: Any) -> Any:
-    """A meta-learning algorithm or outer optimiser object as JSON (its class and fields, or its repr)."""
+    """A meta-learning algorithm, outer optimiser or meta-learner options object as JSON (its class and fields, or its repr)."""
     if isinstance(value, Algorithm) or isinstance(value, (Adam, SGD)):
         return {"object": type(value).__name__, **dataclasses.asdict(value)}
     if not isinstance(value, str) and isinstance(value, Transform):
         return {"object": type(value).__name__, "repr": repr(value)}
+    if isinstance(value, MetaOptions):
+        return {"object": "MetaOptions", **value.model_dump()}
     return value
 
 
@@ -64,6 +67,8 @@ def _decode(value: Any) -> Any:
     if not (isinstance(value, dict) and "object" in value):
         return value
     fields = {key: item for key, item in value.items() if key != "object"}
+    if value["object"] == "MetaOptions":
+        return MetaOptions(**fields)
     if value["object"] in ("Adam", "SGD"):
         return Adam(fields["lr"], tuple(fields["betas"]), fields["eps"]) if value["object"] == "Adam" else SGD(**fields)
     if "repr" in fields:

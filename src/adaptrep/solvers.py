@@ -118,15 +118,20 @@ class Gram(ABC):
 
     @property
     @abstractmethod
-    def dim(self) -> int: ...
+    def stored(self) -> Tensor:
+        """The stored tensor (Gram matrices or samples): its last dimension is ``d``; it sets the dtype and device."""
 
     @property
-    @abstractmethod
-    def dtype(self) -> torch.dtype: ...
+    def dim(self) -> int:
+        return int(self.stored.shape[-1])
 
     @property
-    @abstractmethod
-    def device(self) -> torch.device: ...
+    def dtype(self) -> torch.dtype:
+        return self.stored.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored.device
 
     @abstractmethod
     def half(self, v: Tensor) -> Tensor:
@@ -219,16 +224,8 @@ class DenseGram(Gram):
     counts: Tensor | None = None
 
     @property
-    def dim(self) -> int:
-        return int(self.G.shape[-1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.G.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.G.device
+    def stored(self) -> Tensor:
+        return self.G
 
     def half(self, v: Tensor) -> Tensor:
         return matvec(self.G, v)
@@ -311,16 +308,8 @@ class SampleGram(Gram):
     _kernel: Tensor | None = field(default=None, init=False, repr=False)
 
     @property
-    def dim(self) -> int:
-        return int(self.X.shape[-1])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.X.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.X.device
+    def stored(self) -> Tensor:
+        return self.X
 
     def half(self, v: Tensor) -> Tensor:
         return torch.einsum("tnd,...td->...tn", self.X, v)
