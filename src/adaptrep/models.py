@@ -381,6 +381,14 @@ def fit_heads(
 
 #: Ridge strengths that :func:`cv_heads` chooses from.
 RIDGES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+#: Scales of a head prior's penalty that :func:`cv_heads` chooses from, in units of ``1 / (2 m)`` (``m``
+#: the samples fitted): 1 is the posterior mode for the logistic and multiclass log-likelihoods under
+#: ``N(mu, S)``. The source heads' covariance ``S`` includes their estimation noise, so it overstates
+#: the population's spread and the classification scales start at 1 (never a weaker prior than the
+#: source tasks show; on a few shots a cross-validated choice below it overfits: contraception, 1
+#: shot). The squared loss's posterior mode is at ``2 sigma^2``, unknown here: its grid reaches lower.
+PRIOR_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+PRIOR_SCALES_SQUARED = (1 / 64, 1 / 16, 1 / 4, 1.0, 4.0, 16.0, 64.0, 256.0)
 
 
 def _fold_masks(R: int, m: int, folds: int, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -405,7 +413,7 @@ def cv_heads(
     y: Tensor,
     generator: torch.Generator | None = None,
     folds: int = 5,
-    ridges: tuple[float, ...] = RIDGES,
+    ridges: tuple[float, ...] | None = None,
     *,
     weight: Tensor | None = None,
     classes: int | None = None,
@@ -415,9 +423,14 @@ def cv_heads(
     cross-validation of the held-out loss (all targets x folds x strengths in one batch; folds
     among each target's real samples, :func:`adaptrep.cv.fold_masks`). With a ``prior`` ``(mu, S)``
     the strength is the scale ``s`` of the penalty ``s (w - mu)^T S^{-1} (w - mu)`` (:func:`fit_heads`),
-    from the same grid. Returns the heads ``(R, k)`` (``(R, k, N)`` for ``"multiclass"``) refitted on
-    all the data and the chosen strengths ``(R,)``."""
+    ``s = c / (2 m)`` for ``m`` the samples (total weight) fitted, the factor ``c`` chosen by the same
+    cross-validation from ``ridges`` (default :data:`PRIOR_SCALES`, :data:`PRIOR_SCALES_SQUARED` for the
+    squared loss; without a prior :data:`RIDGES`, absolute strengths). Returns the heads ``(R, k)``
+    (``(R, k, N)`` for ``"multiclass"``) refitted on all the data and the chosen strengths ``(R,)``
+    (with a prior, ``s`` for all the data)."""
     R = X.shape[0]
+    if ridges is None:
+        ridges = RIDGES if prior is None else PRIOR_SCALES_SQUARED if model.loss == "squared" else PRIOR_SCALES
     split = cv.fold_masks(X, folds, generator, weight)
     F, L = split.held_out.shape[1], len(ridges)
     Phi = vmap(model.features, in_dims=(None, 0))(theta, X)
@@ -425,9 +438,15 @@ def cv_heads(
     grid = torch.tensor(ridges, dtype=Phi.dtype, device=Phi.device)
     train, held = cv.grid_weights(split, weight, L)  # rows (target, fold, strength)
     PhiF, yF = _repeat(Phi, F * L), _repeat(y, F * L)
-    w = _fit_heads(model.loss, PhiF, yF, train, grid.repeat(R * F), N, prior)
+    strengths = grid.repeat(R * F)
+    if prior is not None:
+        strengths = strengths / (2 * train.sum(-1).clamp_min(torch.finfo(Phi.dtype).tiny))
+    w = _fit_heads(model.loss, PhiF, yF, train, strengths, N, prior)
     held_out = _weighted_mean(pointwise_loss(model.loss, predict(model.loss, PhiF, w), yF), held)
     chosen = grid[cv.select(held_out.reshape(R, F, L), "min", split.partial())]
+    if prior is not None:
+        counts = torch.full((R,), float(X.shape[1]), dtype=Phi.dtype, device=Phi.device) if weight is None else weight.sum(-1).to(Phi.dtype)
+        chosen = chosen / (2 * counts)
     return _fit_heads(model.loss, Phi, y, weight, chosen, N, prior), chosen
 
 
