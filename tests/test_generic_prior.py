@@ -210,8 +210,8 @@ def _logistic_family(T, shots, query, seed, d=4):
 def test_the_prior_lowers_the_query_log_loss_of_few_shot_logistic_targets(method):
     """A family with a shared mean effect and 6 shots per target: shrinking toward the source heads'
     population beats shrinking toward 0, on average over 200 targets by a clear margin (the paired
-    difference more than 3 standard errors, and at least 0.05 nats; measured: 0.084 +- 0.025 nats
-    for FROZENREP). The prior is on by default for these data (no ground truth)."""
+    difference more than 5 standard errors, and at least 0.15 nats; measured: 0.81 -> 0.51 nats,
+    a gain of 0.30 +- 0.028 for both methods). The prior is on by default for these data (no ground truth)."""
     source, support, Xq, yq = _logistic_family(T=60, shots=6, query=50, seed=8)
     losses = {}
     for prior in (False, None):
@@ -220,7 +220,7 @@ def test_the_prior_lowers_the_query_log_loss_of_few_shot_logistic_targets(method
         logit = fitted.adapt(support, torch.Generator().manual_seed(9)).decision_function(Xq)
         losses[prior] = (torch.nn.functional.softplus(logit) - yq * logit).mean(-1)
     gain = losses[False] - losses[None]
-    assert float(gain.mean()) > 0.05 and float(gain.mean()) > 3 * float(gain.std() / math.sqrt(gain.numel())), (float(gain.mean()), float(gain.std()))
+    assert float(gain.mean()) > 0.15 and float(gain.mean()) > 5 * float(gain.std() / math.sqrt(gain.numel())), (float(gain.mean()), float(gain.std()))
 
 
 def test_simulated_settings_keep_the_prior_off_and_their_numbers():
