@@ -206,7 +206,7 @@ def _logistic_family(T, shots, query, seed, d=4):
     return source, support, Xt[:, shots:], yt[:, shots:]
 
 
-@pytest.mark.parametrize("method", [FrozenRep, AdaptRep])
+@pytest.mark.parametrize("method", [FrozenRep, pytest.param(AdaptRep, marks=pytest.mark.slow)])
 def test_the_prior_lowers_the_query_log_loss_of_few_shot_logistic_targets(method):
     """A family with a shared mean effect and 6 shots per target: shrinking toward the source heads'
     population beats shrinking toward 0, on average over 200 targets by a clear margin (the paired
@@ -226,7 +226,7 @@ def test_the_prior_lowers_the_query_log_loss_of_few_shot_logistic_targets(method
 def test_simulated_settings_keep_the_prior_off_and_their_numbers():
     """A simulated environment (ground truth recorded): no prior by default, and the same predictors as prior=False."""
     env = make_environment("logistic", dim=6, rank=2, noise=0.0, delta=0.2, seed=0)
-    source = env.sample_tasks(30, 20, torch.Generator().manual_seed(1))
+    source = env.sample_tasks(15, 15, torch.Generator().manual_seed(1))
     target = env.sample_tasks(5, 8, torch.Generator().manual_seed(2))
     assert source.beta is not None
     default = FrozenRep(rank=2).fit(source)
@@ -244,7 +244,7 @@ def test_simulated_settings_keep_the_prior_off_and_their_numbers():
 
 
 def test_saved_generic_prior_predicts_as_in_memory(tmp_path):
-    source, support, Xq, _ = _logistic_family(T=20, shots=6, query=5, seed=10)
+    source, support, Xq, _ = _logistic_family(T=12, shots=6, query=5, seed=10)
     fitted = FrozenRep(rank=2).fit(source)
     assert fitted.head_prior is not None
     loaded = load_method(save_method(fitted, tmp_path / "model"))
