@@ -574,7 +574,13 @@ def finetune(
     curves = _descend(model, theta, _repeat(X, F), _repeat(y, F), train, valid, _repeat(ridge, F), checkpoints, lr, momentum, N, prior)[2]
     best = one_standard_error(curves.reshape(R, F, -1), present=split.partial())
     full = torch.ones(R, m, dtype=X.dtype, device=X.device) if weight is None else weight.to(X.dtype)
-    deltas, heads, _ = _descend(model, theta, X, y, full, None, ridge, checkpoints, lr, momentum, N, prior)
+    deltas, heads, fitted = _descend(model, theta, X, y, full, None if prior is None else full, ridge, checkpoints, lr, momentum, N, prior)
+    if prior is not None:
+        # a safety net: the path on all the samples can diverge where the folds' did not (a head growing
+        # past its start); stop before its training loss explodes (more than 2 x its start + 1)
+        bad = ~(fitted <= 2 * fitted[:, :1] + 1)  # (R, C), NaN and infinity count as bad
+        first_bad = torch.where(bad.any(-1), bad.to(torch.int64).argmax(-1), torch.full_like(best, len(checkpoints)))
+        best = torch.minimum(best, first_bad - 1).clamp_min(0)
     pick = torch.arange(R, device=X.device)
     return {n: v[best, pick] for n, v in deltas.items()}, heads[best, pick], torch.tensor(checkpoints, device=X.device)[best]
 
@@ -671,11 +677,18 @@ def _descend(
     from ``(0, head)``, with the step ``lr / L_t`` for a curvature bound ``L_t``; snapshots after each number of steps in
     ``checkpoints`` (``(C, T, ...)``) and, with ``valid``, the held-out loss there weighted by
     ``valid`` (``(T, C)``; NaN or infinite where ``valid`` is all zero or the path diverged). With a
-    ``prior`` the head is ``w = mu + L u`` and the descent is on ``u`` with the penalty ``ridge ||u||^2``."""
+    ``prior`` the head is ``w = mu + L u`` and the descent is on ``u`` with the penalty ``ridge ||u||^2``,
+    and the perturbations' step bound uses ``||w||^2`` at least the prior's ``E ||w||^2 = ||mu||^2 + N tr S``
+    (a head shrunk toward a small mean would otherwise give steps too long once it grows)."""
     T = X.shape[0]
     w = fit_heads(model, theta, X, y, weight=train, ridge=ridge, classes=classes, prior=prior)
     factor = None if prior is None else _prior_factor(prior, w)
-    delta_step, head_step = (lr / bound for bound in _curvature(model, theta, X, train, w, None if factor is None else (factor[1], ridge)))
+    scale = w
+    if prior is not None:  # the perturbations' bound takes heads at least as large as the prior's typical ||w||^2
+        typical = (prior[0].to(w) ** 2).sum() + (1 if w.ndim == 2 else w.shape[-1]) * torch.diagonal(prior[1].to(w)).sum()
+        norm2 = (w * w).flatten(1).sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
+        scale = w * (typical / norm2).clamp_min(1.0).sqrt().view(-1, *[1] * (w.ndim - 1))
+    delta_step, head_step = (lr / bound for bound in _curvature(model, theta, X, train, scale, None if factor is None else (factor[1], ridge)))
     if factor is not None:
         w = _to_deviation(*factor, w)  # the leaf is the whitened deviation u; head(u) the head
     w.requires_grad_()
