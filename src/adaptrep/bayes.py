@@ -12,6 +12,10 @@ the population: :func:`head_prior` estimates ``(mu, S)`` by maximum marginal lik
 mixed-model software does), :func:`perturbation_variance` estimates ``tau^2`` by the method of moments.
 A target task's adapted predictor is then the posterior mean (``AdaptRep``/``FrozenRep`` with ``prior``).
 Every computation is batched over tasks through ``Z_t = X'_t B'`` (``(n_t, k')``): no ``d x d`` statistics.
+
+The generic path (other losses and models, :mod:`adaptrep.models`) has no marginal likelihood in closed
+form: :func:`heads_population` takes the moments of the source heads that its fit returns, and the
+target's strength of shrinkage toward them is cross-validated (:func:`adaptrep.models.cv_heads`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import Tensor
 
 from .data import Tasks
 
-__all__ = ["head_design", "head_prior", "perturbation_variance", "log_likelihood", "rank_candidates"]
+__all__ = ["heads_population", "head_design", "head_prior", "perturbation_variance", "log_likelihood", "rank_candidates"]
 
 
 def head_design(tasks: Tasks, B: Tensor, intercept: bool) -> Tensor:
@@ -91,6 +95,37 @@ def head_prior(source: Tasks, B: Tensor, intercept: bool, noise: float, max_iter
         if done:
             break
     return mu, S
+
+
+def heads_population(w: Tensor, floor: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """The source heads' population ``(mu, S)`` for the generic path, from the fitted heads ``w``:
+
+    * ``(T, k)`` (squared or logistic loss): ``mu`` the mean head ``(k,)`` and ``S`` the heads'
+      covariance (divisor ``T``) -- a shared effect (e.g. a common intercept and slopes across
+      districts) is the mean;
+    * ``(T, k, N)`` (``"multiclass"``): each task's labels are its own (classes relabelled per task),
+      so the ``N`` columns are exchangeable, and the cross-entropy does not change when one vector is
+      added to every column. Each task's columns are centred on their mean (that shift is not
+      identified) and pooled over tasks and classes: ``mu = 0`` ``(k, N)`` and ``S`` the pooled
+      second moment of the centred columns (``T N`` of them).
+
+    ``S`` contains the estimation noise of each source head as well as the spread of the true heads;
+    the target's scale ``s`` of the penalty ``s (w - mu)^T S^{-1} (w - mu)`` is cross-validated, which
+    corrects its overall size. Eigenvalues of ``S`` are floored at ``floor`` times the largest (at
+    least ``floor`` when every head is the same), so that it is positive definite."""
+    if w.ndim == 3:
+        columns = (w - w.mean(-1, keepdim=True)).transpose(1, 2).reshape(-1, w.shape[1])
+        mu = torch.zeros_like(w[0])
+        S = columns.T @ columns / columns.shape[0]
+    elif w.ndim == 2:
+        mu = w.mean(0)
+        centred = w - mu
+        S = centred.T @ centred / w.shape[0]
+    else:
+        raise ValueError(f"heads must be (T, k) or (T, k, N); got shape {tuple(w.shape)}")
+    if float(S.abs().max()) == 0.0:
+        S = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    return mu, _floored(S, floor)
 
 
 def _floored(S: Tensor, floor: float) -> Tensor:

@@ -249,6 +249,7 @@ def fit_logistic(
     max_iter: int = 100,
     tol: float = 1e-10,
     weight: Tensor | None = None,
+    offset: Tensor | None = None,
 ) -> Tensor:
     """L2-regularised logistic regression without intercept, every task at once (damped Newton).
 
@@ -278,6 +279,8 @@ def fit_logistic(
         weight: per-sample weights ``a`` ``(T, n)``, ``>= 0`` (default 1): the loss becomes
             ``(1/n) sum_i a_i [softplus(<x_i, theta>) - y_i <x_i, theta>]`` (rows of weight 0, e.g.
             padding, drop out; the labels of those rows are not checked).
+        offset: fixed margins ``(T, n)`` added to ``<x_i, theta>`` (default 0), e.g. a prior mean's
+            predictions when ``theta`` is the deviation from it.
 
     Returns:
         ``theta`` of shape ``(T, d)``.
@@ -297,6 +300,9 @@ def fit_logistic(
         raise ValueError(f"max_iter and tol must be non-negative; got {max_iter}, {tol}")
     T, n, d = X.shape
     y = y.to(X.dtype)
+    if offset is not None and offset.shape != y.shape:
+        raise ValueError(f"offset must have shape {tuple(y.shape)}; got {tuple(offset.shape)}")
+    base = torch.zeros_like(y) if offset is None else offset.to(X.dtype)
     lam = _penalties(penalty, T, X)
     if init is None:
         theta = torch.zeros(T, d, dtype=X.dtype, device=X.device)
@@ -310,12 +316,13 @@ def fit_logistic(
     for _ in range(max_iter):
         Xa, ya, la, th = X[active], y[active], lam[active], theta[active]
         wa = None if weight is None else weight[active]
-        margin = matvec(Xa, th)
+        oa = base[active]
+        margin = matvec(Xa, th) + oa
         residual = torch.sigmoid(margin) - ya
         grad = matvec(Xa.transpose(-1, -2), residual if wa is None else residual * wa) / n + la.unsqueeze(-1) * th
         todo = grad.norm(dim=-1) > tol
         if not bool(todo.all()):
-            active, Xa, ya, la, th, margin, grad = (v[todo] for v in (active, Xa, ya, la, th, margin, grad))
+            active, Xa, ya, la, th, margin, grad, oa = (v[todo] for v in (active, Xa, ya, la, th, margin, grad, oa))
             wa = None if wa is None else wa[todo]
         if active.numel() == 0:
             break
@@ -333,7 +340,7 @@ def fit_logistic(
         new = th
         for _ in range(MAX_HALVINGS):
             candidate = th + t.unsqueeze(-1) * step
-            trial = _losses(matvec(Xa, candidate), ya, wa) + la / 2 * (candidate * candidate).sum(-1)
+            trial = _losses(matvec(Xa, candidate) + oa, ya, wa) + la / 2 * (candidate * candidate).sum(-1)
             ok = ~accepted & torch.isfinite(trial) & (trial <= value + ARMIJO * t * slope + slack)
             new = torch.where(ok.unsqueeze(-1), candidate, new)
             accepted = accepted | ok

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .adapted import Adapted
 from .adaptive import cv_penalty
-from .bayes import head_prior, log_likelihood, perturbation_variance, rank_candidates
+from .bayes import head_prior, heads_population, log_likelihood, perturbation_variance, rank_candidates
 from .data import DataError, Standardizer, Tasks
 from .finetune import FineTune, fit_head
 from .meta import ALGORITHMS, Algorithm, MetaConfig, Transform, get_algorithm, get_optimizer, inner_adapt, meta_train
@@ -183,11 +183,13 @@ class Method(ABC):
         scaler = Standardizer.fit(source) if standardize else None
         spec = Spec(model, key, kind, theta0, intercept, scaler, source.input_shape, source.feature_names, classes)
         wants = getattr(self, "prior", None)
-        if wants and not (spec.exact and isinstance(self, _RepresentationMethod)):
-            raise ValueError(
-                "prior (the source heads' distribution as the target heads' prior) applies to adaptrep and frozenrep with the squared loss and linear model"
-            )
-        spec.prior = bool(not simulated if wants is None else wants) and spec.exact and isinstance(self, _RepresentationMethod)
+        if wants and not isinstance(self, _RepresentationMethod):
+            raise ValueError("prior (the source heads' distribution as the target heads' prior) applies to adaptrep and frozenrep (and frozenrep-ft)")
+        # on by default for data without ground truth, except multiclass tasks: their classes are
+        # relabelled per task, so the heads' population says nothing of a novel class (on digits the
+        # prior of the base classes' heads cost 3-8 points of accuracy; docs/data.md)
+        default = not simulated and source.loss != "multiclass"
+        spec.prior = bool(default if wants is None else wants) and isinstance(self, _RepresentationMethod)
         return spec
 
     def _prepare(self, tasks: Tasks) -> Tasks:
@@ -196,7 +198,7 @@ class Method(ABC):
     def _rank(self, source: Tasks) -> int:
         rank = getattr(self, "rank", None)
         if rank is None:
-            if source.representation is None and self.spec.prior and isinstance(self, _RepresentationMethod):
+            if source.representation is None and self.spec.prior and self.spec.exact and isinstance(self, _RepresentationMethod):
                 return self._select_rank(source)
             if source.representation is None and self.spec.kind == "linear" and isinstance(self, MetaLearner):
                 return source.dim  # meta-learners' linear model without a bottleneck
@@ -333,14 +335,18 @@ class _AdaptsRepresentation(Method):
     def _adapt_generic(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
         """Other losses and models (:mod:`adaptrep.models`): heads with a cross-validated ridge,
         then fine-tuning: penalised for logistic tasks on a linear representation, else gradient
-        descent with a cross-validated number of steps."""
+        descent with a cross-validated number of steps. With the heads' prior ``(mu, S)`` learned from
+        the source heads (:func:`adaptrep.bayes.heads_population`) the ridge ``s ||w||^2`` is the penalty
+        ``s (w - mu)^T S^{-1} (w - mu)`` (scale ``s`` cross-validated per target), in the head-only fit and
+        in fine-tuning, which starts from that head."""
         self._check_generic_finetune()
         theta = self._theta()
         spec = self.spec
-        w, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, weight=_weight(target))
+        prior = None if self.head_prior is None else (self.head_prior[0].to(target.X), self.head_prior[1].to(target.X))
+        w, ridge = cv_heads(spec.model, theta, target.X, target.y, generator, weight=_weight(target), prior=prior)
         if self.finetune is None:
             return self._adapted(theta, w, stacked=False)
-        return _finetune_generic(self, theta, target, generator, ridge)
+        return _finetune_generic(self, theta, target, generator, ridge, prior)
 
     def _theta(self) -> Params:
         """The learned representation's parameters (``theta``)."""
@@ -440,6 +446,7 @@ class _RepresentationMethod(_AdaptsRepresentation):
         fit = min(fits, key=lambda candidate: candidate.objective)
         self.theta = fit.theta
         self.representation = fit.theta[spec.key] if spec.key else None
+        self.head_prior = heads_population(fit.w) if spec.prior else None
         synchronize(fit.w.device)
         self.info = {**describe(fit), "source_penalty": lam if lam is not None else math.inf}
 
@@ -682,9 +689,12 @@ class TargetOnly(Method):
         return Adapted(beta, bias=bias, loss="squared")
 
 
-def _finetune_generic(method: Method, theta: Params, target: Tasks, generator: torch.Generator | None, ridge: Tensor) -> Adapted:
-    """Fine-tuned predictors from ``theta`` with heads of ridge ``ridge``: penalised for logistic
-    tasks on a linear representation, else early-stopped gradient descent."""
+def _finetune_generic(
+    method: Method, theta: Params, target: Tasks, generator: torch.Generator | None, ridge: Tensor, prior: tuple[Tensor, Tensor] | None = None
+) -> Adapted:
+    """Fine-tuned predictors from ``theta`` with heads of ridge ``ridge`` (with a head ``prior`` ``(mu, S)``:
+    the penalty ``ridge (w - mu)^T S^{-1} (w - mu)``): penalised for logistic tasks on a linear
+    representation, else early-stopped gradient descent."""
     spec = method.spec
     if spec.kind == "linear" and spec.model.loss == "logistic":
         B = theta["B"]
@@ -692,11 +702,11 @@ def _finetune_generic(method: Method, theta: Params, target: Tasks, generator: t
         if spec.intercept:  # the intercept's direction is inside the span: unpenalised but for the ridge
             X = torch.nn.functional.pad(X, (0, 1), value=1.0) * target.weight.unsqueeze(-1)
             B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
-        beta, strength = logistic_finetune(B, X, target.y, ridge, generator, weight=_weight(target))
+        beta, strength = logistic_finetune(B, X, target.y, ridge, generator, weight=_weight(target), prior=prior)
         linear = Adapted(beta[:, : target.dim], loss="logistic", strength=strength)
         linear.bias = beta[:, -1] if spec.intercept else None
         return linear
-    delta, w, steps = finetune(spec.model, theta, target.X, target.y, generator, ridge=ridge, weight=_weight(target))
+    delta, w, steps = finetune(spec.model, theta, target.X, target.y, generator, ridge=ridge, weight=_weight(target), prior=prior)
     adapted = {name: value + delta[name] for name, value in theta.items()}
     return method._adapted(adapted, w, stacked=True, strength=steps.to(target.X.dtype))
 

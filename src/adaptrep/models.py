@@ -66,6 +66,7 @@ __all__ = [
     "SharedFit",
     "fit_heads",
     "cv_heads",
+    "HeadPrior",
     "finetune",
     "logistic_finetune",
     "one_standard_error",
@@ -294,12 +295,53 @@ def num_classes(model: Model, y: Tensor, weight: Tensor | None = None, classes: 
     return max(2, int(labels.max()) + 1)
 
 
-def _fit_heads(loss: Loss, Phi: Tensor, y: Tensor, weight: Tensor | None, ridge: Tensor, classes: int | None) -> Tensor:
-    """:func:`fit_heads` on given features ``Phi`` ``(T, n, k)`` (``ridge`` ``(T,)``; ``classes`` resolved)."""
+#: A Gaussian prior on the heads, ``(mu, S)``: mean ``(k,)`` (``(k, N)`` for ``"multiclass"``, one
+#: column per class) and covariance ``(k, k)`` (shared by the classes' columns), ``S`` positive definite.
+HeadPrior = tuple[Tensor, Tensor]
+
+
+def _prior_factor(prior: HeadPrior, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mu, L)`` with ``L`` the Cholesky factor of ``S`` (``S = L L^T``), in ``like``'s dtype and device."""
+    mu, S = prior
+    return mu.to(like), torch.linalg.cholesky(S.to(like))
+
+
+def _from_deviation(mu: Tensor, L: Tensor, u: Tensor) -> Tensor:
+    """Heads ``w = mu + L u`` from whitened deviations ``u`` (``(T, k)`` or ``(T, k, N)``)."""
+    if u.ndim == 2:
+        return mu + (L @ u.unsqueeze(-1)).squeeze(-1)
+    return mu + L @ u
+
+
+def _to_deviation(mu: Tensor, L: Tensor, w: Tensor) -> Tensor:
+    """The inverse of :func:`_from_deviation`: ``u = L^{-1} (w - mu)``."""
+    if w.ndim == 2:
+        return torch.linalg.solve_triangular(L, (w - mu).unsqueeze(-1), upper=False).squeeze(-1)
+    return torch.linalg.solve_triangular(L, w - mu, upper=False)
+
+
+def _fit_heads(loss: Loss, Phi: Tensor, y: Tensor, weight: Tensor | None, ridge: Tensor, classes: int | None, prior: HeadPrior | None = None) -> Tensor:
+    """:func:`fit_heads` on given features ``Phi`` ``(T, n, k)`` (``ridge`` ``(T,)``; ``classes`` resolved).
+
+    With a ``prior`` ``(mu, S)`` the penalty ``ridge ||w||^2`` becomes ``ridge (w - mu)^T S^{-1} (w - mu)``
+    (summed over the classes' columns for ``"multiclass"``): in the whitened deviation ``w = mu + L u``
+    (``S = L L^T``) it is the ridge ``ridge ||u||^2`` on the features ``Phi L`` with the fixed predictions
+    ``Phi mu`` as an offset, so the same solvers apply."""
+    if prior is not None:
+        mu, L = _prior_factor(prior, Phi)
+        offset = predict(loss, Phi, mu.expand(Phi.shape[0], *mu.shape))
+        return _from_deviation(mu, L, _fit_heads_offset(loss, Phi @ L, y, weight, ridge, classes, offset))
+    return _fit_heads_offset(loss, Phi, y, weight, ridge, classes)
+
+
+def _fit_heads_offset(loss: Loss, Phi: Tensor, y: Tensor, weight: Tensor | None, ridge: Tensor, classes: int | None, offset: Tensor | None = None) -> Tensor:
+    """Penalised heads with fixed predictions ``offset`` (``(T, n)``, ``(T, n, N)``) added to ``Phi w``."""
     if loss == "multiclass":
         assert classes is not None
-        return fit_multinomial(Phi, y, ridge, classes, weight=weight)
+        return fit_multinomial(Phi, y, ridge, classes, weight=weight, offset=offset)
     n = Phi.shape[1]
+    if offset is not None and loss == "squared":
+        y = y - offset
     if loss == "squared":
         weighted = Phi if weight is None else Phi * weight.unsqueeze(-1)
         count = torch.full(Phi.shape[:1], float(n), dtype=Phi.dtype, device=Phi.device) if weight is None else weight.sum(-1)
@@ -308,9 +350,9 @@ def _fit_heads(loss: Loss, Phi: Tensor, y: Tensor, weight: Tensor | None, ridge:
         eye = torch.eye(Phi.shape[-1], dtype=Phi.dtype, device=Phi.device)
         return spd_solve(G + ridge[:, None, None] * eye, c)
     if weight is None:
-        return fit_logistic(Phi, y, 2 * ridge)
+        return fit_logistic(Phi, y, 2 * ridge, offset=offset)
     # fit_logistic's loss is (1/n) sum_i a_i l_i: its penalty (lambda / 2) ||w||^2 is rescaled to match ours
-    return fit_logistic(Phi, y, 2 * ridge * weight.sum(-1) / n, weight=weight)
+    return fit_logistic(Phi, y, 2 * ridge * weight.sum(-1) / n, weight=weight, offset=offset)
 
 
 def fit_heads(
@@ -322,20 +364,31 @@ def fit_heads(
     ridge: float | Tensor = 1e-6,
     *,
     classes: int | None = None,
+    prior: HeadPrior | None = None,
 ) -> Tensor:
     """Per-task heads on fixed features, minimising the weighted mean loss ``sum_i a_i l_i / sum_i a_i``
     (``a`` = ``weight``, 1 when ``None``) plus ``ridge ||w||^2`` (a number or ``(T,)``): ridge least
     squares, L2-regularised logistic regression (Newton), or for ``"multiclass"`` multinomial
     logistic regression (Newton, :func:`adaptrep.multiclass.fit_multinomial`; ``classes`` as in
-    :func:`num_classes`). Returns ``(T, k)``, or ``(T, k, N)`` for ``"multiclass"``."""
+    :func:`num_classes`). With a ``prior`` ``(mu, S)`` (:data:`HeadPrior`) the penalty is
+    ``ridge (w - mu)^T S^{-1} (w - mu)`` instead: the heads are shrunk toward ``mu`` in the geometry of ``S``.
+    Returns ``(T, k)``, or ``(T, k, N)`` for ``"multiclass"``."""
     Phi = vmap(model.features, in_dims=(None, 0))(theta, X)
     ridge = torch.as_tensor(ridge, dtype=Phi.dtype, device=Phi.device).expand(Phi.shape[0])
     N = num_classes(model, y, weight, classes) if model.loss == "multiclass" else None
-    return _fit_heads(model.loss, Phi, y, weight, ridge, N)
+    return _fit_heads(model.loss, Phi, y, weight, ridge, N, prior)
 
 
 #: Ridge strengths that :func:`cv_heads` chooses from.
 RIDGES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+#: Scales of a head prior's penalty that :func:`cv_heads` chooses from, in units of ``1 / (2 m)`` (``m``
+#: the samples fitted): 1 is the posterior mode for the logistic and multiclass log-likelihoods under
+#: ``N(mu, S)``. The source heads' covariance ``S`` includes their estimation noise, so it overstates
+#: the population's spread and the classification scales start at 1 (never a weaker prior than the
+#: source tasks show; on a few shots a cross-validated choice below it overfits: contraception, 1
+#: shot). The squared loss's posterior mode is at ``2 sigma^2``, unknown here: its grid reaches lower.
+PRIOR_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+PRIOR_SCALES_SQUARED = (1 / 64, 1 / 16, 1 / 4, 1.0, 4.0, 16.0, 64.0, 256.0)
 
 
 def _fold_masks(R: int, m: int, folds: int, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -377,16 +430,24 @@ def cv_heads(
     y: Tensor,
     generator: torch.Generator | None = None,
     folds: int = 5,
-    ridges: tuple[float, ...] = RIDGES,
+    ridges: tuple[float, ...] | None = None,
     *,
     weight: Tensor | None = None,
     classes: int | None = None,
+    prior: HeadPrior | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Heads on fixed features with the ridge strength chosen per target by ``folds``-fold
     cross-validation of the held-out loss (all targets x folds x strengths in one batch; folds
-    among each target's real samples, :func:`adaptrep.cv.fold_masks`). Returns the heads ``(R, k)``
-    (``(R, k, N)`` for ``"multiclass"``) refitted on all the data and the chosen strengths ``(R,)``."""
+    among each target's real samples, :func:`adaptrep.cv.fold_masks`). With a ``prior`` ``(mu, S)``
+    the strength is the scale ``s`` of the penalty ``s (w - mu)^T S^{-1} (w - mu)`` (:func:`fit_heads`),
+    ``s = c / (2 m)`` for ``m`` the samples (total weight) fitted, the factor ``c`` chosen by the same
+    cross-validation from ``ridges`` (default :data:`PRIOR_SCALES`, :data:`PRIOR_SCALES_SQUARED` for the
+    squared loss; without a prior :data:`RIDGES`, absolute strengths). Returns the heads ``(R, k)``
+    (``(R, k, N)`` for ``"multiclass"``) refitted on all the data and the chosen strengths ``(R,)``
+    (with a prior, ``s`` for all the data)."""
     R = X.shape[0]
+    if ridges is None:
+        ridges = RIDGES if prior is None else PRIOR_SCALES_SQUARED if model.loss == "squared" else PRIOR_SCALES
     split = cv.fold_masks(X, folds, generator, weight)
     F, L = split.held_out.shape[1], len(ridges)
     Phi = vmap(model.features, in_dims=(None, 0))(theta, X)
@@ -394,13 +455,20 @@ def cv_heads(
     grid = torch.tensor(ridges, dtype=Phi.dtype, device=Phi.device)
     train, held = cv.grid_weights(split, weight, L)  # rows (target, fold, strength)
     PhiF, yF = _repeat(Phi, F * L), _repeat(y, F * L)
-    if model.loss == "multiclass":
+    strengths = grid.repeat(R * F)
+    if prior is not None:
+        strengths = strengths / (2 * train.sum(-1).clamp_min(torch.finfo(Phi.dtype).tiny))
+        w = _fit_heads(model.loss, PhiF, yF, train, strengths, N, prior)
+    elif model.loss == "multiclass":
         w = _multinomial_path(PhiF, yF, train, grid, N)
     else:
-        w = _fit_heads(model.loss, PhiF, yF, train, grid.repeat(R * F), N)
+        w = _fit_heads(model.loss, PhiF, yF, train, strengths, N)
     held_out = _weighted_mean(pointwise_loss(model.loss, predict(model.loss, PhiF, w), yF), held)
     chosen = grid[cv.select(held_out.reshape(R, F, L), "min", split.partial())]
-    return _fit_heads(model.loss, Phi, y, weight, chosen, N), chosen
+    if prior is not None:
+        counts = torch.full((R,), float(X.shape[1]), dtype=Phi.dtype, device=Phi.device) if weight is None else weight.sum(-1).to(Phi.dtype)
+        chosen = chosen / (2 * counts)
+    return _fit_heads(model.loss, Phi, y, weight, chosen, N, prior), chosen
 
 
 @dataclass
@@ -501,6 +569,7 @@ def finetune(
     ridge: float | Tensor = 1e-6,
     weight: Tensor | None = None,
     classes: int | None = None,
+    prior: HeadPrior | None = None,
 ) -> tuple[Params, Tensor, Tensor]:
     """Fine-tune ``(Delta, w)`` on each target from ``(0, fitted head)`` by gradient descent with
     Nesterov momentum ``momentum`` (step ``lr`` over a curvature bound; plain gradient descent,
@@ -509,7 +578,9 @@ def finetune(
     held-out loss (:func:`adaptrep.cv.one_standard_error`; held-out losses of a few samples are
     noisy). All targets and folds are one batch.
 
-    The heads carry the penalty ``ridge ||w||^2`` (a number or ``(R,)``, e.g. from :func:`cv_heads`).
+    The heads carry the penalty ``ridge ||w||^2`` (a number or ``(R,)``, e.g. from :func:`cv_heads`),
+    or with a ``prior`` ``(mu, S)`` the penalty ``ridge (w - mu)^T S^{-1} (w - mu)``: they start from the
+    prior-shrunk fit and descend in the whitened deviation ``u = L^{-1} (w - mu)`` (``S = L L^T``).
     With ``weight`` ``(R, m)`` the losses are weighted means and the folds are drawn among the real
     samples (``weight > 0``). Returns the perturbations (per target), heads ``(R, k)`` (``(R, k, N)``
     for ``"multiclass"``) and chosen step counts ``(R,)``.
@@ -521,10 +592,16 @@ def finetune(
     N = num_classes(model, y, weight, classes) if model.loss == "multiclass" else None
     ridge = torch.as_tensor(ridge, dtype=X.dtype, device=X.device).expand(R)
     checkpoints = [0, *(2**i for i in range(max(0, max_steps).bit_length()) if 2**i <= max_steps)]
-    curves = _descend(model, theta, _repeat(X, F), _repeat(y, F), train, valid, _repeat(ridge, F), checkpoints, lr, momentum, N)[2]
+    curves = _descend(model, theta, _repeat(X, F), _repeat(y, F), train, valid, _repeat(ridge, F), checkpoints, lr, momentum, N, prior)[2]
     best = one_standard_error(curves.reshape(R, F, -1), present=split.partial())
     full = torch.ones(R, m, dtype=X.dtype, device=X.device) if weight is None else weight.to(X.dtype)
-    deltas, heads, _ = _descend(model, theta, X, y, full, None, ridge, checkpoints, lr, momentum, N)
+    deltas, heads, fitted = _descend(model, theta, X, y, full, None if prior is None else full, ridge, checkpoints, lr, momentum, N, prior)
+    if prior is not None:
+        # a safety net: the path on all the samples can diverge where the folds' did not (a head growing
+        # past its start); stop before its training loss explodes (more than 2 x its start + 1)
+        bad = ~(fitted <= 2 * fitted[:, :1] + 1)  # (R, C), NaN and infinity count as bad
+        first_bad = torch.where(bad.any(-1), bad.to(torch.int64).argmax(-1), torch.full_like(best, len(checkpoints)))
+        best = torch.minimum(best, first_bad - 1).clamp_min(0)
     pick = torch.arange(R, device=X.device)
     return {n: v[best, pick] for n, v in deltas.items()}, heads[best, pick], torch.tensor(checkpoints, device=X.device)[best]
 
@@ -534,13 +611,23 @@ def finetune(
 SUBSPACE_PENALTIES = (1e6, 100.0, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1)
 
 
-def _subspace_ridge(B: Tensor, X: Tensor, y: Tensor, ridge: Tensor, penalty: Tensor, weight: Tensor | None = None) -> Tensor:
+def _subspace_ridge(B: Tensor, X: Tensor, y: Tensor, ridge: Tensor, penalty: Tensor, weight: Tensor | None = None, prior: HeadPrior | None = None) -> Tensor:
     """``argmin_beta mean log-loss + ridge ||beta||^2 + penalty ||(I - B B^T) beta||^2`` per task
     (``B`` orthonormal), by rescaling the complement of ``span(B)`` so that the penalty becomes
     an isotropic ridge for :func:`fit_logistic` (``weight``: its per-sample weights, the loss then
-    ``(1/n) sum_i a_i l_i``)."""
+    ``(1/n) sum_i a_i l_i``). With a head ``prior`` ``(mu, S)`` the penalty is
+    ``ridge (w - mu)^T S^{-1} (w - mu) + penalty ||(I - B B^T) beta||^2`` with ``w = B^T beta``: ``beta =
+    B (mu + L u) + B_perp sqrt(ridge / penalty) u'`` (``S = L L^T``) and the ridge ``ridge ||(u, u')||^2``,
+    with the offset ``X B mu``."""
     d, k = B.shape
     Q = torch.linalg.qr(B, mode="complete")[0]  # [B, B_perp]
+    if prior is not None:
+        mu, L = _prior_factor(prior, X)
+        basis = torch.cat([(B @ L).expand(X.shape[0], d, k), Q[:, k:] * torch.sqrt(ridge / penalty)[:, None, None]], -1)
+        centre = B @ mu
+        offset = (X @ centre.unsqueeze(-1)).squeeze(-1)
+        u = fit_logistic(matmul(X, basis), y, 2 * ridge, weight=weight, offset=offset)
+        return centre + (basis @ u.unsqueeze(-1)).squeeze(-1)
     stretch = torch.ones(X.shape[0], d, dtype=X.dtype, device=X.device)
     stretch[:, k:] = torch.sqrt(ridge / (ridge + penalty)).unsqueeze(-1)
     basis = Q.unsqueeze(0) * stretch.unsqueeze(1)  # beta = basis @ u with ridge ||u||^2
@@ -558,6 +645,7 @@ def logistic_finetune(
     penalties: tuple[float, ...] = SUBSPACE_PENALTIES,
     *,
     weight: Tensor | None = None,
+    prior: HeadPrior | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fine-tuning of a linear representation for logistic targets, in its penalised form: the
     predictor ``beta = (B + Delta) w`` may leave ``span(B)`` at the price ``penalty ||beta_perp||^2``
@@ -566,7 +654,9 @@ def logistic_finetune(
     held-out log-loss (all targets x folds x penalties in one batched Newton solve). The grid's
     floor ``0.1 d / m`` keeps a noisy choice at small ``m`` from reaching the full-dimensional fit.
     With ``weight`` ``(R, n)`` the losses are weighted means, ``m`` is each target's number of real
-    samples and the folds are drawn among them. Returns ``beta`` ``(R, d)`` and the chosen penalties ``(R,)``."""
+    samples and the folds are drawn among them. With a head ``prior`` ``(mu, S)`` the heads' ridge is
+    ``ridge (w - mu)^T S^{-1} (w - mu)`` instead (:func:`_subspace_ridge`). Returns ``beta`` ``(R, d)``
+    and the chosen penalties ``(R,)``."""
     R, n, d = X.shape
     split = cv.fold_masks(X, folds, generator, weight)
     F, L = split.held_out.shape[1], len(penalties)
@@ -577,17 +667,17 @@ def logistic_finetune(
     share = train.sum(-1) / n  # fit_logistic's loss is a sum over the rows / n: penalties rescaled to match
     penaltyF = _repeat(grid, F).reshape(-1)
     if weight is None:  # 0/1 masks: held-out rows zeroed add a constant to the mean loss and nothing to its gradient
-        beta = _subspace_ridge(B, XF * train.unsqueeze(-1), yF * train, ridgeF * share, penaltyF * share)
+        beta = _subspace_ridge(B, XF * train.unsqueeze(-1), yF * train, ridgeF * share, penaltyF * share, prior=prior)
     else:
-        beta = _subspace_ridge(B, XF, yF, ridgeF * share, penaltyF * share, weight=train)
+        beta = _subspace_ridge(B, XF, yF, ridgeF * share, penaltyF * share, weight=train, prior=prior)
     margin = (XF @ beta.unsqueeze(-1)).squeeze(-1)
     held_out = _weighted_mean(torch.nn.functional.softplus(margin) - yF * margin, held)
     best = cv.select(held_out.reshape(R, F, L), "min", split.partial())  # ties: the stronger penalty
     chosen = grid.gather(1, best.unsqueeze(-1)).squeeze(-1)
     if weight is None:
-        return _subspace_ridge(B, X, y, ridge, chosen), chosen
+        return _subspace_ridge(B, X, y, ridge, chosen, prior=prior), chosen
     share = weight.sum(-1) / n
-    return _subspace_ridge(B, X, y, ridge * share, chosen * share, weight=weight), chosen
+    return _subspace_ridge(B, X, y, ridge * share, chosen * share, weight=weight, prior=prior), chosen
 
 
 def _descend(
@@ -602,16 +692,31 @@ def _descend(
     lr: float,
     momentum: float,
     classes: int | None = None,
+    prior: HeadPrior | None = None,
 ) -> tuple[Params, Tensor, Tensor]:
     """Gradient descent with Nesterov momentum on ``(Delta, w)`` per task (losses weighted by ``train``)
     from ``(0, head)``, with the step ``lr / L_t`` for a curvature bound ``L_t``; snapshots after each number of steps in
     ``checkpoints`` (``(C, T, ...)``) and, with ``valid``, the held-out loss there weighted by
-    ``valid`` (``(T, C)``; NaN or infinite where ``valid`` is all zero or the path diverged)."""
+    ``valid`` (``(T, C)``; NaN or infinite where ``valid`` is all zero or the path diverged). With a
+    ``prior`` the head is ``w = mu + L u`` and the descent is on ``u`` with the penalty ``ridge ||u||^2``,
+    and the perturbations' step bound uses ``||w||^2`` at least the prior's ``E ||w||^2 = ||mu||^2 + N tr S``
+    (a head shrunk toward a small mean would otherwise give steps too long once it grows)."""
     T = X.shape[0]
-    w = fit_heads(model, theta, X, y, weight=train, ridge=ridge, classes=classes).requires_grad_()
-    delta_step, head_step = (lr / bound for bound in _curvature(model, theta, X, train, w.detach()))
+    w = fit_heads(model, theta, X, y, weight=train, ridge=ridge, classes=classes, prior=prior)
+    factor = None if prior is None else _prior_factor(prior, w)
+    scale = w
+    if prior is not None:  # the perturbations' bound takes heads at least as large as the prior's typical ||w||^2
+        typical = (prior[0].to(w) ** 2).sum() + (1 if w.ndim == 2 else w.shape[-1]) * torch.diagonal(prior[1].to(w)).sum()
+        norm2 = (w * w).flatten(1).sum(-1).clamp_min(torch.finfo(w.dtype).tiny)
+        scale = w * (typical / norm2).clamp_min(1.0).sqrt().view(-1, *[1] * (w.ndim - 1))
+    delta_step, head_step = (lr / bound for bound in _curvature(model, theta, X, train, scale, None if factor is None else (factor[1], ridge)))
+    if factor is not None:
+        w = _to_deviation(*factor, w)  # the leaf is the whitened deviation u; head(u) the head
+    w.requires_grad_()
+    head: Callable[[Tensor], Tensor] = (lambda u: u) if factor is None else (lambda u: _from_deviation(*factor, u))
     delta = {name: torch.zeros(T, *value.shape, dtype=value.dtype, device=value.device, requires_grad=True) for name, value in theta.items()}
-    loss = vmap(lambda d, w, X, y, weight: task_loss(model, theta, d, w, X, y, weight), in_dims=(0, 0, 0, 0, 0))
+    task = vmap(lambda d, w, X, y, weight: task_loss(model, theta, d, w, X, y, weight), in_dims=(0, 0, 0, 0, 0))
+    loss = task if factor is None else (lambda d, u, X, y, weight: task(d, head(u), X, y, weight))
     snapshots_delta: dict[str, list[Tensor]] = {name: [] for name in delta}
     snapshots_w: list[Tensor] = []
     held_out: list[Tensor] = []
@@ -621,7 +726,7 @@ def _descend(
             with torch.no_grad():
                 for name, value in delta.items():
                     snapshots_delta[name].append(value.detach().clone())
-                snapshots_w.append(w.detach().clone())
+                snapshots_w.append(head(w.detach()).clone())
                 if valid is not None:
                     held_out.append(torch.nan_to_num(loss(delta, w, X, y, valid), nan=math.inf))
         if step == checkpoints[-1]:
@@ -643,14 +748,16 @@ def _descend(
 CURVATURE = {"squared": 2.0, "logistic": 0.25, "multiclass": 0.5}
 
 
-def _curvature(model: Model, theta: Params, X: Tensor, weight: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+def _curvature(model: Model, theta: Params, X: Tensor, weight: Tensor, w: Tensor, prior: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Per-task bounds on the curvature of the loss at the start, for the perturbations and the
     head separately (``(T,)`` each; one step size for both would be ill-conditioned):
     ``c lambda_max(X^T A X / sum A) ||w||^2 l^2`` for ``Delta`` (``A = diag(weight)``, ``l`` the
     features' Lipschitz constant in ``theta``: exact for the linear model; ``||w||`` the Frobenius
     norm of an N-way head) and ``c lambda_max(Phi^T A Phi / sum A)`` for ``w``, with ``c`` the loss's
     largest second derivative. They are fixed at the start; a path that diverges later gets an
-    infinite held-out loss and is not chosen. Inputs of any shape are flattened per sample."""
+    infinite held-out loss and is not chosen. Inputs of any shape are flattened per sample. With
+    ``prior`` ``(L, ridge)`` the head is the whitened deviation ``u`` (``w = mu + L u``): its bound is
+    ``c lambda_max(L^T Phi^T A Phi L / sum A) + 2 ridge`` (the penalty ``ridge ||u||^2`` included)."""
     count = weight.sum(-1)[:, None, None]
     Xf = X.flatten(2)
     if Xf.shape[-1] <= Xf.shape[-2]:
@@ -659,9 +766,12 @@ def _curvature(model: Model, theta: Params, X: Tensor, weight: Tensor, w: Tensor
         root = Xf * weight.sqrt().unsqueeze(-1)
         inputs = torch.linalg.eigvalsh(matmul(root, root.transpose(-1, -2)) / count)[..., -1]
     Phi = vmap(model.features, in_dims=(None, 0))(theta, X)
+    if prior is not None:
+        Phi = Phi @ prior[0]
     features = torch.linalg.eigvalsh(matmul((Phi * weight.unsqueeze(-1)).transpose(-1, -2), Phi) / count)[..., -1]
     c = CURVATURE[model.loss]
-    return c * inputs * (w * w).flatten(1).sum(-1) * model.lipschitz(theta) ** 2 + 1e-12, c * features + 1e-12
+    head = c * features + 1e-12 if prior is None else c * features + 2 * prior[1] + 1e-12
+    return c * inputs * (w * w).flatten(1).sum(-1) * model.lipschitz(theta) ** 2 + 1e-12, head
 
 
 def describe(fit: SharedFit) -> dict[str, Any]:

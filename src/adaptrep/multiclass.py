@@ -50,13 +50,15 @@ def labels_as_indices(y: Tensor, classes: int, weight: Tensor | None = None) -> 
     return torch.where(real, y, torch.zeros_like(y)).long()
 
 
-def _objective(Phi: Tensor, labels: Tensor, weight: Tensor, count: Tensor, ridge: Tensor, W: Tensor) -> Tensor:
-    """``sum_i a_i CE(W^T phi_i, y_i) / sum_i a_i + ridge ||W||_F^2`` per task ``(T,)``."""
-    losses = cross_entropy(Phi @ W, labels)
+def _objective(Phi: Tensor, labels: Tensor, weight: Tensor, count: Tensor, ridge: Tensor, W: Tensor, offset: Tensor) -> Tensor:
+    """``sum_i a_i CE(W^T phi_i + o_i, y_i) / sum_i a_i + ridge ||W||_F^2`` per task ``(T,)``."""
+    losses = cross_entropy(Phi @ W + offset, labels)
     return (losses * weight).sum(-1) / count + ridge * (W * W).sum((-1, -2))
 
 
-def _newton_chunk(Phi: Tensor, labels: Tensor, weight: Tensor, ridge: Tensor, classes: int, max_iter: int, tol: float, init: Tensor | None) -> Tensor:
+def _newton_chunk(
+    Phi: Tensor, labels: Tensor, weight: Tensor, ridge: Tensor, offset: Tensor, classes: int, max_iter: int, tol: float, init: Tensor | None = None
+) -> Tensor:
     T, n, k = Phi.shape
     N = classes
     dtype, device = Phi.dtype, Phi.device
@@ -67,14 +69,14 @@ def _newton_chunk(Phi: Tensor, labels: Tensor, weight: Tensor, ridge: Tensor, cl
     eps = torch.finfo(dtype).eps
     active = torch.arange(T, device=device)
     for _ in range(max_iter):
-        P_, L_, A_, C_, R_, W_ = Phi[active], labels[active], weight[active], count[active], ridge[active], W[active]
+        P_, L_, A_, C_, R_, W_, O_ = Phi[active], labels[active], weight[active], count[active], ridge[active], W[active], offset[active]
         Y_ = onehot[active]
-        P = torch.softmax(P_ @ W_, -1)  # (t, n, N)
+        P = torch.softmax(P_ @ W_ + O_, -1)  # (t, n, N)
         scaled = P_ * (A_ / C_.unsqueeze(-1)).unsqueeze(-1)  # a_i phi_i / sum a
         grad = scaled.transpose(-1, -2) @ (P - Y_) + 2 * R_[:, None, None] * W_  # (t, k, N)
         todo = grad.flatten(1).norm(dim=-1) > tol
         if not bool(todo.all()):
-            active, P_, L_, A_, C_, R_, W_, P, scaled, grad = (v[todo] for v in (active, P_, L_, A_, C_, R_, W_, P, scaled, grad))
+            active, P_, L_, A_, C_, R_, W_, O_, P, scaled, grad = (v[todo] for v in (active, P_, L_, A_, C_, R_, W_, O_, P, scaled, grad))
         if active.numel() == 0:
             break
         t = active.numel()
@@ -88,7 +90,7 @@ def _newton_chunk(Phi: Tensor, labels: Tensor, weight: Tensor, ridge: Tensor, cl
         jitter = 1e-12 * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
         g = grad.transpose(-1, -2).reshape(t, N * k)
         step = -spd_solve(H + jitter[:, None, None] * eye, g).reshape(t, N, k).transpose(-1, -2)
-        value = _objective(P_, L_, A_, C_, R_, W_)
+        value = _objective(P_, L_, A_, C_, R_, W_, O_)
         slope = (grad * step).sum((-1, -2))
         slack = 16 * eps * value.abs()  # accept changes below rounding (near the minimum)
         size = torch.ones_like(value)
@@ -96,7 +98,7 @@ def _newton_chunk(Phi: Tensor, labels: Tensor, weight: Tensor, ridge: Tensor, cl
         new = W_
         for _ in range(MAX_HALVINGS):
             candidate = W_ + size[:, None, None] * step
-            trial = _objective(P_, L_, A_, C_, R_, candidate)
+            trial = _objective(P_, L_, A_, C_, R_, candidate, O_)
             ok = ~accepted & torch.isfinite(trial) & (trial <= value + ARMIJO * size * slope + slack)
             new = torch.where(ok[:, None, None], candidate, new)
             accepted = accepted | ok
@@ -118,6 +120,7 @@ def fit_multinomial(
     max_iter: int = 100,
     tol: float = 1e-10,
     chunk_bytes: int = CHUNK_BYTES,
+    offset: Tensor | None = None,
     init: Tensor | None = None,
 ) -> Tensor:
     """Per-task heads ``W`` ``(T, k, N)`` minimising ``sum_i a_i CE(W^T phi_i, y_i) / sum_i a_i +
@@ -128,7 +131,9 @@ def fit_multinomial(
     Damped Newton from ``W = 0`` (or ``init``, e.g. the solution for a nearby ridge): the direction solves the ``kN x kN`` Hessian system by Cholesky
     (a ``1e-12`` relative jitter), the step is backtracked (Armijo) per task, and a task stops once
     its gradient norm is at most ``tol`` or no step decreases its objective beyond rounding. Tasks
-    are processed in chunks whose Hessians and intermediates fit in ``chunk_bytes``."""
+    are processed in chunks whose Hessians and intermediates fit in ``chunk_bytes``. ``offset``
+    ``(T, n, classes)``: fixed logits added to ``W^T phi_i`` (default 0), e.g. a prior mean's logits
+    when ``W`` is the deviation from it."""
     if Phi.ndim != 3 or y.shape != Phi.shape[:2]:
         raise ValueError(f"fit_multinomial needs features (T, n, k) and labels (T, n); got {tuple(Phi.shape)} and {tuple(y.shape)}")
     T, n, k = Phi.shape
@@ -139,11 +144,14 @@ def fit_multinomial(
     lam = torch.as_tensor(ridge, dtype=Phi.dtype, device=Phi.device).expand(T)
     if not bool((torch.isfinite(lam) & (lam >= 0)).all()):
         raise ValueError("ridge must be finite and non-negative")
+    if offset is not None and offset.shape != (T, n, classes):
+        raise ValueError(f"offset must have shape {(T, n, classes)}; got {tuple(offset.shape)}")
+    base = torch.zeros(T, n, classes, dtype=Phi.dtype, device=Phi.device) if offset is None else offset.to(Phi.dtype)
     Nk = classes * k
     per_task = Phi.element_size() * (4 * Nk * Nk + 3 * n * Nk + 4 * n * classes + 2 * n * k)
     chunk = max(1, chunk_bytes // per_task)
     parts = []
     for start in range(0, T, chunk):  # chunks of tasks (memory), not a loop over tasks
         part = slice(start, start + chunk)
-        parts.append(_newton_chunk(Phi[part], labels[part], weight[part], lam[part], classes, max_iter, tol, None if init is None else init[part]))
+        parts.append(_newton_chunk(Phi[part], labels[part], weight[part], lam[part], base[part], classes, max_iter, tol, None if init is None else init[part]))
     return torch.cat(parts) if parts else torch.zeros(0, k, classes, dtype=Phi.dtype, device=Phi.device)
