@@ -323,6 +323,22 @@ def test_mlp_features_with_stacked_parameters_equal_each_tasks_own(monkeypatch, 
         torch.testing.assert_close(Phi[task], torch.cat([h, torch.ones(7, 1, dtype=torch.float64)], -1), rtol=1e-12, atol=1e-12)
 
 
+def test_target_only_logistic_with_an_intercept_and_fewer_samples_than_features():
+    """Logistic target-only with m < d and an intercept (the constant feature after the row space's
+    coordinates) equals the fit in all d coordinates."""
+    from adaptrep.data import Tasks
+    from adaptrep.methods import with_intercept
+    from adaptrep.models import fit_heads, linear_model
+
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(3, 6, 14, generator=gen, dtype=F64)
+    y = torch.tensor([0.0, 1.0] * 3).expand(3, -1)
+    tasks = Tasks(X, y, loss="logistic")
+    ours = TargetOnly(ridge=0.05, standardize=False).fit(tasks).adapt(tasks).w
+    full = fit_heads(with_intercept(linear_model("logistic")), {"B": torch.eye(14, dtype=F64)}, X, y, ridge=0.05)
+    torch.testing.assert_close(ours, full, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("ridge", [0.05, 0.0])
 def test_target_only_with_fewer_samples_than_features_solves_in_the_row_space_exactly(ridge):
     """Multiclass target-only with m < d is solved in each target's row space; it equals the fit in

@@ -676,7 +676,8 @@ class TargetOnly(Method):
                 w = cv_heads(model, identity, reduced, target.y, generator, weight=_weight(target))[0]
             if basis is not None:
                 r = basis.shape[-1]
-                w = torch.cat([basis @ w[:, :r], w[:, r:]], dim=1)
+                heads = w if w.ndim == 3 else w.unsqueeze(-1)  # (R, r', N) or a logistic (R, r')
+                w = torch.cat([basis @ heads[:, :r], heads[:, r:]], dim=1).reshape(w.shape[0], -1, *w.shape[2:])
             full = {"B": torch.eye(target.dim, dtype=X.dtype, device=X.device)}
             return Adapted(w, model, full, False, None, target.loss, "linear", "B")
         if self.ridge > 0:
