@@ -31,7 +31,7 @@ RUNS: dict[str, list[str]] = {
 
 def run(name: str) -> None:
     out = ROOT / "runs" / "real" / name
-    command = [str(Path(sys.executable).parent / "adaptrep"), "evaluate", *RUNS[name], "--out", str(out)]
+    command = [str(Path(sys.executable).parent / "adaptrep"), "evaluate", *RUNS[name], "--out", str(out), "--retry-failed"]
     start = time.perf_counter()
     subprocess.run(command, check=True)
     print(f"{name}: {time.perf_counter() - start:.0f} s ({' '.join(command[1:])})", flush=True)
