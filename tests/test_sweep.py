@@ -255,7 +255,9 @@ def test_two_sweeps_on_one_store_leave_it_consistent(tmp_path, reference):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path):
-    spec, out = write_spec(tmp_path / "spec.yaml"), tmp_path / "out"
+    # 40 short runs: enough left to interrupt even when the progress poll sees the store late
+    # (a run takes ~0.3 s on a quiet machine; with 10 runs the sweep once finished first)
+    spec, out = write_spec(tmp_path / "spec.yaml", {**SPEC, "seeds": list(range(20))}), tmp_path / "out"
     process = subprocess.Popen(
         sweep_command(spec, out, 1),
         stdout=subprocess.PIPE,
