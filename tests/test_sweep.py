@@ -255,14 +255,15 @@ def test_two_sweeps_on_one_store_leave_it_consistent(tmp_path, reference):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_keeps_finished_runs(tmp_path):
-    # 40 short runs: enough left to interrupt even when the progress poll sees the store late
-    # (a run takes ~0.3 s on a quiet machine; with 10 runs the sweep once finished first)
+    # 40 short runs (~0.3 s each on a quiet machine): enough left to interrupt
     spec, out = write_spec(tmp_path / "spec.yaml", {**SPEC, "seeds": list(range(20))}), tmp_path / "out"
     process = subprocess.Popen(
         sweep_command(spec, out, 1),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as in a terminal: a shell starts background jobs with SIGINT ignored, and the child would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     wait_for_done(out / "sweep.db", at_least=2)
     process.send_signal(signal.SIGINT)
