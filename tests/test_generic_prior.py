@@ -19,12 +19,7 @@ F64 = torch.float64
 R, n, d, k, N = 4, 12, 5, 3, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread
 
 
 def _labels(loss, shape, g):

@@ -12,13 +12,7 @@ F64 = torch.float64
 D, K = 3, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny problems: one thread avoids contention on a shared machine (the conftest sets 2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread
 
 
 def _module_model():

@@ -30,12 +30,7 @@ from adaptrep.models import init_mlp, linear_model, mlp_model, task_loss
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread
 
 
 def _linear_tasks(T=12, n=10, d=4, k=2, seed=0):
