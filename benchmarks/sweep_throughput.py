@@ -28,7 +28,7 @@ from adaptrep.sweep import InProcess, ProcessPool, SweepSpec, compute, execute, 
 
 
 def grid(runs: int) -> SweepSpec:
-    base = dict(setting="linear", dim=20, rank=3, tasks=100, samples=25, target_samples=[40], target_tasks=20, methods=["adaptrep", "frozenrep", "target-only"])
+    base = dict(setting="linear", dim=20, rank=3, tasks=100, samples=25, target_samples=[10, 20, 40, 80], target_tasks=20, methods=["adaptrep", "frozenrep", "target-only"])
     return SweepSpec(base=base, grid={"delta": [0.2, 0.4]}, seeds=runs // 2)
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = grid(args.runs)
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads; a grid of {args.runs} runs (linear, d=20, k=3, T=100, n=25, m=40, 3 methods)")
+    print(f"torch {torch.__version__}, {threads} threads; a grid of {args.runs} runs (linear, d=20, k=3, T=100, n=25, m=10 to 80, 3 methods: about 1 s each)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         one, done = timed_sweep(spec, InProcess, root / "one")
