@@ -8,9 +8,13 @@ perturbations of the same size delta) from ``Generator(seed * 1000 + 2 + m)``. f
 
 Methods (``adaptrep.methods.make_method`` names, and ADAPTREP with each source penalty):
 
-* ``adaptrep-cv``: ``AdaptRep(penalty="cv")``, the source penalty cross-validated on the source
-  tasks (:mod:`adaptrep.adaptive`), and fine-tuning on the target;
-* ``adaptrep-theory``: ``AdaptRep(penalty="theory")``, the theory formula (the default ``adaptrep``);
+* ``adaptrep``: the default ``AdaptRep()``: the source penalty cross-validated on the source
+  tasks (:mod:`adaptrep.adaptive`), and fine-tuning on the target with the strength that the source
+  tasks' perturbation variance sets (``FineTune(strength="source")``);
+* ``adaptrep-theory``: ``AdaptRep(penalty="theory")``, the theory formula for the source penalty
+  (the default before 0.4.0), the same target step;
+* ``adaptrep-cvft``: ``AdaptRep(finetune=FineTune(strength="cv"))``, the default source penalty and
+  the target strength cross-validated on the target's own samples (the target step before 0.4.0);
 * ``frozenrep`` (ERM), ``perm``, ``spectral``, ``mom`` (:mod:`adaptrep.competitors`), ``target-only``.
 
 Per method, delta and seed: the source-task error (max and mean over the 50 source tasks of
@@ -37,14 +41,17 @@ import torch
 
 from adaptrep.competitors import source_task_errors
 from adaptrep.environments import LinearEnvironment
+from adaptrep.finetune import FineTune
 from adaptrep.methods import AdaptRep, Method, make_method
 
-METHODS = ["adaptrep-cv", "adaptrep-theory", "frozenrep", "perm", "spectral", "mom", "target-only"]
+METHODS = ["adaptrep", "adaptrep-theory", "adaptrep-cvft", "frozenrep", "perm", "spectral", "mom", "target-only"]
 
 
 def build(name: str) -> Method:
-    if name.startswith("adaptrep-"):
-        return AdaptRep(penalty=name.removeprefix("adaptrep-"))
+    if name == "adaptrep-theory":
+        return AdaptRep(penalty="theory")
+    if name == "adaptrep-cvft":
+        return AdaptRep(finetune=FineTune(strength="cv"))
     return make_method(name)
 
 
@@ -66,7 +73,7 @@ def run(deltas: list[float], seeds: int, ms: list[int], target_tasks: int, metho
                     row.update(source_error_max=math.nan, source_error_mean=math.nan)
                 row["source_penalty"] = method.info.get("source_penalty", math.nan)
                 for m, target in targets.items():
-                    beta_hat = method.adapt(target, torch.Generator().manual_seed(seed * 1000 + 3 + m))
+                    beta_hat = method.adapt(target, torch.Generator().manual_seed(seed * 1000 + 3 + m)).beta
                     row[f"risk_m{m}"] = float(env.excess_risk(beta_hat, target.beta).mean())
                 rows.append(row)
             print(f"delta {delta} seed {seed} done", flush=True)

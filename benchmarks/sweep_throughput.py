@@ -28,7 +28,16 @@ from adaptrep.sweep import InProcess, ProcessPool, SweepSpec, compute, execute, 
 
 
 def grid(runs: int) -> SweepSpec:
-    base = dict(setting="linear", dim=20, rank=3, tasks=100, samples=25, target_samples=[10, 20, 40, 80], target_tasks=20, methods=["adaptrep", "frozenrep", "target-only"])
+    base = dict(
+        setting="linear",
+        dim=20,
+        rank=3,
+        tasks=100,
+        samples=25,
+        target_samples=[10, 20, 40, 80],
+        target_tasks=20,
+        methods=["adaptrep", "frozenrep", "target-only"],
+    )
     return SweepSpec(base=base, grid={"delta": [0.2, 0.4]}, seeds=runs // 2)
 
 

@@ -201,8 +201,26 @@ def evaluation(file: str, metric: str = "query_loss", focus: str = "adaptrep") -
     return "\n".join([evaluation_table(frame, metric), "", *standings(frame, metric, focus)]).rstrip()
 
 
+def sweep(file: str, by: str, metric: str, digits: str = "3") -> str:
+    """Methods x values of ``by`` (e.g. delta): the mean of ``metric`` over seeds, the row's
+    smallest value in bold."""
+    frame = load(file)
+    column(frame, by)
+    column(frame, metric)
+    table = frame.groupby(["method", by], sort=False)[metric].mean().unstack(by).dropna(how="all")
+    table = table.reindex(index=[name for name in pd.unique(frame["method"]) if name in table.index], columns=sorted(table.columns))
+    best = table.min()
+    header = ["method"] + [f"{by} = {value:g}" for value in table.columns]
+    rows = [
+        [f"`{method}`"] + [f"**{fmt(v, int(digits))}**" if v == best[col] else fmt(v, int(digits)) for col, v in row.items()]
+        for method, row in table.iterrows()
+    ]
+    return markdown_table(header, rows)
+
+
 DIRECTIVES: dict[str, Callable[..., str]] = {
     "evaluation": evaluation,
+    "sweep": sweep,
     "risk": risk,
     "ratio": ratio,
     "representation": representation,

@@ -124,3 +124,53 @@ def test_the_prior_refuses_fine_tuning_options_it_would_ignore():
     X, y = _random_slopes(20, 10, 3, seed=5)
     with pytest.raises(ValueError, match="FineTune.folds"):
         AdaptRep(FineTune(folds=3), rank=1, prior=True).fit(Tasks.from_arrays(X, y))
+
+
+def test_source_strength_fine_tuning_is_the_penalised_least_squares_solution():
+    """``FineTune(strength="source")`` (the default) on the exact path without the heads' prior:
+    ``min (1/m) ||y - X (B h + v)||^2 + (sigma^2 / (m tau^2)) ||v||^2`` over a free head ``h`` and ``v``,
+    checked against numpy's solve of its normal equations on every target of a ragged batch."""
+    from adaptrep import LinearEnvironment
+
+    env = LinearEnvironment(8, 2, delta=0.8, noise=0.5, seed=3)
+    source = env.sample_tasks(30, 40, torch.Generator().manual_seed(4))
+    method = AdaptRep(rank=2).fit(source)
+    tau2, sigma2 = method.perturbation_variance, method.noise_estimate**2
+    assert method.finetune.strength == "source" and tau2 > 0
+    rng = np.random.default_rng(5)
+    Xs = [rng.standard_normal((m, 8)) for m in (5, 12, 20)]  # fewer and more samples than features
+    ys = [X @ rng.standard_normal(8) + 0.5 * rng.standard_normal(len(X)) for X in Xs]
+    adapted = method.adapt(Tasks.from_arrays(Xs, ys))
+    B = method.representation.numpy()
+    for t, (X, y) in enumerate(zip(Xs, ys, strict=True)):
+        A = np.hstack([X @ B, X])  # unknowns (h, v)
+        P = np.diag([0.0] * 2 + [sigma2 / tau2] * 8)
+        theta = np.linalg.solve(A.T @ A + P, A.T @ y)
+        np.testing.assert_allclose(adapted.beta[t].numpy(), B @ theta[:2] + theta[2:], rtol=0, atol=1e-9)
+        assert float(adapted.strength[t]) == pytest.approx(sigma2 / (len(y) * tau2))
+
+
+def test_source_strength_without_perturbations_is_the_head_only_fit():
+    from adaptrep import LinearEnvironment
+    from adaptrep.finetune import FineTune
+
+    env = LinearEnvironment(8, 2, delta=0.0, noise=0.5, seed=1)
+    source = env.sample_tasks(30, 40, torch.Generator().manual_seed(2))
+    target = env.sample_tasks(6, 15, torch.Generator().manual_seed(3))
+    tuned = FrozenRep(rank=2, finetune=FineTune()).fit(source)
+    tuned.perturbation_variance = 0.0  # tasks that share the representation: nothing to fine-tune
+    head_only = FrozenRep(rank=2).fit(source)
+    torch.testing.assert_close(tuned.adapt(target).beta, head_only.adapt(target).beta, rtol=0, atol=1e-10)
+    assert torch.isinf(tuned.last_strength).all()
+
+
+def test_fine_tune_strength_defaults_and_errors():
+    from adaptrep.finetune import FineTune
+
+    assert FineTune().strength == "source" and FineTune(constraint="ball").strength == "cv"
+    assert FineTune(constraint="early-stop").strength == "cv"
+    with pytest.raises(ValueError, match="constraint='ball' needs strength='cv' or a number"):
+        FineTune(constraint="ball", strength="source")
+    B = torch.linalg.qr(torch.randn(5, 2, dtype=torch.float64))[0]
+    with pytest.raises(ValueError, match="needs the source tasks' perturbation variance"):
+        FineTune().adapt(B, torch.randn(3, 10, 5, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64))

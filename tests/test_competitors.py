@@ -242,7 +242,7 @@ def test_frozen_held_out_error_is_head_only_least_squares_on_the_training_folds(
 
 def test_cv_penalty_path_and_choice():
     _, source = _source(delta=1.0, dim=8, rank=2, tasks=20, samples=30, noise=0.5)
-    path = cv_penalty(source.X, source.y, 2, strengths=4)
+    path = cv_penalty(source.X, source.y, 2, strengths=4, rule="min")
     assert path.strengths[0] == math.inf and all(a > b for a, b in zip(path.strengths[1:-1], path.strengths[2:], strict=True))
     assert path.errors[path.chosen] == min(path.errors)
     # with large perturbations a finite penalty wins, and the returned fit is that penalty's solution
@@ -251,6 +251,34 @@ def test_cv_penalty_path_and_choice():
     direct = fit_source(G, c, q, 2, penalty=path.penalty)
     assert path.fit.objective == pytest.approx(direct.objective, rel=1e-7)
     assert len(path.strengths) == 5 and len(path.fits) == 5 and path.per_task.shape == (5, 20)
+
+
+def test_the_default_rule_takes_the_weaker_neighbour_of_the_minimum_unless_frozenrep_wins():
+    _, perturbed = _source(delta=1.0, dim=8, rank=2, tasks=20, samples=30, noise=0.5)
+    weaker, lowest = cv_penalty(perturbed.X, perturbed.y, 2), cv_penalty(perturbed.X, perturbed.y, 2, rule="min")
+    assert weaker.errors == lowest.errors and 0 < lowest.chosen
+    assert weaker.chosen == lowest.chosen + 1 and weaker.penalty == pytest.approx(0.75 * lowest.penalty)
+    G, c, q = perturbed.gram()
+    direct = fit_source(G, c, q, 2, penalty=weaker.penalty)  # the returned fit is that penalty's solution
+    assert weaker.fit.objective == pytest.approx(direct.objective, rel=1e-7)
+    _, shared = _source(delta=0.0, dim=8, rank=2, tasks=30, samples=40, noise=1.0)
+    frozen = cv_penalty(shared.X, shared.y, 2)
+    assert frozen.errors[0] == min(frozen.errors) and frozen.chosen == 0 and frozen.penalty == math.inf
+
+
+def test_cv_penalty_on_the_samples_equals_it_on_gram_matrices():
+    """Fewer samples than features: the samples path (one fold at a time, O(T n d) memory) scores
+    and chooses like the Gram-matrix path, once both refits have converged."""
+    _, source = _source(delta=1.0, dim=12, rank=2, tasks=10, samples=10, noise=0.3, seed=2)
+    mask = torch.ones(10, 10, dtype=torch.float64)
+    mask[::3, 7:] = 0  # ragged
+    X, y = source.X * mask.unsqueeze(-1), source.y * mask
+    options = dict(mask=mask, strengths=3, refit_steps=800, path_gtol=1e-8, gtol=1e-8)
+    gram = cv_penalty(X, y, 2, representation="gram", **options)
+    samples = cv_penalty(X, y, 2, representation="samples", **options)
+    assert samples.strengths == pytest.approx(gram.strengths, rel=1e-6) and samples.chosen == gram.chosen
+    torch.testing.assert_close(samples.per_task, gram.per_task, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(samples.fit.B @ samples.fit.B.T, gram.fit.B @ gram.fit.B.T, rtol=0, atol=1e-6)
 
 
 def test_cv_penalty_keeps_the_shared_representation_when_tasks_share_it():

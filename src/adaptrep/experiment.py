@@ -193,11 +193,13 @@ class RunConfig(Compute, MetaOptions, DesignOptions, SettingOptions):
         return self
 
     def memory_estimate(self) -> int:
-        """Rough peak bytes: source data and Gram matrices (4 restarts), the k d x k d normal
-        matrices, and the target cross-validation batch (5 folds x 13 strengths)."""
+        """Rough peak bytes: source data and Gram matrices (4 restarts, and the source penalty's
+        5 training and 5 held-out folds) or, with fewer samples than features, copies of the samples;
+        the k d x k d normal matrices; and the target cross-validation batch (5 folds x 13 strengths)."""
         size = torch.finfo(self.torch_dtype).bits // 8
         d, k, m = self.dim, self.rank, max(self.target_samples)
-        source = self.tasks * (self.samples * d + 6 * d * d) + 4 * (d * k) ** 2
+        per_task = 16 * d * d if self.samples >= d else 6 * self.samples * d
+        source = self.tasks * (self.samples * d + per_task) + 4 * (d * k) ** 2
         target = self.target_tasks * (m * d + 5 * 13 * (d * d + 4 * d))
         return int(size * (source + target))
 

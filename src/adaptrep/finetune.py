@@ -102,8 +102,12 @@ class FineTune:
     """Fine-tune representation and head on a target task (the ADAPTREP adaptation).
 
     Args:
-        strength: the penalty ``lambda_t`` (or the radius ``r`` for ``constraint="ball"``), or
-            ``"cv"`` to choose it per target by cross-validation (default).
+        strength: ``"source"`` (the default for ``constraint="penalty"``): set by the source tasks, the posterior mean under the
+            perturbations' prior ``v ~ N(0, tau^2 I_d)`` learned from them (a ridge ``(sigma^2 / (m tau^2)) ||v||^2``
+            with the head free; see :meth:`adaptrep.methods.AdaptRep` and :mod:`adaptrep.bayes`; the
+            methods apply it, :meth:`adapt` does not); the penalty ``lambda_t`` (or the radius ``r``
+            for ``constraint="ball"``); or ``"cv"`` to choose it per target by cross-validation (the
+            default for ``"ball"`` and ``"early-stop"``).
         constraint: ``"penalty"`` for ``lambda_t ||v||_2`` (regularised), ``"ball"`` for
             ``||v||_2 <= r`` (constrained, a norm-ball projection after each gradient step), or
             ``"early-stop"``: plain gradient descent on ``v`` from ``v = 0`` (heads exact), stopped
@@ -117,7 +121,7 @@ class FineTune:
         floor: ``c`` in the floor ``c * sigma_hat * sqrt(d / m)`` of the penalty grid (0: none).
     """
 
-    strength: float | Literal["cv"] = "cv"
+    strength: float | Literal["source", "cv"] | None = None
     constraint: Literal["penalty", "ball", "early-stop"] = "penalty"
     folds: int = 5
     grid: int = 13
@@ -129,8 +133,12 @@ class FineTune:
     def __post_init__(self) -> None:
         if self.constraint not in ("penalty", "ball", "early-stop"):
             raise ValueError(f"FineTune.constraint must be 'penalty', 'ball' or 'early-stop'; got {self.constraint!r}")
-        if self.strength != "cv" and not (isinstance(self.strength, (int, float)) and self.strength >= 0):
-            raise ValueError(f"FineTune.strength must be 'cv' or a non-negative number; got {self.strength!r}")
+        if self.strength is None:  # the source tasks set a ridge on v; a ball or a step count is cross-validated
+            self.strength = "source" if self.constraint == "penalty" else "cv"
+        if self.strength not in ("source", "cv") and not (isinstance(self.strength, (int, float)) and self.strength >= 0):
+            raise ValueError(f"FineTune.strength must be 'source', 'cv' or a non-negative number; got {self.strength!r}")
+        if self.strength == "source" and self.constraint != "penalty":
+            raise ValueError(f"FineTune.constraint={self.constraint!r} needs strength='cv' or a number (strength='source' is a ridge on v)")
         if self.rule not in ("min", "paired"):
             raise ValueError(f"FineTune.rule must be 'min' or 'paired'; got {self.rule!r}")
         if not self.floor >= 0:
@@ -218,6 +226,8 @@ class FineTune:
         ``mask`` (``(R, m)``) marks the real samples of zero-padded targets of different sizes;
         ``prior`` ``(P, P mu)`` (``(R, k, k)``, ``(R, k)``) shrinks the heads (:class:`ShrunkHeads`).
         """
+        if self.strength == "source":
+            raise ValueError("FineTune(strength='source') needs the source tasks' perturbation variance: adapt through a method, or give 'cv' or a number")
         R, m, _ = X.shape
         counts = None if mask is None else mask.sum(-1).to(X.dtype)
         G, c, q = sufficient_statistics(X, y, counts)
@@ -226,7 +236,7 @@ class FineTune:
         sigma = self.noise_level(G, c, q, sizes, noise, noise_dof)
         if fewest < 2:  # nothing to cross-validate on: keep the head-only fit
             return fit_head(B, G, c, prior), torch.full((R,), float("inf"), dtype=X.dtype, device=X.device)
-        if self.strength != "cv":
+        if isinstance(self.strength, (int, float)):
             strength = torch.full((R,), float(self.strength), dtype=X.dtype, device=X.device)
         else:
             generator = generator if generator is not None else torch.Generator().manual_seed(0)

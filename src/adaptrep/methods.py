@@ -238,11 +238,12 @@ def _centered(tasks: Tasks, intercept: bool) -> tuple[Tensor, Tensor, Tensor | N
     return (X - mx.unsqueeze(1)) * weight.unsqueeze(-1), (y - my.unsqueeze(1)) * weight, mx, my
 
 
-#: How :class:`AdaptRep` chooses its source penalty when none is given: ``"theory"`` or ``"cv"``.
-#: ``"cv"`` is not the default: on ``linear`` (d = 30, k = 5, T = 50, n = 100, sigma = 1, 5 seeds) it
-#: matches FROZENREP at delta = 0 (the theory formula is 1.33x worse there) but at delta = 0.6 its
-#: source-task max error is 0.727 against the formula's 0.684 (benchmarks/delta_sweep.py).
-DEFAULT_PENALTY = "theory"
+#: How :class:`AdaptRep` chooses its source penalty when none is given: ``"cv"`` (from the data,
+#: :func:`adaptrep.adaptive.cv_penalty`) or ``"theory"``. On ``linear`` (d = 30, k = 5, T = 50, n = 100,
+#: sigma = 1, 5 seeds; benchmarks/delta_sweep.py) ``"cv"`` matches FROZENREP at delta = 0, where the
+#: theory formula's source-task max error is 1.33x FROZENREP's, and is level with the formula or
+#: ahead of it from delta = 0.3 on.
+DEFAULT_PENALTY = "cv"
 
 
 def theory_penalty(noise: float, dim: int, rank: int, num_tasks: int, num_samples: float) -> float:
@@ -278,7 +279,7 @@ class _AdaptsRepresentation(Method):
             return self._adapt_generic(target, generator)
         assert self.representation is not None
         B = self.representation.to(target.X)
-        if self.head_prior is not None:
+        if self.head_prior is not None or (self.finetune is not None and self.finetune.strength == "source"):
             return self._adapt_with_prior(B, target, generator)
         X, y, mx, my = _centered(target, self.spec.intercept)
         if self.finetune is None:
@@ -305,14 +306,23 @@ class _AdaptsRepresentation(Method):
 
         which minimises ``(1/m) ||y - X' (B' h + v)||^2 + (sigma^2 / m) ((h - mu)^T S^{-1} (h - mu) + ||v||^2 / tau^2)``:
         fine-tuning representation and head with a ridge penalty whose strength the source tasks
-        set, no cross-validation on the ``m`` target samples. ``last_strength`` is ``sigma^2 / (m tau^2)``."""
-        assert self.head_prior is not None and self.noise_estimate is not None
-        mu, S = (value.to(target.X) for value in self.head_prior)
+        set, no cross-validation on the ``m`` target samples. ``last_strength`` is ``sigma^2 / (m tau^2)``.
+
+        Without the heads' prior (``prior=False``, the simulated environments' default) the head is
+        free (a flat prior, ``S^{-1} = 0``): ``h`` is the generalised least-squares head for the
+        covariance ``K = tau^2 X X^T + sigma^2 I_m`` and ``v = tau^2 X^T K^{-1} (y - X B' h)``, which
+        minimise ``(1/m) ||y - X' (B' h + v)||^2 + (sigma^2 / (m tau^2)) ||v||^2``: the paper's fine-tuning
+        of representation and head, with the strength that the source tasks' perturbations set. With
+        ``tau^2 = 0`` (tasks that share the representation) it is the head-only fit."""
+        assert self.noise_estimate is not None
         X = target.flat()
         if self.spec.intercept:
             X = torch.nn.functional.pad(X, (0, 1), value=1.0) * target.weight.unsqueeze(-1)
             B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
         counts, noise = target.counts, self.noise_estimate**2
+        if self.head_prior is None:
+            return self._adapt_flat_head(B, X, target, noise)
+        mu, S = (value.to(target.X) for value in self.head_prior)
         if self.finetune is None:
             P = (noise / counts)[:, None, None] * torch.linalg.inv(S)
             prior = (P, (P @ mu.unsqueeze(-1)).squeeze(-1).expand(target.num_tasks, -1))
@@ -332,6 +342,27 @@ class _AdaptsRepresentation(Method):
         bias = beta[:, -1] if self.spec.intercept else None
         return Adapted(beta[:, : target.dim], bias=bias, loss="squared", strength=strength)
 
+    def _adapt_flat_head(self, B: Tensor, X: Tensor, target: Tasks, noise: float) -> Adapted:
+        """:meth:`_adapt_with_prior` with a free head: ``X`` ``(R, m, d')`` and ``B`` ``(d', k')`` with
+        the intercept's column already appended (its perturbation is not penalised: it has none)."""
+        tau2 = float(self.perturbation_variance or 0.0)
+        d = target.dim
+        eye = torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
+        Xd = X[..., :d]
+        K = tau2 * Xd @ Xd.transpose(-1, -2) + noise * eye  # padded rows: sigma^2 on the diagonal only
+        L = torch.linalg.cholesky(K)
+        Z = torch.linalg.solve_triangular(L, X @ B, upper=False)  # whitened head design
+        yw = torch.linalg.solve_triangular(L, target.y.unsqueeze(-1), upper=False)
+        Zt = Z.transpose(-1, -2)
+        h = torch.linalg.pinv(Zt @ Z, hermitian=True) @ (Zt @ yw)  # minimum-norm when m < k'
+        beta = (B @ h).squeeze(-1)
+        if tau2 > 0:
+            r = torch.cholesky_solve(target.y.unsqueeze(-1) - X @ B @ h, L)
+            beta[..., :d] += tau2 * (Xd.transpose(-1, -2) @ r).squeeze(-1)
+        strength = noise / (target.counts * tau2) if tau2 > 0 else torch.full_like(target.counts, math.inf)
+        bias = beta[:, -1] if self.spec.intercept else None
+        return Adapted(beta[:, :d], bias=bias, loss="squared", strength=strength)
+
     def _adapt_generic(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
         """Other losses and models (:mod:`adaptrep.models`): heads with a cross-validated ridge,
         then fine-tuning: penalised for logistic tasks on a linear representation, else gradient
@@ -347,6 +378,13 @@ class _AdaptsRepresentation(Method):
         if self.finetune is None:
             return self._adapted(theta, w, stacked=False)
         return _finetune_generic(self, theta, target, generator, ridge, prior)
+
+    def _learn_perturbation_variance(self, source: Tasks, B: Tensor) -> None:
+        """``tau^2`` (:func:`adaptrep.bayes.perturbation_variance`) on the exact path, where the target
+        step uses it: with the heads' prior, or fine-tuning with ``FineTune(strength="source")``."""
+        if self.spec.prior or (self.finetune is not None and self.finetune.strength == "source"):
+            assert self.noise_estimate is not None
+            self.perturbation_variance = perturbation_variance(source, B, self.spec.intercept, self.noise_estimate)
 
     def _theta(self) -> Params:
         """The learned representation's parameters (``theta``)."""
@@ -413,7 +451,7 @@ class _RepresentationMethod(_AdaptsRepresentation):
             assert self.noise_estimate is not None
             self._check_prior_finetune()
             self.head_prior = head_prior(source, fit.B, self.spec.intercept, self.noise_estimate)
-            self.perturbation_variance = perturbation_variance(source, fit.B, self.spec.intercept, self.noise_estimate)
+        self._learn_perturbation_variance(source, fit.B)
         self.source_predictors = predictor(fit.B, fit.W, fit.V)
         synchronize(fit.B.device)
         self.info = {
@@ -519,11 +557,11 @@ class AdaptRep(_RepresentationMethod):
     ``mu`` is ``penalty`` (a number); or ``2 sqrt(lam * gamma)`` when the paper's ``lam``, ``gamma`` are given
     (its objective uses ``1/(2n) ||r||^2``, half our mean squared error, and its stated equivalent
     penalty ``sqrt(lam gamma) ||Delta_t w_t||``); ``penalty="theory"``: the theory-shaped
-    :func:`theory_penalty` with the noise level estimated from the source data (the default,
-    :data:`DEFAULT_PENALTY`); ``penalty="cv"``: chosen by cross-validation on the source tasks'
+    :func:`theory_penalty` with the noise level estimated from the source data; ``penalty="cv"``: chosen by cross-validation on the source tasks'
     held-out samples along a warm-started path from FROZENREP down (:func:`adaptrep.adaptive.cv_penalty`;
-    its path is kept in ``penalty_path``). ``radius`` switches to the constrained form ``||v_t|| <= radius``.
-    Target adaptation: :class:`FineTune` (cross-validated strength) by default.
+    its path is kept in ``penalty_path``; the default, :data:`DEFAULT_PENALTY`). ``radius`` switches to the
+    constrained form ``||v_t|| <= radius``. Target adaptation: :class:`FineTune`, by default with the
+    strength that the source tasks' perturbation variance sets (the posterior mean; see ``_adapt_with_prior``).
     """
 
     finetune: FineTune | None = field(default_factory=FineTune)
@@ -607,6 +645,7 @@ class Oracle(_AdaptsRepresentation):
         self.representation = source.representation
         if self.spec.exact:
             self._estimate_noise(source.gram(center=self.spec.intercept), source, self.representation.shape[1])
+            self._learn_perturbation_variance(source, self.representation)
         self.info = {"noise_estimate": self.noise_estimate}
 
 
