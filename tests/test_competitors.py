@@ -281,6 +281,13 @@ def test_cv_penalty_on_the_samples_equals_it_on_gram_matrices():
     torch.testing.assert_close(samples.fit.B @ samples.fit.B.T, gram.fit.B @ gram.fit.B.T, rtol=0, atol=1e-6)
 
 
+def test_cv_penalty_with_fewer_samples_than_the_rank_keeps_frozenrep():
+    """n_t <= k: FROZENREP fits every task exactly, so no perturbation can lower a loss and the path is FROZENREP alone."""
+    _, source = _source(delta=0.5, dim=12, rank=6, tasks=30, samples=5)
+    path = cv_penalty(source.X, source.y, 6)
+    assert path.strengths == [math.inf] and path.chosen == 0 and path.fit.objective < 1e-20
+
+
 def test_cv_penalty_keeps_the_shared_representation_when_tasks_share_it():
     _, source = _source(delta=0.0, dim=10, rank=2, tasks=30, samples=40, noise=1.0)
     method = AdaptRep(penalty="cv", finetune=None).fit(source)

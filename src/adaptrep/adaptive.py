@@ -197,7 +197,8 @@ def cv_penalty(
     top = float((2 * (as_gram(G).matvec(predictor(frozen.B, frozen.W)) - c)).norm(dim=-1).max())
     path, fits, per_task = [math.inf], [frozen], [held_out(frozen, math.inf)]
     best, worse = 0, 0
-    for j in range(strengths):
+    # top = 0: FROZENREP fits every task exactly (n_t <= k): no perturbation can lower any loss
+    for j in range(strengths if top > 1e-12 * float(c.norm(dim=-1).max().clamp_min(1e-300)) else 0):
         mu = top * step**j
         fit = fit_source(G, c, q, rank, penalty=mu, inits=fits[-1].B.unsqueeze(0), select_after=1, gtol=path_gtol, **options)  # type: ignore[arg-type]
         path.append(mu)
