@@ -231,3 +231,19 @@ def test_task_statistics_rejects_bad_counts():
         task_statistics(tasks.X, tasks.y, torch.tensor([6, 6, 7, 6, 6]))
     with pytest.raises(ValueError, match="X of shape"):
         task_statistics(tasks.X[0], tasks.y)
+
+
+@pytest.mark.parametrize("penalty", [math.inf, 0.3])
+def test_no_task_with_more_samples_than_the_rank_is_degenerate(penalty):
+    """n_t <= k: every head fits its task exactly on any representation, so the objective is 0
+    everywhere; the fit returns the first moment start without iterating, at objective ~0."""
+    _, tasks = _tasks(T=50, n=4, d=12, k=5, seed=3)
+    G, c, q = task_statistics(tasks.X, tasks.y)
+    fit = fit_source(G, c, q, 5, penalty=penalty)
+    assert fit.stop_reason == "degenerate" and fit.iterations == 0 and fit.converged
+    assert abs(fit.objective) < 1e-12 and float(fit.V.norm()) < 1e-12
+    start = torch.linalg.qr(moment_inits(G, c, 5)[0])[0]
+    torch.testing.assert_close(_projector(fit.B), _projector(start), rtol=0, atol=1e-12)
+    # one more sample per task than the rank: the objective is not flat any more, and the fit iterates
+    _, more = _tasks(T=50, n=6, d=12, k=5, seed=3)
+    assert fit_source(*task_statistics(more.X, more.y), 5, penalty=penalty, max_iter=5).stop_reason != "degenerate"

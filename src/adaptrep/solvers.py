@@ -575,7 +575,7 @@ class SourceFit:
     ``history`` the value of F after each of them (the best restart's; never increasing).
     ``stop_reason`` is ``"gradient"`` (the gradient norm fell below ``gtol``: ``converged``),
     ``"objective"`` (F stopped decreasing to the relative tolerance ``tol`` before that) or
-    ``"max_iter"``. ``b_solver`` is how the ``B`` step was solved (``"dense"`` or ``"cg"``) and
+    ``"max_iter"``, or ``"degenerate"`` (no task has more samples than the rank). ``b_solver`` is how the ``B`` step was solved (``"dense"`` or ``"cg"``) and
     ``cg_iterations`` the conjugate-gradient iterations over all ``B`` steps (0 for dense).
     """
 
@@ -817,6 +817,9 @@ def fit_source(
     ``tol``. Restarts start from :func:`moment_inits` (plus any ``inits``) and run together for
     ``select_after`` iterations; then only the one with the lowest objective goes on
     (``restart_objectives`` records their values at that point). Works in the dtype of ``c``.
+    When no task has more samples than ``rank`` (known from the operator's counts) every head fits
+    its task exactly on any representation, so F is 0 everywhere: the first moment start is
+    returned with its exact heads, without iterating (``stop_reason="degenerate"``).
     """
     gram = as_gram(G)
     T, d = c.shape
@@ -876,6 +879,11 @@ def fit_source(
         return B_new
 
     stop_reason, iterations = "max_iter", 0
+    if gram.counts is not None and bool((gram.counts <= rank).all()):
+        # every task is fitted exactly by its own head (n_t <= k): F = 0 on every representation, which
+        # the data cannot tell apart; keep the first moment start, the top-k span of the task moments
+        B, objective, max_iter, stop_reason = B[:1], objective[:1], 0, "degenerate"
+        A = A[:1]
     gtol = max(gtol, math.sqrt(torch.finfo(dtype).eps))  # float32 cannot resolve smaller gradients
     LB = gram.times(B.unsqueeze(-3))
     for iterations in range(1, max_iter + 1):  # noqa: B007 - used after the loop
