@@ -103,3 +103,24 @@ def test_a_saved_source_strength_model_predicts_the_same_after_loading(tmp_path)
     after = loaded.adapt(Tasks.from_arrays(Xs, ys))
     torch.testing.assert_close(after.beta, before.beta, rtol=0, atol=1e-12)
     torch.testing.assert_close(after.bias, before.bias, rtol=0, atol=1e-12)
+
+
+def test_adaptrep_chooses_its_source_penalty_by_cross_validation_by_default(monkeypatch):
+    """``DEFAULT_PENALTY = "cv"``: a plain ``AdaptRep`` calls :func:`cv_penalty` (here with a short path), keeps
+    its path and fits the penalty it chose."""
+    import adaptrep.methods as methods
+    from adaptrep.adaptive import cv_penalty
+
+    calls = []
+
+    def short_path(*args, **kwargs):
+        calls.append(kwargs)
+        return cv_penalty(*args, **{**kwargs, "strengths": 2})
+
+    monkeypatch.setattr(methods, "cv_penalty", short_path)
+    env = LinearEnvironment(6, 2, delta=0.8, noise=0.5, seed=3)
+    source = env.sample_tasks(10, 20, torch.Generator().manual_seed(4))
+    method = methods.AdaptRep(rank=2, finetune=None).fit(source)
+    path = method.penalty_path
+    assert len(calls) == 1 and path is not None and method.info["source_penalty"] == path.penalty
+    assert path.strengths[path.chosen] == path.penalty and method.representation is path.fit.B
