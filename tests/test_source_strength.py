@@ -124,3 +124,12 @@ def test_adaptrep_chooses_its_source_penalty_by_cross_validation_by_default(monk
     path = method.penalty_path
     assert len(calls) == 1 and path is not None and method.info["source_penalty"] == path.penalty
     assert path.strengths[path.chosen] == path.penalty and method.representation is path.fit.B
+
+
+@pytest.mark.parametrize("constraint", ["ball", "early-stop"])
+def test_the_prior_names_the_fine_tuning_option_the_user_set(constraint):
+    """``FineTune(constraint=...)`` also changes the default strength to "cv": the error names the constraint."""
+    env = LinearEnvironment(6, 2, delta=0.8, noise=0.5, seed=3)
+    source = env.sample_tasks(10, 20, torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match=r"^FineTune\.constraint applies without the prior"):
+        FrozenRep(rank=2, finetune=FineTune(constraint=constraint), prior=True).fit(source)

@@ -397,14 +397,16 @@ class _AdaptsRepresentation(Method):
         if changed:
             raise ValueError(
                 f"FineTune.{changed[0]} applies without the prior; with prior=True the target is fine-tuned with the perturbations' "
-                "prior learned from the source tasks (prior=False fine-tunes with a cross-validated strength)"
+                "prior learned from the source tasks (prior=False applies the option)"
             )
 
     def _changed_finetune_options(self) -> list[str]:
         if self.finetune is None:
             return []
         default = FineTune()
-        return [f.name for f in fields(FineTune) if getattr(self.finetune, f.name) != getattr(default, f.name)]
+        changed = [f.name for f in fields(FineTune) if getattr(self.finetune, f.name) != getattr(default, f.name)]
+        # strength last: a ball or early stopping changes its default too, and the error should name what the user set
+        return sorted(changed, key=lambda name: name == "strength")
 
     def _check_generic_finetune(self) -> None:
         changed = self._changed_finetune_options()
