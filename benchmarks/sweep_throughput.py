@@ -90,7 +90,8 @@ def main() -> None:
     spec = grid(args.runs)
     threads = torch.get_num_threads()
     print(
-        f"torch {torch.__version__}, {threads} threads; a grid of {args.runs} runs (linear, d=20, k=3, T=100, n=25, m=10 to 80, 3 methods: about half a second each)"
+        f"torch {torch.__version__}, {threads} threads; a grid of {args.runs} runs "
+        "(linear, d=20, k=3, T=100, n=25, m=10 to 80, 3 methods: about half a second each)"
     )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
