@@ -133,3 +133,15 @@ def test_the_prior_names_the_fine_tuning_option_the_user_set(constraint):
     source = env.sample_tasks(10, 20, torch.Generator().manual_seed(4))
     with pytest.raises(ValueError, match=r"^FineTune\.constraint applies without the prior"):
         FrozenRep(rank=2, finetune=FineTune(constraint=constraint), prior=True).fit(source)
+
+
+def test_noiseless_float32_targets_with_more_samples_than_features_are_recovered():
+    """No noise, float32, m > d: ``tau^2 X X^T + sigma^2 I`` is singular to working precision (sigma ~ 1e-4 from
+    float32 rounding); the fine-tuned predictor is still the target's own (no Cholesky failure)."""
+    env = LinearEnvironment(6, 2, delta=0.8, noise=0.0, seed=3, dtype=torch.float32)
+    source = env.sample_tasks(25, 30, torch.Generator().manual_seed(4))
+    target = env.sample_tasks(4, 40, torch.Generator().manual_seed(5))
+    method = Oracle(finetune=FineTune()).fit(source)
+    assert method.perturbation_variance > 0
+    adapted = method.adapt(target)
+    assert adapted.beta.dtype == torch.float32 and float((adapted.beta - target.beta).norm(dim=-1).max()) < 1e-4
