@@ -349,8 +349,11 @@ class _AdaptsRepresentation(Method):
         d = target.dim
         eye = torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
         Xd = X[..., :d]
-        K = tau2 * Xd @ Xd.transpose(-1, -2) + noise * eye  # padded rows: sigma^2 on the diagonal only
-        L = torch.linalg.cholesky(K)
+        K = tau2 * Xd @ Xd.transpose(-1, -2)
+        # sigma^2 on the diagonal (padded rows: only that), floored at the dtype's resolution of K: with (near-)noiseless
+        # data and more samples than features K is otherwise singular to working precision (float32) and Cholesky fails
+        floor = torch.finfo(X.dtype).eps * X.shape[1] * K.diagonal(dim1=-2, dim2=-1).amax(-1)
+        L = torch.linalg.cholesky(K + floor.clamp_min(noise)[:, None, None] * eye)
         Z = torch.linalg.solve_triangular(L, X @ B, upper=False)  # whitened head design
         yw = torch.linalg.solve_triangular(L, target.y.unsqueeze(-1), upper=False)
         Zt = Z.transpose(-1, -2)
@@ -397,14 +400,16 @@ class _AdaptsRepresentation(Method):
         if changed:
             raise ValueError(
                 f"FineTune.{changed[0]} applies without the prior; with prior=True the target is fine-tuned with the perturbations' "
-                "prior learned from the source tasks (prior=False fine-tunes with a cross-validated strength)"
+                "prior learned from the source tasks (prior=False applies the option)"
             )
 
     def _changed_finetune_options(self) -> list[str]:
         if self.finetune is None:
             return []
         default = FineTune()
-        return [f.name for f in fields(FineTune) if getattr(self.finetune, f.name) != getattr(default, f.name)]
+        changed = [f.name for f in fields(FineTune) if getattr(self.finetune, f.name) != getattr(default, f.name)]
+        # strength last: a ball or early stopping changes its default too, and the error should name what the user set
+        return sorted(changed, key=lambda name: name == "strength")
 
     def _check_generic_finetune(self) -> None:
         changed = self._changed_finetune_options()
