@@ -89,9 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = grid(args.runs)
     threads = torch.get_num_threads()
-    print(
-        f"torch {torch.__version__}, {threads} threads; a grid of {args.runs} runs (linear, d=20, k=3, T=100, n=25, m=10 to 80, 3 methods: about 0.5 s each)"
-    )
+    print(f"torch {torch.__version__}, {threads} threads; a grid of {args.runs} runs (linear, d=20, k=3, T=100, n=25, m=10 to 80, 3 methods: about 0.5 s each)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         one, done = timed_sweep(spec, InProcess, root / "one")
