@@ -145,3 +145,35 @@ def test_noiseless_float32_targets_with_more_samples_than_features_are_recovered
     assert method.perturbation_variance > 0
     adapted = method.adapt(target)
     assert adapted.beta.dtype == torch.float32 and float((adapted.beta - target.beta).norm(dim=-1).max()) < 1e-4
+
+
+def test_options_of_the_cross_validation_are_refused_with_the_source_strength_and_cv_is_the_generic_paths_own():
+    with pytest.raises(ValueError, match="FineTune.rule applies to strength='cv' or a number"):
+        FineTune(rule="paired")
+    with pytest.raises(ValueError, match="FineTune.folds applies to strength='cv' or a number"):
+        FineTune(folds=3)
+    assert FineTune(strength="cv", rule="paired", folds=3).rule == "paired"
+    # the generic path fine-tunes with cross-validated early stopping: strength="cv" names what it does
+    env = LinearEnvironment(6, 2, delta=0.3, noise=0.5, seed=0)
+    tasks = env.sample_tasks(12, 15, torch.Generator().manual_seed(1))
+    relu = FrozenRep(rank=2, model="relu", finetune=FineTune(strength="cv"))
+    relu.fit(tasks).adapt(env.sample_tasks(3, 10, torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match="FineTune.constraint applies to the exact linear path only"):
+        FrozenRep(rank=2, model="relu", finetune=FineTune(constraint="ball")).fit(tasks).adapt(tasks)
+
+
+def test_a_given_noise_level_sets_the_source_strength():
+    from adaptrep.methods import AdaptRep
+
+    env = LinearEnvironment(8, 2, delta=0.6, noise=0.5, seed=4)
+    source = env.sample_tasks(30, 40, torch.Generator().manual_seed(5))
+    target = env.sample_tasks(4, 12, torch.Generator().manual_seed(6))
+    given = AdaptRep(rank=2, penalty="theory", noise=0.55).fit(source)
+    tau2 = given.perturbation_variance
+    assert tau2 == pytest.approx(perturbation_variance(source, given.representation, False, 0.55)) and tau2 > 0
+    adapted = given.adapt(target)
+    torch.testing.assert_close(adapted.strength, torch.full((4,), 0.55**2 / (12 * tau2), dtype=torch.float64))
+    B = given.representation.numpy()
+    for t in range(4):
+        beta, _ = _reference(target.X[t].numpy(), target.y[t].numpy(), B, 0.55**2, tau2, False)
+        np.testing.assert_allclose(adapted.beta[t].numpy(), beta, rtol=0, atol=1e-9)

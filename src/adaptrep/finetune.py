@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -145,6 +145,10 @@ class FineTune:
             raise ValueError(f"FineTune.floor must be non-negative; got {self.floor!r}")
         if self.folds < 2 or self.grid < 2 or not 0 < self.grid_ratio < 1 or self.steps < 1:
             raise ValueError("FineTune needs folds >= 2, grid >= 2, 0 < grid_ratio < 1 and steps >= 1")
+        if self.strength == "source":  # a closed form: no folds, grid or iterations to set
+            unused = [f.name for f in fields(self) if f.name not in ("strength", "constraint") and getattr(self, f.name) != f.default]
+            if unused:
+                raise ValueError(f"FineTune.{unused[0]} applies to strength='cv' or a number; strength='source' is a closed form")
 
     @property
     def _prox(self) -> Prox:

@@ -319,7 +319,8 @@ class _AdaptsRepresentation(Method):
         if self.spec.intercept:
             X = torch.nn.functional.pad(X, (0, 1), value=1.0) * target.weight.unsqueeze(-1)
             B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
-        counts, noise = target.counts, self.noise_estimate**2
+        given = getattr(self, "noise", None)  # AdaptRep(noise=...): the user's noise level, else the source estimate
+        counts, noise = target.counts, (self.noise_estimate if given is None else float(given)) ** 2
         if self.head_prior is None:
             return self._adapt_flat_head(B, X, target, noise)
         mu, S = (value.to(target.X) for value in self.head_prior)
@@ -387,7 +388,8 @@ class _AdaptsRepresentation(Method):
         step uses it: with the heads' prior, or fine-tuning with ``FineTune(strength="source")``."""
         if self.spec.prior or (self.finetune is not None and self.finetune.strength == "source"):
             assert self.noise_estimate is not None
-            self.perturbation_variance = perturbation_variance(source, B, self.spec.intercept, self.noise_estimate)
+            given = getattr(self, "noise", None)  # AdaptRep(noise=...): the user's noise level, else the source estimate
+            self.perturbation_variance = perturbation_variance(source, B, self.spec.intercept, self.noise_estimate if given is None else float(given))
 
     def _theta(self) -> Params:
         """The learned representation's parameters (``theta``)."""
@@ -412,7 +414,8 @@ class _AdaptsRepresentation(Method):
         return sorted(changed, key=lambda name: name == "strength")
 
     def _check_generic_finetune(self) -> None:
-        changed = self._changed_finetune_options()
+        # strength="cv" is what the generic path does (cross-validated early stopping)
+        changed = [name for name in self._changed_finetune_options() if not (name == "strength" and self.finetune and self.finetune.strength == "cv")]
         if changed:
             raise ValueError(
                 f"FineTune.{changed[0]} applies to the exact linear path only (squared loss, linear model); "
