@@ -1,14 +1,14 @@
-"""Sweep throughput: a grid of forty CPU-bound runs of about half a second (twenty seconds of work,
-as twenty 1-second runs would be, but twice the per-run overhead) with 1 and 2 workers (parallel
+"""Sweep throughput: a grid of twenty CPU-bound runs of about 1-1.5 s with 1 and 2 workers (parallel
 efficiency), and the store's per-run overhead (register, claim, commit the results) and read-back time.
 
-    .venv/bin/python benchmarks/sweep_throughput.py            # the 40-run grid
-    .venv/bin/python benchmarks/sweep_throughput.py --runs 80  # a longer look
+    .venv/bin/python benchmarks/sweep_throughput.py            # the 20-run grid
+    .venv/bin/python benchmarks/sweep_throughput.py --runs 40  # a longer look
     .venv/bin/python benchmarks/sweep_throughput.py --cli      # also the adaptrep sweep command, end to end
 
-The runs are small (d = 20) so that they are bound by per-operation overhead, not by arithmetic that
-a second thread would share: one worker with 2 threads is then about as fast as with 1, and the
-speed-up of 2 workers measures the sweep machinery, not intra-operation parallelism.
+The runs are small (d = 20, five methods, five target sizes) so that they are bound mostly by
+per-operation overhead rather than by arithmetic that a second thread would share, and the speed-up
+of 2 workers measures the sweep machinery rather than intra-operation parallelism.
+
 Timings include everything a user waits for: starting the worker processes (which import torch),
 computing, and committing every run to the SQLite store; with ``--cli`` also starting the command
 and writing the report. Run it on an otherwise idle machine with at least 2 cores: the speed-up of
@@ -38,9 +38,9 @@ def grid(runs: int) -> SweepSpec:
         rank=3,
         tasks=100,
         samples=25,
-        target_samples=[10, 20, 40, 80],
+        target_samples=[10, 20, 40, 80, 160],
         target_tasks=20,
-        methods=["adaptrep", "frozenrep", "target-only"],
+        methods=["adaptrep", "frozenrep", "target-only", "perm", "spectral"],
     )
     return SweepSpec(base=base, grid={"delta": [0.2, 0.4]}, seeds=runs // 2)
 
@@ -84,12 +84,12 @@ def timed_command(spec: SweepSpec, workers: int, folder: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=40, help="runs in the grid (even)")
+    parser.add_argument("--runs", type=int, default=20, help="runs in the grid (even)")
     parser.add_argument("--cli", action="store_true", help="also time the adaptrep sweep command with 1 and 2 workers")
     args = parser.parse_args()
     spec = grid(args.runs)
     threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} threads; a grid of {args.runs} runs (linear, d=20, k=3, T=100, n=25, m=10 to 80, 3 methods: about 0.5 s each)")
+    print(f"torch {torch.__version__}, {threads} threads; a grid of {args.runs} runs (linear, d=20, k=3, T=100, n=25, m=10 to 160, 5 methods: 1-1.5 s each)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         one, done = timed_sweep(spec, InProcess, root / "one")
