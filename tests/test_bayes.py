@@ -123,7 +123,7 @@ def test_the_prior_refuses_fine_tuning_options_it_would_ignore():
 
     X, y = _random_slopes(20, 10, 3, seed=5)
     with pytest.raises(ValueError, match="FineTune.folds"):
-        AdaptRep(FineTune(folds=3), rank=1, prior=True).fit(Tasks.from_arrays(X, y))
+        AdaptRep(FineTune(strength="cv", folds=3), rank=1, prior=True).fit(Tasks.from_arrays(X, y))
 
 
 def test_source_strength_fine_tuning_is_the_penalised_least_squares_solution():

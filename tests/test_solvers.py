@@ -113,7 +113,7 @@ def test_finetune_solution_satisfies_group_lasso_optimality():
     G, c, _ = target.gram()
     B = env.representation
     lam = torch.linspace(0.01, 1.5, 8, dtype=torch.float64)
-    w, v = FineTune(steps=3000).solve(B, G, c, lam)
+    w, v = FineTune(strength="cv", steps=3000).solve(B, G, c, lam)
     head, v_res, inactive_ok, active = _kkt(B, G, c, w, v, lam)
     assert head < 1e-8 and v_res < 1e-6 and inactive_ok
     assert active.any() and (~active).any()  # both regimes are exercised
