@@ -174,3 +174,24 @@ def test_fine_tune_strength_defaults_and_errors():
     B = torch.linalg.qr(torch.randn(5, 2, dtype=torch.float64))[0]
     with pytest.raises(ValueError, match="needs the source tasks' perturbation variance"):
         FineTune().adapt(B, torch.randn(3, 10, 5, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64))
+
+
+def test_rank_chosen_from_the_data_with_one_cross_validated_path(monkeypatch):
+    """rank=None (prior on): the held-out marginal likelihood of tasks built on a 2-dimensional
+    representation rejects rank 1 and the chosen rank is its maximiser; ADAPTREP's trial fits use the
+    theory penalty, so the cross-validated path runs once, at the chosen rank."""
+    import adaptrep.methods as methods
+
+    rng = np.random.default_rng(11)
+    B = np.linalg.qr(rng.standard_normal((4, 2)))[0]
+    Xs = [rng.standard_normal((15, 4)) for _ in range(25)]
+    ys = [X @ (B @ (2.0 * rng.standard_normal(2))) + 0.5 * rng.standard_normal(15) for X in Xs]
+    calls = []
+    original = methods.cv_penalty
+    monkeypatch.setattr(methods, "cv_penalty", lambda X, y, rank, *args, **kwargs: calls.append(rank) or original(X, y, rank, *args, **kwargs))
+    method = AdaptRep(finetune=None).fit(Tasks.from_arrays(Xs, ys))
+    scores = method.rank_scores
+    assert scores is not None and set(scores) == {1, 2, 3, 4}
+    chosen = max(scores, key=scores.get)
+    assert chosen == method.representation.shape[1] >= 2 and scores[1] < scores[2] - 10  # rank 1 underfits, clearly
+    assert calls == [chosen]

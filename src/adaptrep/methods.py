@@ -499,7 +499,9 @@ class _RepresentationMethod(_AdaptsRepresentation):
     def _select_rank(self, source: Tasks, folds: int = 5) -> int:
         """The rank with the highest held-out marginal likelihood (:func:`adaptrep.bayes.log_likelihood`)
         of the source tasks, over ``folds`` folds of whole tasks (each fold's priors fitted on the
-        other tasks) and the ranks of :func:`adaptrep.bayes.rank_candidates`; kept in ``info``."""
+        other tasks) and the ranks of :func:`adaptrep.bayes.rank_candidates`; kept in ``info``.
+        ADAPTREP's trial fits use the theory-shaped source penalty (one fit each, not a
+        cross-validated path); the fit at the chosen rank uses the method's own."""
         T = source.num_tasks
         if T < 2:
             raise ValueError(f"{type(self).__name__}: choosing the rank needs at least 2 source tasks; give rank=")
@@ -512,6 +514,8 @@ class _RepresentationMethod(_AdaptsRepresentation):
             train, test = source.subset(held.logical_not().nonzero().squeeze(1)), source.subset(held.nonzero().squeeze(1))
             for i, rank in enumerate(candidates):
                 trial = replace(self, rank=rank)
+                if isinstance(trial, AdaptRep) and trial.penalty in (None, "cv") and trial.lam is None and trial.radius is None:
+                    trial.penalty = "theory"  # one fit per trial instead of a cross-validated path: the rank is what is compared
                 trial.spec, trial.info = self.spec, {}
                 trial._fit(train)
                 assert trial.head_prior is not None and trial.noise_estimate is not None and trial.representation is not None
