@@ -319,8 +319,7 @@ class _AdaptsRepresentation(Method):
         if self.spec.intercept:
             X = torch.nn.functional.pad(X, (0, 1), value=1.0) * target.weight.unsqueeze(-1)
             B = torch.block_diag(B, torch.ones(1, 1, dtype=B.dtype, device=B.device))
-        given = getattr(self, "noise", None)  # AdaptRep(noise=...): the user's noise level, else the source estimate
-        counts, noise = target.counts, (self.noise_estimate if given is None else float(given)) ** 2
+        counts, noise = target.counts, self._noise_level() ** 2
         if self.head_prior is None:
             return self._adapt_flat_head(B, X, target, noise)
         mu, S = (value.to(target.X) for value in self.head_prior)
@@ -383,13 +382,19 @@ class _AdaptsRepresentation(Method):
             return self._adapted(theta, w, stacked=False)
         return _finetune_generic(self, theta, target, generator, ridge, prior)
 
+    def _noise_level(self) -> float:
+        """``sigma`` of the priors and the target step: ``AdaptRep(noise=...)`` when given, else the source estimate."""
+        given = getattr(self, "noise", None)
+        if given is not None:
+            return float(given)
+        assert self.noise_estimate is not None
+        return self.noise_estimate
+
     def _learn_perturbation_variance(self, source: Tasks, B: Tensor) -> None:
         """``tau^2`` (:func:`adaptrep.bayes.perturbation_variance`) on the exact path, where the target
         step uses it: with the heads' prior, or fine-tuning with ``FineTune(strength="source")``."""
         if self.spec.prior or (self.finetune is not None and self.finetune.strength == "source"):
-            assert self.noise_estimate is not None
-            given = getattr(self, "noise", None)  # AdaptRep(noise=...): the user's noise level, else the source estimate
-            self.perturbation_variance = perturbation_variance(source, B, self.spec.intercept, self.noise_estimate if given is None else float(given))
+            self.perturbation_variance = perturbation_variance(source, B, self.spec.intercept, self._noise_level())
 
     def _theta(self) -> Params:
         """The learned representation's parameters (``theta``)."""
@@ -513,9 +518,7 @@ class _RepresentationMethod(_AdaptsRepresentation):
             held[order[fold :: min(folds, T)]] = True
             train, test = source.subset(held.logical_not().nonzero().squeeze(1)), source.subset(held.nonzero().squeeze(1))
             for i, rank in enumerate(candidates):
-                trial = replace(self, rank=rank)
-                if isinstance(trial, AdaptRep) and trial.penalty in (None, "cv") and trial.lam is None and trial.radius is None:
-                    trial.penalty = "theory"  # one fit per trial instead of a cross-validated path: the rank is what is compared
+                trial = self._rank_trial(rank)
                 trial.spec, trial.info = self.spec, {}
                 trial._fit(train)
                 assert trial.head_prior is not None and trial.noise_estimate is not None and trial.representation is not None
@@ -526,6 +529,10 @@ class _RepresentationMethod(_AdaptsRepresentation):
         chosen = candidates[int(scores.argmax())]
         self.rank_scores = dict(zip(candidates, scores.tolist(), strict=True))
         return chosen
+
+    def _rank_trial(self, rank: int) -> _RepresentationMethod:
+        """The method fitted at each candidate rank by :meth:`_select_rank`."""
+        return replace(self, rank=rank)
 
     def _generic_scale(self, source: Tasks, rank: int) -> tuple[float, float]:
         """``(sigma, p)``: the noise level (1/2 for class labels, else the source estimate) and the
@@ -609,6 +616,13 @@ class AdaptRep(_RepresentationMethod):
         if not mu >= 0:
             raise ValueError(f"the ADAPTREP penalty must be non-negative; got {mu}")
         return mu, None
+
+    def _rank_trial(self, rank: int) -> _RepresentationMethod:
+        """The theory penalty in place of a cross-validated one: one fit per trial, not a path (the rank is what is compared)."""
+        trial = replace(self, rank=rank)
+        if self.penalty in (None, "cv") and self.lam is None and self.radius is None:
+            trial.penalty = "theory"
+        return trial
 
     def _generic_penalty(self, source: Tasks, rank: int) -> tuple[float | None, float]:
         """The paper's ``lam, gamma`` if given; else ``lam = penalty``, by default
