@@ -166,16 +166,22 @@ def cv_penalty(
 
     if samples:  # one fold at a time (a loop over folds, never over tasks): one masked copy of X at once
 
+        def fold(k: int) -> tuple[Gram, Tensor]:
+            part = train[k]
+            Gk, ck, _ = task_statistics(X * part.unsqueeze(-1), y * part, part.sum(-1).clamp_min(1), representation="samples")
+            return Gk, ck
+
+        Ls = [lipschitz(fold(k)[0]) for k in range(held.shape[0])]  # per fold, once: not per strength
+
         def held_out(fit: SourceFit, mu: float) -> Tensor:
             """Per-task held-out error ``(T,)`` (see the dense version below), fold by fold, each fold's
             perturbations from zero (their coordinates live in that fold's own sample space)."""
             total = torch.zeros_like(counts)
             for k in range(held.shape[0]):
-                part = train[k]
-                Gk, ck, _ = task_statistics(X * part.unsqueeze(-1), y * part, part.sum(-1).clamp_min(1), representation="samples")
+                Gk, ck = fold(k)
                 heads = HeadSolver.build(fit.B, Gk)
                 strength = torch.as_tensor(mu, dtype=X.dtype, device=X.device) * scale[k]
-                w, a = fit_perturbation(heads, ck, lipschitz(Gk), torch.zeros_like(y), penalty_prox, strength, 2 * refit_steps)
+                w, a = fit_perturbation(heads, ck, Ls[k], torch.zeros_like(y), penalty_prox, strength, 2 * refit_steps)
                 residual = (y - torch.einsum("tnd,td->tn", X, predictor(fit.B, w, Gk.coord_vector(a)))) * held[k]
                 total = total + residual.square().sum(-1)
             return total / weight.sum(0)
