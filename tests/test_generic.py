@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from helpers import random_labels
 from torch.func import vmap
 
 from adaptrep import cv
@@ -37,18 +38,10 @@ D, K, N = 4, 3, 3
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread
 
 
-def _labels(loss, shape, g):
-    if loss == "squared":
-        return torch.randn(*shape, generator=g, dtype=F64)
-    if loss == "logistic":
-        return (torch.rand(*shape, generator=g, dtype=F64) < 0.5).to(F64)
-    return torch.randint(0, N, shape, generator=g).to(F64)
-
-
 def _ragged(loss, sizes=(5, 9, 3, 7), d=D, seed=0):
     """Per-task unpadded data and the zero-padded batch with its 0/1 weight."""
     g = torch.Generator().manual_seed(seed)
-    tasks = [(torch.randn(n, d, generator=g, dtype=F64), _labels(loss, (n,), g)) for n in sizes]
+    tasks = [(torch.randn(n, d, generator=g, dtype=F64), random_labels(loss, (n,), g)) for n in sizes]
     n_max = max(sizes)
     X = torch.zeros(len(sizes), n_max, d, dtype=F64)
     y = torch.zeros(len(sizes), n_max, dtype=F64)
@@ -149,7 +142,7 @@ def test_integer_weights_equal_repeated_samples(loss):
     and of the class count inferred from the labels (no ``classes`` given)."""
     g = torch.Generator().manual_seed(8)
     X = torch.randn(2, 15, D, generator=g, dtype=F64)
-    y = _labels(loss, (2, 15), g)
+    y = random_labels(loss, (2, 15), g)
     counts = torch.randint(0, 3, (2, 15), generator=g)
     counts[:, :N] = 1  # every class present in both tasks
     if loss == "multiclass":
@@ -284,7 +277,7 @@ def test_fit_shared_ignores_padding(name):
     _, X, y, _ = _ragged(model.loss, sizes=(6, 6, 6), seed=2)
     g = torch.Generator().manual_seed(3)
     Xp = torch.cat([X, torch.randn(3, 4, D, generator=g, dtype=F64)], 1)
-    yp = torch.cat([y, _labels(model.loss, (3, 4), g)], 1)
+    yp = torch.cat([y, random_labels(model.loss, (3, 4), g)], 1)
     weight = torch.cat([torch.ones(3, 6, dtype=F64), torch.zeros(3, 4, dtype=F64)], 1)
     for lam in (None, 0.5):
         plain = fit_shared(model, theta, X, y, lam=lam, gamma=0.01, steps=30, lr=0.02)
@@ -321,7 +314,7 @@ def test_fine_tuners_ignore_the_content_of_padding_and_an_all_ones_weight():
     for name in ("relu-squared", "linear-multiclass", "linear-logistic"):
         model, theta, _ = _model(name)
         tasks, X, y, weight = _ragged(model.loss, sizes=(9, 6, 12), seed=1)
-        garbage = (X + torch.randn(X.shape, generator=g, dtype=F64) * (1 - weight).unsqueeze(-1), y + (1 - weight) * _labels(model.loss, y.shape, g))
+        garbage = (X + torch.randn(X.shape, generator=g, dtype=F64) * (1 - weight).unsqueeze(-1), y + (1 - weight) * random_labels(model.loss, y.shape, g))
         runs = []
         for Xa, ya in ((X, y), garbage):
             gen = torch.Generator().manual_seed(2)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import random_labels
 
 from adaptrep import Tasks
 from adaptrep.bayes import heads_population
@@ -20,14 +21,6 @@ R, n, d, k, N = 4, 12, 5, 3, 3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one thread
-
-
-def _labels(loss, shape, g):
-    if loss == "squared":
-        return torch.randn(*shape, generator=g, dtype=F64)
-    if loss == "logistic":
-        return (torch.rand(*shape, generator=g, dtype=F64) < 0.5).to(F64)
-    return torch.randint(0, N, shape, generator=g).to(F64)
 
 
 def _prior(loss, g):
@@ -60,7 +53,7 @@ def test_prior_shrunk_heads_minimise_the_penalised_objective(loss, weighted):
     (for multiclass summed over the class columns), equal to L-BFGS on that objective to 1e-6."""
     g = torch.Generator().manual_seed(1)
     X = torch.randn(R, n, d, generator=g, dtype=F64)
-    y = _labels(loss, (R, n), g)
+    y = random_labels(loss, (R, n), g)
     weight = (torch.rand(R, n, generator=g, dtype=F64) < 0.7).to(F64) if weighted else None
     if weight is not None:
         weight[:, :2] = 1.0
@@ -102,7 +95,7 @@ def test_a_flat_prior_is_the_zero_mean_fit_with_a_tiny_ridge(loss):
     2 s <w, mu> / c, is below 1e-8 here), so the heads equal fit_heads(ridge=s/c) without a prior."""
     g = torch.Generator().manual_seed(3)
     X = torch.randn(R, 40, d, generator=g, dtype=F64)
-    y = _labels(loss, (R, 40), g)
+    y = random_labels(loss, (R, 40), g)
     mu, _ = _prior(loss, g)
     if loss == "multiclass":  # the cross-entropy ignores a shift common to the columns, which only the penalty sets: centre mu (as heads_population does)
         mu = mu - mu.mean(-1, keepdim=True)
@@ -122,7 +115,7 @@ def test_subspace_fine_tuning_with_a_prior_minimises_its_objective():
     (B^T beta - mu) + penalty ||(I - B B^T) beta||^2 (L-BFGS on beta)."""
     g = torch.Generator().manual_seed(5)
     X = torch.randn(R, n, d, generator=g, dtype=F64)
-    y = _labels("logistic", (R, n), g)
+    y = random_labels("logistic", (R, n), g)
     B = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=F64))[0]
     mu, S = _prior("logistic", g)
     s, penalty = torch.tensor([0.05, 0.1, 0.3, 1.0], dtype=F64), torch.tensor([0.2, 1.0, 3.0, 30.0], dtype=F64)
@@ -146,7 +139,7 @@ def test_fine_tuning_with_a_prior_starts_from_the_shrunk_head_and_descends_its_o
     (gradient steps below the curvature bound)."""
     g = torch.Generator().manual_seed(6)
     X = torch.randn(R, n, d, generator=g, dtype=F64)
-    y = _labels(loss, (R, n), g)
+    y = random_labels(loss, (R, n), g)
     classes = N if loss == "multiclass" else None
     model, theta = relu_model(loss, classes), {"W": torch.randn(d, k, generator=g, dtype=F64)}
     mu, S = _prior(loss, g)
