@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from adaptrep import AdaptRep, LinearEnvironment, Tasks
-from adaptrep.adaptive import cv_penalty, fold_masks, masked_statistics
+from adaptrep import AdaptRep, LinearEnvironment, Tasks, cv
+from adaptrep.adaptive import cv_penalty, masked_statistics
 from adaptrep.competitors import (
     MethodOfMoments,
     PenalizedERM,
@@ -202,15 +202,6 @@ def test_competitors_reject_other_losses_in_one_line():
 # --------------------------------------------------------------------------- the cross-validated penalty
 
 
-def test_folds_deal_every_real_sample_once_and_padding_never():
-    valid = torch.ones(3, 11, dtype=torch.float64)
-    valid[1, 7:] = 0
-    held = fold_masks(valid, 4, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(held.sum(0), valid)
-    sizes = held.sum(-1)  # (K, T)
-    assert (sizes.max(0).values - sizes.min(0).values <= 1).all()
-
-
 def test_masked_statistics_match_numpy():
     g = torch.Generator().manual_seed(1)
     X = torch.randn(2, 7, 3, generator=g, dtype=torch.float64)
@@ -225,18 +216,26 @@ def test_masked_statistics_match_numpy():
         assert q[t].item() == pytest.approx(ys @ ys / len(ys))
 
 
-def test_frozen_held_out_error_is_head_only_least_squares_on_the_training_folds():
+@pytest.mark.parametrize("singleton", [False, True])
+def test_frozen_held_out_error_is_head_only_least_squares_on_the_training_folds(singleton):
+    """The held-out errors at FROZENREP against numpy, on the folds of ``adaptrep.cv``; a task with
+    one sample (``singleton``: task 0) is never held out and has no held-out error, but still trains."""
     _, source = _source(tasks=8, samples=20)
-    path = cv_penalty(source.X, source.y, 2, folds=4, strengths=1)
+    valid = torch.ones(8, 20, dtype=torch.float64)
+    if singleton:
+        valid[0, 1:] = 0
+    X, y = source.X * valid.unsqueeze(-1), source.y * valid
+    path = cv_penalty(X, y, 2, mask=valid, folds=4, strengths=1)
     B = path.fits[0].B.numpy()
-    held = fold_masks(torch.ones(8, 20, dtype=torch.float64), 4, torch.Generator().manual_seed(0)).bool().numpy()
-    X, y = source.X.numpy(), source.y.numpy()
-    expected = np.zeros(8)
-    for t in range(8):
+    scored = list(range(1, 8)) if singleton else list(range(8))
+    held = cv.fold_masks(valid[scored], 4, torch.Generator().manual_seed(0), valid[scored]).held_out.bool().numpy()  # (T', K, n)
+    Xn, yn, rows = X.numpy(), y.numpy(), valid.bool().numpy()
+    expected = np.zeros(len(scored))
+    for i, t in enumerate(scored):
         for k in range(4):
-            test, train = held[k, t], ~held[k, t]
-            w = np.linalg.lstsq(X[t][train] @ B, y[t][train], rcond=None)[0]
-            expected[t] += ((X[t][test] @ B @ w - y[t][test]) ** 2).sum() / 20
+            test, train = held[i, k], rows[t] & ~held[i, k]
+            w = np.linalg.lstsq(Xn[t][train] @ B, yn[t][train], rcond=None)[0]
+            expected[i] += ((Xn[t][test] @ B @ w - yn[t][test]) ** 2).sum() / 20
     np.testing.assert_allclose(path.per_task[0].numpy(), expected, rtol=1e-9)
 
 

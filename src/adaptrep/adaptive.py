@@ -60,9 +60,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import cv
 from .solvers import Gram, HeadSolver, SourceFit, as_gram, fit_perturbation, fit_source, lipschitz, matvec, mse, penalty_prox, predictor, task_statistics
 
-__all__ = ["PenaltyPath", "cv_penalty", "fold_masks", "masked_statistics", "sample_mask"]
+__all__ = ["PenaltyPath", "cv_penalty", "masked_statistics", "sample_mask"]
 
 
 def sample_mask(X: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -81,18 +82,6 @@ def masked_statistics(X: Tensor, y: Tensor, weights: Tensor) -> tuple[Tensor, Te
     c = matvec(Xm.transpose(-1, -2), y) / count[..., None]
     q = (weights * y * y).sum(-1) / count
     return G, c, q
-
-
-def fold_masks(valid: Tensor, folds: int, generator: torch.Generator) -> Tensor:
-    """Held-out masks ``(K, T, n)``: each task's real samples (``valid``, ``(T, n)``) dealt at random
-    into ``K`` folds of sizes differing by at most one; padded samples are in no fold."""
-    T, n = valid.shape
-    noise = torch.rand(T, n, generator=generator, dtype=torch.float64)
-    order = torch.argsort(noise + 2.0 * (valid.cpu() <= 0), dim=-1)  # real samples first, shuffled
-    rank = torch.empty(T, n, dtype=torch.long)
-    rank.scatter_(1, order, torch.arange(n).expand(T, n).contiguous())
-    fold_of = torch.where(valid.cpu() > 0, rank % folds, torch.full_like(rank, -1))
-    return (fold_of.unsqueeze(0) == torch.arange(folds).view(folds, 1, 1)).to(valid.device, valid.dtype)
 
 
 @dataclass
@@ -131,7 +120,8 @@ def cv_penalty(
     """Choose ADAPTREP's source penalty by ``folds``-fold cross-validation (see the module docstring).
 
     ``X (T, n, d)``, ``y (T, n)``; ``mask (T, n)`` marks real samples of ragged tasks (padded rows
-    are zero). After FROZENREP, up to ``strengths`` finite penalties ``mu_max * step^j`` are tried,
+    are zero); a task with a single sample is never held out (it still trains), and ``per_task`` has the
+    held-out errors of the others. After FROZENREP, up to ``strengths`` finite penalties ``mu_max * step^j`` are tried,
     strongest first; the path stops once the held-out error has been above its running minimum for
     ``patience`` strengths in a row. ``rule`` is ``"weaker"`` (the strength one step weaker than the
     smallest mean held-out error, unless that is FROZENREP; the default, see the module docstring),
@@ -148,8 +138,9 @@ def cv_penalty(
         raise ValueError(f"cv_penalty rule must be 'weaker', 'min' or '1se'; got {rule!r}")
     valid = sample_mask(X, mask)
     counts = valid.sum(-1)
-    if float(counts.min()) < 2:
-        raise ValueError("cv_penalty needs at least 2 samples in every source task")
+    eligible = counts >= 2  # a task with one sample is never held out; it still trains
+    if not bool(eligible.any()):
+        raise ValueError("cv_penalty needs a source task with at least 2 samples")
     # as task_statistics: Gram matrices when n >= d, else the samples themselves (O(T n d) memory)
     samples = representation == "samples" or (representation == "auto" and X.shape[-2] < X.shape[-1])
     G: Tensor | Gram
@@ -158,7 +149,10 @@ def cv_penalty(
     else:
         G, c, q = masked_statistics(X, y, valid)
     options = dict(max_iter=max_iter, inner_steps=inner_steps)
-    held = fold_masks(valid, min(folds, int(counts.min())), torch.Generator().manual_seed(seed))
+    # the folds of adaptrep.cv, one count for every task (the smallest eligible task's), tasks with one sample in none
+    K = min(folds, int(counts[eligible].min()))
+    held = torch.zeros(K, *valid.shape, dtype=valid.dtype, device=valid.device)
+    held[:, eligible] = cv.fold_masks(valid[eligible], K, torch.Generator().manual_seed(seed), valid[eligible]).held_out.transpose(0, 1)
     train = valid * (1 - held)
     weight = held.sum(-1)  # held-out samples per fold and task (K, T)
     # the same strength for a smaller sample: the noise in the gradient grows like 1 / sqrt(count)
@@ -184,11 +178,11 @@ def cv_penalty(
                 w, a = fit_perturbation(heads, ck, Ls[k], torch.zeros_like(y), penalty_prox, strength, 2 * refit_steps)
                 residual = (y - torch.einsum("tnd,td->tn", X, predictor(fit.B, w, Gk.coord_vector(a)))) * held[k]
                 total = total + residual.square().sum(-1)
-            return total / weight.sum(0)
+            return total[eligible] / weight.sum(0)[eligible]
 
     else:
         Gt, ct, _ = masked_statistics(X, y, train)
-        Gv, cv, qv = masked_statistics(X, y, held)
+        Gv, cv_, qv = masked_statistics(X, y, held)
         L = lipschitz(Gt)
 
         def held_out(fit: SourceFit, mu: float) -> Tensor:
@@ -197,7 +191,7 @@ def cv_penalty(
             heads = HeadSolver.build(fit.B, Gt)
             strength = torch.as_tensor(mu, dtype=X.dtype, device=X.device) * scale
             w, v = fit_perturbation(heads, ct, L, fit.V.expand_as(ct), penalty_prox, strength, refit_steps)
-            return (mse(Gv, cv, qv, predictor(fit.B, w, v)) * weight).sum(0) / weight.sum(0)
+            return (mse(Gv, cv_, qv, predictor(fit.B, w, v)) * weight).sum(0)[eligible] / weight.sum(0)[eligible]
 
     frozen = fit_source(G, c, q, rank, penalty=math.inf, gtol=gtol, **options)  # type: ignore[arg-type]
     top = float((2 * (as_gram(G).matvec(predictor(frozen.B, frozen.W)) - c)).norm(dim=-1).max())
@@ -216,7 +210,7 @@ def cv_penalty(
             worse += 1
             if worse >= patience:
                 break
-    errors = torch.stack(per_task)  # (S, T)
+    errors = torch.stack(per_task)  # (S, T'): the tasks with at least 2 samples
     mean = errors.mean(-1)
     diff = errors - errors[best]
     se = diff.std(-1) / math.sqrt(errors.shape[-1]) if errors.shape[-1] > 1 else torch.zeros_like(mean)
