@@ -27,7 +27,10 @@ means are over every seed and target task of a method and ``m``):
   each experiment's largest m (``digits`` significant digits);
 * ``presets``: the settings' presets (``adaptrep.experiment.PRESETS``);
 * ``evaluation file= [metric=query_loss] [focus=adaptrep]``: an ``adaptrep evaluate`` result, methods x
-  shots with 95% intervals over target tasks and splits, and the generated sentences of its report.
+  shots with 95% intervals over target tasks and splits, and the generated sentences of its report;
+* ``sweep file= by= metric= [digits=3]``: methods x values of ``by``, the mean of ``metric``;
+* ``scaling [file=scaling]``: ``benchmarks/scaling.py``'s sweeps, each with its points, the fitted
+  growth exponents of the time per iteration and of the peak memory, and the time over the flop bound.
 """
 
 from __future__ import annotations
@@ -218,7 +221,41 @@ def sweep(file: str, by: str, metric: str, digits: str = "3") -> str:
     return markdown_table(header, rows)
 
 
+def scaling(file: str = "scaling") -> str:
+    """Per sweep of ``benchmarks/scaling.py``: the swept values, the CPU time per iteration at each,
+    the slopes of least-squares lines in log-log (time per iteration, and peak memory above the
+    interpreter's baseline) and the range of time over the flop bound."""
+    import numpy as np
+
+    frame = load(file)
+    for name in ("sweep", "cpu_seconds_per_iteration", "peak_rss_mb", "baseline_rss_mb", "bound_ratio"):
+        column(frame, name)
+
+    def slope(x: Any, v: Any) -> float:
+        return float(np.polyfit(np.log(x), np.log(v), 1)[0])
+
+    rows = []
+    for name, part in frame.groupby("sweep", sort=False):
+        x = part[name].to_numpy(float)
+        seconds = part["cpu_seconds_per_iteration"].to_numpy(float)
+        memory = (part["peak_rss_mb"] - part["baseline_rss_mb"]).to_numpy(float)
+        bound = part["bound_ratio"]
+        rows.append(
+            [
+                f"`{name}`",
+                ", ".join(f"{v:g}" for v in x),
+                ", ".join(f"{float(f'{v * 1000:.2g}'):g}" for v in seconds),
+                f"{slope(x, seconds):.2f}",
+                f"{slope(x, memory):.2f}",
+                f"{bound.min():.1f}-{bound.max():.1f}x",
+            ]
+        )
+    header = ["sweep", "values", "CPU ms per iteration", "time exponent", "memory exponent", "time / flop bound"]
+    return markdown_table(header, rows)
+
+
 DIRECTIVES: dict[str, Callable[..., str]] = {
+    "scaling": scaling,
     "evaluation": evaluation,
     "sweep": sweep,
     "risk": risk,

@@ -145,10 +145,13 @@ def cv_penalty(
     samples = representation == "samples" or (representation == "auto" and X.shape[-2] < X.shape[-1])
     G: Tensor | Gram
     if samples:
-        G, c, q = task_statistics(X * valid.unsqueeze(-1), y * valid, counts, representation="samples")
+        G, c, q = task_statistics(X if mask is None else X * valid.unsqueeze(-1), y if mask is None else y * valid, counts, representation="samples")
     else:
         G, c, q = masked_statistics(X, y, valid)
     options = dict(max_iter=max_iter, inner_steps=inner_steps)
+    if bool((counts <= rank).all()):  # every head fits its task exactly: no perturbation can lower a loss, and folds say nothing
+        fit = fit_source(G, c, q, rank, penalty=math.inf, gtol=gtol, **options)  # type: ignore[arg-type]
+        return PenaltyPath(strengths=[math.inf], errors=[math.nan], standard_errors=[math.nan], chosen=0, penalty=math.inf, fit=fit, fits=[fit])
     # the folds of adaptrep.cv, one count for every task (the smallest eligible task's), tasks with one sample in none
     K = min(folds, int(counts[eligible].min()))
     held = torch.zeros(K, *valid.shape, dtype=valid.dtype, device=valid.device)

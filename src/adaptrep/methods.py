@@ -460,6 +460,8 @@ class _RepresentationMethod(_AdaptsRepresentation):
         )
         self.source_fit = fit
         self.representation = fit.B
+        if fit.noise is not None and not self.noise_dof:  # the random-effects fit (n_t <= k) estimated the noise; the moment residual cannot
+            self.noise_estimate = fit.noise
         if self.spec.prior:
             assert self.noise_estimate is not None
             self._check_prior_finetune()

@@ -182,6 +182,12 @@ class Gram(ABC):
         """An estimate of the average ``mean_t G_t`` (``d x d``), for preconditioning."""
 
     @abstractmethod
+    def pool(self, U: Tensor) -> Tensor:
+        """``sum_t n_t expand(U_t)`` for columns ``U`` ``(T, ., k)`` in the space of :meth:`times`: ``(d, k)``.
+
+        With ``U_t = times(P)_t M_t`` this is ``sum_t X_t^T X_t P M_t``, one pass over the data."""
+
+    @abstractmethod
     def normal_matrix(self, WW: Tensor) -> Tensor:
         """``sum_t G_t (x) WW_t`` as ``(..., d, d, k*k)`` for ``WW = w_t w_t^T`` flattened (``(..., T, k*k)``)."""
 
@@ -260,6 +266,11 @@ class DenseGram(Gram):
 
     def mean_gram(self) -> Tensor:
         return self.G.reshape(-1, self.dim, self.dim).mean(0)
+
+    def pool(self, U: Tensor) -> Tensor:
+        if self.counts is None:
+            raise ValueError("pool needs the tasks' sample counts")
+        return torch.einsum("tdk,t->dk", U, self.counts)
 
     def normal_matrix(self, WW: Tensor) -> Tensor:
         T, d = self.G.shape[-3], self.dim
@@ -361,6 +372,9 @@ class SampleGram(Gram):
             Xs = (self.X[index] / self.counts[index, None, None].sqrt()).reshape(-1, d)
             self._mean = Xs.transpose(0, 1) @ Xs / m
         return self._mean
+
+    def pool(self, U: Tensor) -> Tensor:
+        return torch.tensordot(self.X, U, dims=([0, 1], [0, 1]))  # one (d x Tn) (Tn x k) product; einsum batches over t, 6x slower
 
     def kernel(self) -> Tensor:
         """``K_t = X_t X_t^T`` (``(T, n, n)``)."""
@@ -577,6 +591,7 @@ class SourceFit:
     ``"objective"`` (F stopped decreasing to the relative tolerance ``tol`` before that) or
     ``"max_iter"``, or ``"degenerate"`` (no task has more samples than the rank). ``b_solver`` is how the ``B`` step was solved (``"dense"`` or ``"cg"``) and
     ``cg_iterations`` the conjugate-gradient iterations over all ``B`` steps (0 for dense).
+    ``noise`` is the noise level that :func:`fit_random_effects` estimated (``None`` for the least-squares fits).
     """
 
     B: Tensor
@@ -591,6 +606,7 @@ class SourceFit:
     history: list[float]
     b_solver: str = "dense"
     cg_iterations: int = 0
+    noise: float | None = None
 
 
 def task_objective(B: Tensor, W: Tensor, V: Tensor, G: Tensor | Gram, c: Tensor, q: Tensor, penalty: float) -> Tensor:
@@ -688,20 +704,21 @@ def _normal_operator(W: Tensor, gram: Gram, jitter: Tensor) -> Callable[[Tensor]
     return apply
 
 
-def _kronecker_preconditioner(W: Tensor, gram: Gram) -> Callable[[Tensor], Tensor]:
-    """``R -> Sigma^{-1} R (W^T W)^{-1}``: the inverse of ``Sigma (x) W^T W``, which the normal
-    operator equals when every ``G_t`` is the average Gram matrix ``Sigma``."""
-    d, k = gram.dim, W.shape[-1]
-    eye_d = torch.eye(d, dtype=W.dtype, device=W.device)
-    eye_k = torch.eye(k, dtype=W.dtype, device=W.device)
+def _kronecker_preconditioner(right: Tensor, gram: Gram) -> Callable[[Tensor], Tensor]:
+    """``R -> Sigma^{-1} R right^{-1}``: the inverse of ``Sigma (x) right``, which the normal operator
+    ``P -> sum_t G_t P M_t`` equals when every ``G_t`` is the average Gram matrix ``Sigma`` and
+    ``right = sum_t M_t`` (``W^T W`` for the least-squares heads, ``M_t = w_t w_t^T``)."""
+    d, k = gram.dim, right.shape[-1]
+    eye_d = torch.eye(d, dtype=right.dtype, device=right.device)
+    eye_k = torch.eye(k, dtype=right.dtype, device=right.device)
     S = gram.mean_gram()
-    S_factor = torch.linalg.cholesky(S + 1e-8 * S.diagonal().mean().clamp_min(torch.finfo(W.dtype).tiny) * eye_d)
-    WtW = W.transpose(-1, -2) @ W
-    W_factor = torch.linalg.cholesky(WtW + 1e-8 * torch.diagonal(WtW, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(W.dtype).tiny)[..., None, None] * eye_k)
+    S_factor = torch.linalg.cholesky(S + 1e-8 * S.diagonal().mean().clamp_min(torch.finfo(right.dtype).tiny) * eye_d)
+    scale = torch.diagonal(right, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(right.dtype).tiny)
+    right_factor = torch.linalg.cholesky(right + 1e-8 * scale[..., None, None] * eye_k)
 
     def apply(R: Tensor) -> Tensor:
         Y = torch.cholesky_solve(R, S_factor)
-        return torch.cholesky_solve(Y.transpose(-1, -2), W_factor).transpose(-1, -2)
+        return torch.cholesky_solve(Y.transpose(-1, -2), right_factor).transpose(-1, -2)
 
     return apply
 
@@ -711,16 +728,17 @@ def _inner(A: Tensor, B: Tensor) -> Tensor:
 
 
 def conjugate_gradients(
-    operator: Callable[[Tensor], Tensor], rhs: Tensor, x0: Tensor, preconditioner: Callable[[Tensor], Tensor], rtol: float, atol: float, max_iter: int
+    operator: Callable[[Tensor], Tensor], rhs: Tensor, x0: Tensor | None, preconditioner: Callable[[Tensor], Tensor], rtol: float, atol: float, max_iter: int
 ) -> tuple[Tensor, int]:
     """Preconditioned conjugate gradients for ``operator(x) = rhs`` on matrices ``(..., d, k)`` (SPD operator).
 
     Batched over leading dimensions; stops each problem when its residual norm is at most
     ``max(atol, rtol * ||rhs - operator(x0)||)`` (a reduction of the warm start's residual).
-    Every iterate lowers ``<x, operator(x)> / 2 - <rhs, x>``. Returns ``(x, iterations)``.
+    Every iterate lowers ``<x, operator(x)> / 2 - <rhs, x>``. ``x0=None`` starts from zero without
+    a product with the operator. Returns ``(x, iterations)``.
     """
-    x = x0
-    r = rhs - operator(x)
+    x = torch.zeros_like(rhs) if x0 is None else x0
+    r = rhs if x0 is None else rhs - operator(x)
     threshold = torch.clamp(rtol * r.square().sum((-1, -2)).sqrt(), min=atol)
     z = preconditioner(r)
     p = z
@@ -776,7 +794,7 @@ def solve_representation(
         M = M + jitter[..., None, None] * torch.eye(d * k, dtype=M.dtype, device=M.device)
         return spd_solve(M, R.reshape(*batch, d * k)).reshape(*batch, d, k)
     x0 = torch.zeros_like(R) if B0 is None else B0.expand_as(R)
-    B, _ = conjugate_gradients(_normal_operator(W, gram, jitter), R, x0, _kronecker_preconditioner(W, gram), rtol, atol, max_iter)
+    B, _ = conjugate_gradients(_normal_operator(W, gram, jitter), R, x0, _kronecker_preconditioner(W.transpose(-1, -2) @ W, gram), rtol, atol, max_iter)
     return B
 
 
@@ -818,8 +836,9 @@ def fit_source(
     ``select_after`` iterations; then only the one with the lowest objective goes on
     (``restart_objectives`` records their values at that point). Works in the dtype of ``c``.
     When no task has more samples than ``rank`` (known from the operator's counts) every head fits
-    its task exactly on any representation, so F is 0 everywhere: the first moment start is
-    returned with its exact heads, without iterating (``stop_reason="degenerate"``).
+    its task exactly on any representation, so F is 0 everywhere and cannot choose ``B``: the fit is
+    then :func:`fit_random_effects` from the first moment start (``stop_reason="degenerate"``), for
+    any ``penalty`` (a perturbation cannot lower a loss that the head alone brings to zero).
     """
     gram = as_gram(G)
     T, d = c.shape
@@ -874,16 +893,16 @@ def fit_source(
             return solve_representation(W, gram, rhs, method="dense")
         R = rhs.transpose(-1, -2) @ W
         jitter = _normal_jitter(W, gram)
-        B_new, its = conjugate_gradients(_normal_operator(W, gram, jitter), R, B, _kronecker_preconditioner(W, gram), cg_rtol, gtol * T / 20, CG_MAX_ITER)
+        preconditioner = _kronecker_preconditioner(W.transpose(-1, -2) @ W, gram)
+        B_new, its = conjugate_gradients(_normal_operator(W, gram, jitter), R, B, preconditioner, cg_rtol, gtol * T / 20, CG_MAX_ITER)
         cg_iterations += its
         return B_new
 
     stop_reason, iterations = "max_iter", 0
     if gram.counts is not None and bool((gram.counts <= rank).all()):
         # every task is fitted exactly by its own head (n_t <= k): F = 0 on every representation, which
-        # the data cannot tell apart; keep the first moment start, the top-k span of the task moments
-        B, objective, max_iter, stop_reason = B[:1], objective[:1], 0, "degenerate"
-        A = A[:1]
+        # least squares cannot tell apart; the heads' random-effects likelihood can
+        return fit_random_effects(gram, c, q, rank, B0=B[0])
     gtol = max(gtol, math.sqrt(torch.finfo(dtype).eps))  # float32 cannot resolve smaller gradients
     LB = gram.times(B.unsqueeze(-3))
     for iterations in range(1, max_iter + 1):  # noqa: B007 - used after the loop
@@ -926,6 +945,148 @@ def fit_source(
         history=history,
         b_solver=method,
         cg_iterations=cg_iterations,
+    )
+
+
+def fit_random_effects(
+    G: Tensor | Gram,
+    c: Tensor,
+    q: Tensor,
+    rank: int,
+    B0: Tensor | None = None,
+    max_iter: int = 200,
+    tol: float = 1e-6,
+    cg_rtol: float = 1e-2,
+    cg_max_iter: int = 3,
+) -> SourceFit:
+    """FROZENREP for tasks with too few samples to fit their own heads: the maximum-likelihood ``B`` of
+
+        y_t = X_t B h_t + e_t,    h_t ~ N(mu, S),    e_t ~ N(0, sigma^2 I_{n_t}),
+
+    the heads integrated out. With ``n_t <= k`` least squares fits every task exactly on any ``B``
+    (:func:`fit_source`'s ``"degenerate"`` case); the likelihood still tells representations apart,
+    because one ``(mu, S)`` must explain every task. Expectation conditional maximisation, batched over
+    tasks through ``Z_t = X_t B`` and ``A_t = B^T G_t B`` (``O(T n k)`` memory on samples): with
+    ``Lambda_t = n_t A_t / sigma^2 + S^{-1}``, the heads' posterior is ``N(m_t, C_t)``,
+    ``C_t = Lambda_t^{-1}``, ``m_t = C_t (n_t B^T c_t / sigma^2 + S^{-1} mu)``; then
+
+        sigma^2 <- sum_t n_t E[loss_t(B h_t)] / sum_t n_t,   mu <- mean_t m_t,   S <- mean_t M_t - mu mu^T,
+        B <- argmin_B sum_t n_t E[loss_t(B h_t)]:  sum_t n_t G_t B M_t = sum_t n_t c_t m_t^T,
+
+    with ``M_t = m_t m_t^T + C_t``; the ``B`` step is preconditioned conjugate gradients warm-started
+    from the current ``B``, until the residual has fallen by ``cg_rtol`` or after ``cg_max_iter``
+    iterations (each iterate lowers the expected loss, so no step lowers the likelihood), then ``B`` is re-orthonormalised by QR and ``(mu, S)`` carried along.
+    Starts from ``B0`` (else the first :func:`moment_inits`) with ``mu = 0``, ``sigma^2`` and ``S``
+    sharing the labels' mean square half and half; stops when the log-likelihood gains less than
+    ``tol`` relative in an iteration, or after ``max_iter`` iterations. Needs the tasks' counts
+    (:func:`task_statistics` records them). Returns the heads' posterior means as ``W``, ``V = 0``,
+    ``objective`` = F at them, ``grad_norm`` NaN (F has no minimiser to measure against),
+    ``history`` the negative log-likelihood per sample, ``noise`` the estimated ``sigma``.
+    """
+    gram = as_gram(G)
+    if gram.counts is None:
+        raise ValueError("fit_random_effects needs the tasks' sample counts (task_statistics records them)")
+    T, d = c.shape
+    dtype, device = c.dtype, c.device
+    n = gram.counts.to(dtype)
+    N = n.sum()
+    tiny = torch.finfo(dtype).tiny
+    log_2pi = math.log(2 * math.pi)
+    State = tuple[Tensor, Tensor, Tensor, Tensor]  # (B, mu, S, sigma^2)
+
+    def posterior(state: State) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
+        """E-step, one pass over the data: ``(LB, A, b, m, C)`` and the negative log-likelihood per sample."""
+        B, mu, S, sigma2 = state
+        LB = gram.times(B)
+        A, b = gram.basis_gram(B, LB), c @ B
+        S_inv = torch.cholesky_inverse(torch.linalg.cholesky(S))
+        factor = torch.linalg.cholesky(n[:, None, None] * A / sigma2 + S_inv)
+        C = torch.cholesky_inverse(factor)
+        m = matvec(C, n[:, None] * b / sigma2 + S_inv @ mu)
+        score = n[:, None] * (b - matvec(A, mu))
+        fit = n * (q - 2 * (b * mu).sum(-1) + (mu * matvec(A, mu)).sum(-1)) - (score * matvec(C, score)).sum(-1) / sigma2
+        logdet = n * torch.log(sigma2) + torch.logdet(S) + 2 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(-1)
+        return LB, A, b, m, C, float(0.5 * (fit / sigma2 + logdet).sum() / N + 0.5 * log_2pi)
+
+    def maximise(state: State, post: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]) -> tuple[State, int]:
+        """CM-steps: sigma^2, (mu, S), then a correction to B by conjugate gradients."""
+        B = state[0]
+        LB, A, b, m, C, _ = post
+        M = m.unsqueeze(-1) * m.unsqueeze(-2) + C
+        sigma2 = ((n * (q - 2 * (b * m).sum(-1) + (A * M).sum((-1, -2)))).sum() / N).clamp_min(torch.finfo(dtype).eps * signal)
+        mu = m.mean(0)
+        S = M.mean(0) - mu.unsqueeze(-1) * mu.unsqueeze(-2)
+        # the residual of B's normal equations from the products with B already made (LB): one pass
+        residual = (n[:, None] * c).transpose(-1, -2) @ m - gram.pool(LB @ M)
+        operator = lambda P: gram.pool(gram.times(P) @ M)  # noqa: E731  sum_t n_t G_t P M_t
+        step, its = conjugate_gradients(operator, residual, None, _kronecker_preconditioner((n[:, None, None] * M).sum(0), gram), cg_rtol, 0.0, cg_max_iter)
+        return (B + step, mu, (S + S.transpose(-1, -2)) / 2, sigma2), its
+
+    def orthonormal(state: State) -> State:
+        """The same model with an orthonormal ``B`` (``B = QR``: heads ``R h``)."""
+        B, mu, S, sigma2 = state
+        Q, R = torch.linalg.qr(B)
+        return Q, R @ mu, R @ S @ R.transpose(-1, -2), sigma2
+
+    def admissible(state: State) -> bool:
+        B, mu, S, sigma2 = state
+        finite = all(bool(torch.isfinite(x).all()) for x in state)
+        return finite and float(sigma2) > 0 and int(torch.linalg.cholesky_ex(S)[1]) == 0
+
+    B = torch.linalg.qr(moment_inits(gram, c, rank)[0] if B0 is None else B0)[0]
+    LB = gram.times(B)
+    signal = float((n * q).sum() / N)
+    scale = float(torch.diagonal(gram.basis_gram(B, LB), dim1=-2, dim2=-1).sum(-1).mean().clamp_min(tiny))
+    half = torch.as_tensor(signal / 2, dtype=dtype, device=device)
+    state: State = (B, torch.zeros(rank, dtype=dtype, device=device), torch.eye(rank, dtype=dtype, device=device) * (signal / 2) / scale, half)
+    post = posterior(state)
+    history = [post[-1]]
+    stop_reason, cg_iterations, iterations = "max_iter", 0, 0
+    while iterations < max_iter:
+        # SQUAREM (Varadhan & Roland 2008): two EM steps, a step along their extrapolated path and
+        # one more EM step from there, kept if it is no worse than the first EM step (so the
+        # likelihood never falls); otherwise the two plain EM steps
+        one, its1 = maximise(state, post)
+        post_one = posterior(one)
+        two, its2 = maximise(one, post_one)
+        iterations, cg_iterations = iterations + 2, cg_iterations + its1 + its2
+        r = [a - b for a, b in zip(one, state, strict=True)]
+        v = [a - 2 * b + c_ for a, b, c_ in zip(two, one, state, strict=True)]
+        r_norm = math.sqrt(sum(float(x.square().sum()) for x in r))
+        v_norm = math.sqrt(sum(float(x.square().sum()) for x in v))
+        alpha = min(-1.0, -r_norm / max(v_norm, tiny))
+        chosen = two
+        jump = tuple(x - 2 * alpha * dr + alpha**2 * dv for x, dr, dv in zip(state, r, v, strict=True))
+        if alpha < -1.0 and admissible(jump):  # type: ignore[arg-type]
+            three, its3 = maximise(jump, posterior(jump))  # type: ignore[arg-type]
+            iterations, cg_iterations = iterations + 1, cg_iterations + its3
+            if admissible(three):
+                candidate = posterior(orthonormal(three))
+                if candidate[-1] <= post_one[-1]:
+                    chosen = three
+        state = orthonormal(chosen)
+        post = posterior(state)
+        history.append(post[-1])
+        if abs(history[-2] - history[-1]) <= tol * abs(history[-1]):
+            stop_reason = "objective"
+            break
+    B, _, _, sigma2 = state
+    m = post[3]
+    V = torch.zeros_like(c)
+    return SourceFit(
+        B=B,
+        W=m,
+        V=V,
+        objective=float(source_objective(B, m, V, gram, c, q, math.inf)),
+        grad_norm=math.nan,
+        iterations=iterations,
+        converged=stop_reason == "objective",
+        stop_reason="degenerate",
+        restart_objectives=[],
+        history=history,
+        b_solver="cg",
+        cg_iterations=cg_iterations,
+        noise=float(sigma2.sqrt()),
     )
 
 
