@@ -8,9 +8,11 @@ default since 0.4.0, a path of fits; ``fit_source`` on the samples). Prints the 
 each phase, the fit's diagnostics, the peak resident memory and the largest principal angle
 (``||P - P*||_2``) between the learned span and ``B*``.
 
-``python benchmarks/scaling_acceptance.py compare``: at ``d = 100, k = 10, T = 1000, n = 20`` the
-same fit by the exact solver (dense Gram matrices, dense ``dk x dk`` B step) and by the scalable
-default (samples, conjugate gradients), with their distances to ``B*``.
+``python benchmarks/scaling_acceptance.py compare``: at ``d = 100, T = 1000, n = 20`` and ``k = 10``
+the same fit by the exact solver (dense Gram matrices, dense ``dk x dk`` B step) and by the scalable
+default (samples, conjugate gradients), with their distances to ``B*``; then the same at ``k = 32``,
+where no task has more samples than the rank and both run the random-effects fit (on Gram matrices
+and on samples).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from adaptrep.environments import LinearEnvironment, Tasks
 from adaptrep.methods import AdaptRep, theory_penalty
-from adaptrep.solvers import estimate_noise, fit_source, task_statistics
+from adaptrep.solvers import estimate_noise, fit_source, moment_inits, task_statistics
 
 
 def sin_distance(B: torch.Tensor, B_star: torch.Tensor) -> float:
@@ -57,11 +59,18 @@ def big(args: argparse.Namespace) -> None:
         flush=True,
     )
     print(f"||P - P*||_2 = {sin_distance(fit.B, env.representation):.4f}; perturbations nonzero {(fit.V.norm(dim=-1) > 0).float().mean():.3f}")
+    start = torch.linalg.qr(moment_inits(*task_statistics(tasks.X, tasks.y)[:2], args.k)[0])[0]
+    print(f"the moment start: ||P - P*||_2 = {sin_distance(start, env.representation):.4f}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB; total {time.perf_counter() - t0:.1f} s")
 
 
 def compare(args: argparse.Namespace) -> None:
-    d, k, T, n = 100, 10, 1000, 20
+    for k in (10, 32):  # least squares (n > k), and the random-effects fit (n <= k: fit_source's degenerate case)
+        compare_one(100, k, 1000, 20)
+
+
+def compare_one(d: int, k: int, T: int, n: int) -> None:
+    print(f"d = {d}, k = {k}, T = {T}, n = {n}", flush=True)
     env = LinearEnvironment(dim=d, rank=k, delta=0.3, noise=0.5, seed=0)
     tasks = env.sample_tasks(T, n, torch.Generator().manual_seed(1))
     for label, representation, solver in (("exact (Gram, dense B step)", "gram", "dense"), ("scalable (samples, CG B step)", "auto", "auto")):

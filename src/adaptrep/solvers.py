@@ -837,8 +837,8 @@ def fit_source(
     (``restart_objectives`` records their values at that point). Works in the dtype of ``c``.
     When no task has more samples than ``rank`` (known from the operator's counts) every head fits
     its task exactly on any representation, so F is 0 everywhere and cannot choose ``B``: the fit is
-    then :func:`fit_random_effects` from the first moment start (``stop_reason="degenerate"``), for
-    any ``penalty`` (a perturbation cannot lower a loss that the head alone brings to zero).
+    then :func:`fit_random_effects` from the first moment start (``stop_reason="degenerate"``; its
+    ``B`` steps solved to ``1e-12`` with ``b_solver="dense"``), for any ``penalty`` (a perturbation cannot lower a loss that the head alone brings to zero).
     """
     gram = as_gram(G)
     T, d = c.shape
@@ -902,6 +902,8 @@ def fit_source(
     if gram.counts is not None and bool((gram.counts <= rank).all()):
         # every task is fitted exactly by its own head (n_t <= k): F = 0 on every representation, which
         # least squares cannot tell apart; the heads' random-effects likelihood can
+        if method == "dense":  # the B steps solved exactly
+            return fit_random_effects(gram, c, q, rank, B0=B[0], cg_rtol=1e-12, cg_max_iter=500)
         return fit_random_effects(gram, c, q, rank, B0=B[0])
     gtol = max(gtol, math.sqrt(torch.finfo(dtype).eps))  # float32 cannot resolve smaller gradients
     LB = gram.times(B.unsqueeze(-3))
