@@ -134,7 +134,7 @@ def _floored(S: Tensor, floor: float) -> Tensor:
     return (vectors * values) @ vectors.T
 
 
-def perturbation_variance(source: Tasks, B: Tensor, intercept: bool, noise: float) -> float:
+def perturbation_variance(source: Tasks, B: Tensor, intercept: bool, noise: float) -> float | None:
     """``tau^2``, the variance per input coordinate of the perturbations ``v_t ~ (0, tau^2 I_d)``, by
     the method of moments on the residuals of each source task's own head fit on ``B``: with ``M_t``
     the residual projector of ``Z_t`` (:func:`head_design`), ``E ||M_t y_t||^2 = (n_t - k') sigma^2 +
@@ -142,7 +142,8 @@ def perturbation_variance(source: Tasks, B: Tensor, intercept: bool, noise: floa
 
         tau^2 = max(0, sum_t (||M_t y_t||^2 - (n_t - k') sigma^2) / sum_t tr(X_t^T M_t X_t))
 
-    over the tasks with ``n_t > k'``; 0 when ``B`` spans every input direction (nothing left to perturb)."""
+    over the tasks with ``n_t > k'``; 0 when ``B`` spans every input direction (nothing left to perturb);
+    ``None`` when no task has ``n_t > k'`` (every head fits its task exactly: the source tasks say nothing of ``tau^2``)."""
     X = source.flat()
     Z = head_design(source, B, intercept)
     k = Z.shape[-1]
@@ -153,7 +154,7 @@ def perturbation_variance(source: Tasks, B: Tensor, intercept: bool, noise: floa
     trace = (X**2).sum((1, 2)) - torch.einsum("tab,tad,tbd->t", inverse, ZX, ZX)
     used = source.counts > k
     if not bool(used.any()):
-        return 0.0
+        return None
     total = trace[used].sum()
     if float(total) <= 1e-9 * float((X[used] ** 2).sum()):
         return 0.0

@@ -126,7 +126,8 @@ class Method(ABC):
     prior: bool | None = None
     #: the heads' prior learned from the source tasks: mean ``(k',)`` and covariance ``(k', k')``
     head_prior: tuple[Tensor, Tensor] | None = None
-    #: the perturbations' variance ``tau^2`` per coordinate learned from the source tasks (with the head prior)
+    #: the perturbations' variance ``tau^2`` per coordinate learned from the source tasks (with the head prior or
+    #: ``FineTune(strength="source")``); ``None`` when not learned or when no source task has more samples than the head's size
     perturbation_variance: float | None = None
     #: held-out marginal log-likelihood of the source tasks per rank, when the rank was chosen from the data
     rank_scores: dict[int, float] | None = None
@@ -279,14 +280,18 @@ class _AdaptsRepresentation(Method):
             return self._adapt_generic(target, generator)
         assert self.representation is not None
         B = self.representation.to(target.X)
-        if self.head_prior is not None or (self.finetune is not None and self.finetune.strength == "source"):
+        finetune = self.finetune
+        if finetune is not None and finetune.strength == "source" and self.head_prior is None and self.perturbation_variance is None:
+            # no source task has more samples than the head's size, so they say nothing of tau^2: the target's own samples choose
+            finetune = replace(finetune, strength="cv")
+        if self.head_prior is not None or (finetune is not None and finetune.strength == "source"):
             return self._adapt_with_prior(B, target, generator)
         X, y, mx, my = _centered(target, self.spec.intercept)
-        if self.finetune is None:
+        if finetune is None:
             G, c, _ = sufficient_statistics(X, y, target.counts if target.ragged else None)
             beta, strength = fit_head(B, G, c), None
         else:
-            beta, strength = self.finetune.adapt(
+            beta, strength = finetune.adapt(
                 B, X, y, generator, noise=self.noise_estimate, noise_dof=self.noise_dof, mask=target.mask if target.ragged else None
             )
         bias = None if mx is None or my is None else my - (mx * beta).sum(-1)
