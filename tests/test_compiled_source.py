@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adaptrep import models
-from adaptrep.models import Model, fit_shared, relu_model
+from adaptrep.models import Model, finetune, fit_shared, relu_model
 
 F64 = torch.float64
 
@@ -90,14 +90,72 @@ def test_a_failed_compilation_of_the_source_step_falls_back_to_eager_with_a_warn
 
 
 def test_auto_compiles_long_runs_only_and_a_bad_mode_is_one_line(monkeypatch):
-    assert not models.should_compile_shared(600) and models.should_compile_shared(models.SHARED_COMPILE_MIN_STEPS)
-    calls = []
-    monkeypatch.setattr(models, "_fit_compiled", lambda *args: calls.append(args) or None)  # None: "compilation failed", eager runs
+    """With torch.compile's part replaced by the identity (the pure step functions run uncompiled: fast),
+    ``"auto"`` uses them from COMPILE_MIN_STEPS steps on only, and they give the eager numbers."""
+    assert not models.should_compile_steps(600) and models.should_compile_steps(models.COMPILE_MIN_STEPS)
+    used: list[str] = []
+    monkeypatch.setattr(models, "compile_function", lambda fn: used.append(fn.__qualname__) or fn)
     X, y, theta0 = _relu_tasks()
-    fit_shared(relu_model(), theta0, X, y, lam=0.05, steps=3)
-    assert calls == []
-    monkeypatch.setattr(models, "SHARED_COMPILE_MIN_STEPS", 3)
-    fit_shared(relu_model(), theta0, X, y, lam=0.05, steps=3)
-    assert len(calls) == 1
+    eager = fit_shared(relu_model(), theta0, X, y, lam=0.05, steps=8)
+    finetuned = finetune(relu_model(), eager.theta, X[:3], y[:3], torch.Generator().manual_seed(3), max_steps=8)
+    assert used == []
+    monkeypatch.setattr(models, "COMPILE_MIN_STEPS", 8)
+    functional = fit_shared(relu_model(), theta0, X, y, lam=0.05, steps=8)
+    assert used == ["_shared_step.<locals>.step"]
+    torch.testing.assert_close(functional.theta["W"], eager.theta["W"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.tensor(functional.history), torch.tensor(eager.history), rtol=1e-12, atol=1e-14)
+    again = finetune(relu_model(), eager.theta, X[:3], y[:3], torch.Generator().manual_seed(3), max_steps=8)
+    assert used[1:] == ["_descent_step.<locals>.step"] * 2  # the folds' paths, then the path on all the samples
+    assert torch.equal(again[2], finetuned[2])
+    torch.testing.assert_close(again[0]["W"], finetuned[0]["W"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(again[1], finetuned[1], rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="compile must be one of auto, always, never; got 'yes'"):
         fit_shared(relu_model(), theta0, X, y, lam=0.05, steps=3, compile="yes")
+    with pytest.raises(ValueError, match="compile must be one of auto, always, never; got True"):
+        finetune(relu_model(), eager.theta, X, y, compile=True)
+
+
+def _finetune_both(model, theta, X, y, **options):
+    return [finetune(model, theta, X, y, torch.Generator().manual_seed(3), compile=mode, **options) for mode in ("never", "always")]
+
+
+@pytest.mark.slow
+def test_compiled_finetune_equals_eager_in_float64():
+    """Fine-tuning a ReLU representation on 4 targets, 5 folds, up to 32 steps: the same chosen step
+    counts, perturbations and heads as the eager descent."""
+    X, y, theta0 = _relu_tasks(T=4, n=20)
+    theta = relu_model().retract(theta0)
+    (d_e, w_e, s_e), (d_c, w_c, s_c) = _finetune_both(relu_model(), theta, X, y, max_steps=32, ridge=0.01)
+    assert torch.equal(s_c, s_e) and int(s_e.max()) > 0  # some targets fine-tuned, not head-only everywhere
+    torch.testing.assert_close(d_c["W"], d_e["W"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w_c, w_e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_finetune_equals_eager_with_a_head_prior_and_weights():
+    X, y, theta0 = _relu_tasks(T=4, n=20)
+    theta = relu_model().retract(theta0)
+    weight = torch.ones(y.shape, dtype=F64)
+    weight[1, 14:] = 0.0
+    prior = (torch.full((3,), 0.5, dtype=F64), 0.3 * torch.eye(3, dtype=F64))
+    (d_e, w_e, s_e), (d_c, w_c, s_c) = _finetune_both(relu_model(), theta, X, y, max_steps=16, ridge=0.05, weight=weight, prior=prior)
+    assert torch.equal(s_c, s_e)
+    torch.testing.assert_close(d_c["W"], d_e["W"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w_c, w_e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_more_shapes_than_dynamos_recompile_limit_still_compile(monkeypatch):
+    """Each shape is one more graph of the step's code; past torch._dynamo's recompile limit (here 1) the
+    code's graphs are forgotten and the new one compiled, instead of failing to eager with a warning."""
+    import warnings
+
+    import torch._dynamo.config as dynamo_config
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        for T in (5, 6, 7):
+            X, y, theta0 = _relu_tasks(T=T)
+            fits = [fit_shared(relu_model(), theta0, X, y, lam=0.05, steps=10, compile=mode) for mode in ("never", "always")]
+            _assert_same_fit(fits[1], fits[0], rtol=1e-10, atol=1e-12)

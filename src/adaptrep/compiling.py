@@ -61,21 +61,37 @@ def compile_function(fn: Callable[..., Any], threads: int | None = COMPILED_THRE
     setting (:data:`COMPILED_THREADS` says why the default is 1)."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be None or an integer >= 1; got {threads!r}")
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
     enable_compile_cache()
     options = {"cpp_wrapper": True, **(options or {})}
     if threads is not None:
         options.setdefault("cpp.threads", threads)
     compiled = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+    code = getattr(fn, "__code__", None)
+
+    def call(*args: Any) -> Any:
+        try:
+            return compiled(*args)
+        except FailOnRecompileLimitHit:
+            if code is None:
+                raise
+            # Dynamo keeps at most ``recompile_limit`` graphs per code object (shapes, models, dtypes: one each),
+            # and with one graph a further one is an error: forget this code's graphs (their artefacts stay in
+            # the on-disk cache, so one that comes back is rebuilt from there) and compile again
+            torch._dynamo.reset_code(code)
+            return compiled(*args)
+
     if threads is None:
-        return compiled
+        return call
 
     def run(*args: Any) -> Any:
         before = torch.get_num_threads()
         if before == threads:
-            return compiled(*args)
+            return call(*args)
         torch.set_num_threads(threads)
         try:
-            return compiled(*args)
+            return call(*args)
         finally:
             torch.set_num_threads(before)
 

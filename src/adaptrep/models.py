@@ -65,8 +65,8 @@ __all__ = [
     "task_parameters",
     "task_loss",
     "fit_shared",
-    "should_compile_shared",
-    "SHARED_COMPILE_MIN_STEPS",
+    "should_compile_steps",
+    "COMPILE_MIN_STEPS",
     "SharedFit",
     "fit_heads",
     "cv_heads",
@@ -531,7 +531,7 @@ def fit_shared(
     ``compile``: ``"never"`` runs the steps eagerly with ``torch.optim.Adam`` (the reference);
     ``"always"`` runs one compiled function per step (objective, gradient, the same Adam update and
     learning rate, retraction: :func:`_shared_step`), the same numbers up to rounding; ``"auto"`` compiles
-    when :func:`should_compile_shared` says the run is long enough. A failed compilation falls back to
+    when :func:`should_compile_steps` says the run is long enough. A failed compilation falls back to
     the eager steps with a warning.
     """
     check_compile_mode(compile)
@@ -546,7 +546,7 @@ def fit_shared(
     objective = _objective(model, lam, gamma)
     leaves = [*theta.values(), *(delta.values() if delta else []), w]
     history: list[Tensor] | None = None
-    if compile == "always" or (compile == "auto" and should_compile_shared(steps)):
+    if compile == "always" or (compile == "auto" and should_compile_steps(steps)):
         history = _fit_compiled(model, theta, delta, w, X, y, weight, lam, gamma, steps, lr)
     if history is None:
         history = _fit_eager(model, objective, theta, delta, w, X, y, weight, steps, lr)
@@ -647,17 +647,18 @@ def _shared_step(model: Model, names: tuple[str, ...], perturbed: bool) -> Calla
     return step
 
 
-#: ``compile="auto"`` compiles :func:`fit_shared` runs of at least this many steps. The first compiled
+#: ``compile="auto"`` compiles :func:`fit_shared` runs of at least this many steps (and :func:`finetune`
+#: runs of at least this many ``max_steps``). The first compiled
 #: call costs 5-15 s (Dynamo's trace and inductor's build; less from the on-disk cache in a later
 #: process), and a compiled step saves about 1 ms on the ``relu-net`` preset's source tasks (2 ms eager,
 #: 0.8 compiled) and 5-15 ms on a small CNN over 10,000 digit images (``benchmarks/compiled_source_training.py``):
 #: the default 600 steps do not repay it, so runs of the default length stay eager.
-SHARED_COMPILE_MIN_STEPS = 5000
+COMPILE_MIN_STEPS = 5000
 
 
-def should_compile_shared(steps: int) -> bool:
-    """Whether ``compile="auto"`` compiles a :func:`fit_shared` run of ``steps`` steps (:data:`SHARED_COMPILE_MIN_STEPS`)."""
-    return steps >= SHARED_COMPILE_MIN_STEPS
+def should_compile_steps(steps: int) -> bool:
+    """Whether ``compile="auto"`` compiles a run of ``steps`` steps of :func:`fit_shared` or :func:`finetune` (:data:`COMPILE_MIN_STEPS`)."""
+    return steps >= COMPILE_MIN_STEPS
 
 
 def _fit_eager(
@@ -705,6 +706,7 @@ def finetune(
     weight: Tensor | None = None,
     classes: int | None = None,
     prior: HeadPrior | None = None,
+    compile: str = "auto",
 ) -> tuple[Params, Tensor, Tensor]:
     """Fine-tune ``(Delta, w)`` on each target from ``(0, fitted head)`` by gradient descent with
     Nesterov momentum ``momentum`` (step ``lr`` over a curvature bound; plain gradient descent,
@@ -719,7 +721,14 @@ def finetune(
     With ``weight`` ``(R, m)`` the losses are weighted means and the folds are drawn among the real
     samples (``weight > 0``). Returns the perturbations (per target), heads ``(R, k)`` (``(R, k, N)``
     for ``"multiclass"``) and chosen step counts ``(R,)``.
+
+    ``compile``: the descent's steps eager (``"never"``, the reference), compiled (``"always"``: one
+    compiled function per step, :func:`_descent_step`; the same numbers up to rounding; the cross-validation
+    paths and the final one have different shapes, so two compilations), or ``"auto"``: compiled when
+    :func:`should_compile_steps` says ``max_steps`` is long enough. A failed compilation runs eager with a warning.
     """
+    check_compile_mode(compile)
+    compiled = compile == "always" or (compile == "auto" and should_compile_steps(max_steps))
     R, m = X.shape[:2]
     split = cv.fold_masks(X, folds, generator, weight)
     F = split.held_out.shape[1]
@@ -727,10 +736,10 @@ def finetune(
     N = num_classes(model, y, weight, classes) if model.loss == "multiclass" else None
     ridge = torch.as_tensor(ridge, dtype=X.dtype, device=X.device).expand(R)
     checkpoints = [0, *(2**i for i in range(max(0, max_steps).bit_length()) if 2**i <= max_steps)]
-    curves = _descend(model, theta, _repeat(X, F), _repeat(y, F), train, valid, _repeat(ridge, F), checkpoints, lr, momentum, N, prior)[2]
+    curves = _descend(model, theta, _repeat(X, F), _repeat(y, F), train, valid, _repeat(ridge, F), checkpoints, lr, momentum, N, prior, compiled)[2]
     best = one_standard_error(curves.reshape(R, F, -1), present=split.partial())
     full = torch.ones(R, m, dtype=X.dtype, device=X.device) if weight is None else weight.to(X.dtype)
-    deltas, heads, fitted = _descend(model, theta, X, y, full, None if prior is None else full, ridge, checkpoints, lr, momentum, N, prior)
+    deltas, heads, fitted = _descend(model, theta, X, y, full, None if prior is None else full, ridge, checkpoints, lr, momentum, N, prior, compiled)
     if prior is not None:
         # a safety net: the path on all the samples can diverge where the folds' did not (a head growing
         # past its start); stop before its training loss explodes (more than 2 x its start + 1)
@@ -828,6 +837,7 @@ def _descend(
     momentum: float,
     classes: int | None = None,
     prior: HeadPrior | None = None,
+    compiled: bool = False,
 ) -> tuple[Params, Tensor, Tensor]:
     """Gradient descent with Nesterov momentum on ``(Delta, w)`` per task (losses weighted by ``train``)
     from ``(0, head)``, with the step ``lr / L_t`` for a curvature bound ``L_t``; snapshots after each number of steps in
@@ -835,7 +845,8 @@ def _descend(
     ``valid`` (``(T, C)``; NaN or infinite where ``valid`` is all zero or the path diverged). With a
     ``prior`` the head is ``w = mu + L u`` and the descent is on ``u`` with the penalty ``ridge ||u||^2``,
     and the perturbations' step bound uses ``||w||^2`` at least the prior's ``E ||w||^2 = ||mu||^2 + N tr S``
-    (a head shrunk toward a small mean would otherwise give steps too long once it grows)."""
+    (a head shrunk toward a small mean would otherwise give steps too long once it grows). ``compiled``:
+    the steps by the compiled :func:`_descent_step` (eager if its compilation fails, with a warning)."""
     T = X.shape[0]
     w = fit_heads(model, theta, X, y, weight=train, ridge=ridge, classes=classes, prior=prior)
     factor = None if prior is None else _prior_factor(prior, w)
@@ -856,6 +867,8 @@ def _descend(
     snapshots_w: list[Tensor] = []
     held_out: list[Tensor] = []
     velocities = [torch.zeros_like(leaf) for leaf in [*delta.values(), w]]
+    names = list(delta)
+    compiled_step = compile_function(_descent_step(model, tuple(names), momentum)) if compiled else None
     for step in range(checkpoints[-1] + 1):
         if step in checkpoints:
             with torch.no_grad():
@@ -866,6 +879,18 @@ def _descend(
                     held_out.append(torch.nan_to_num(loss(delta, w, X, y, valid), nan=math.inf))
         if step == checkpoints[-1]:
             break
+        if compiled_step is not None:
+            inputs = (theta, [*delta.values(), w.detach()], velocities, X, y, train, ridge, delta_step, head_step, factor)
+            try:
+                params, velocities = compiled_step(*inputs)
+            except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
+                if step > 0:
+                    raise
+                warnings.warn(f"torch.compile of the fine-tuning step failed ({type(error).__name__}: {error}); running eager", RuntimeWarning, stacklevel=3)
+                compiled_step = None
+            else:
+                delta, w = dict(zip(names, params[:-1], strict=True)), params[-1]
+                continue
         leaves = [*delta.values(), w]
         grads = torch.autograd.grad((loss(delta, w, X, y, train) + ridge * (w * w).flatten(1).sum(-1)).sum(), leaves)
         steps = [delta_step] * len(delta) + [head_step]
@@ -876,6 +901,44 @@ def _descend(
                 leaf -= momentum * velocity + update
     curves = torch.stack(held_out, -1) if held_out else torch.empty(0)
     return {n: torch.stack(v) for n, v in snapshots_delta.items()}, torch.stack(snapshots_w), curves
+
+
+def _descent_step(model: Model, names: tuple[str, ...], momentum: float) -> Callable[..., tuple[list[Tensor], list[Tensor]]]:
+    """One step of :func:`_descend` as a pure function of tensors, which :func:`adaptrep.compiling.compile_function`
+    compiles: ``(theta, params, velocities, X, y, train, ridge, delta_step, head_step, factor) -> (params, velocities)``
+    with ``params = [*Delta (in names order), w]`` (``w`` the whitened deviation ``u`` with a prior's
+    ``factor = (mu, L)``, else ``None``), the gradient :func:`torch.func.grad`'s and the same Nesterov update."""
+
+    def step(
+        theta: Params,
+        params: list[Tensor],
+        velocities: list[Tensor],
+        X: Tensor,
+        y: Tensor,
+        train: Tensor,
+        ridge: Tensor,
+        delta_step: Tensor,
+        head_step: Tensor,
+        factor: tuple[Tensor, Tensor] | None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        task = vmap(lambda d, w, X, y, weight: task_loss(model, theta, d, w, X, y, weight), in_dims=(0, 0, 0, 0, 0))
+
+        def total(params: list[Tensor]) -> Tensor:
+            delta, u = dict(zip(names, params[:-1], strict=True)), params[-1]
+            head = u if factor is None else _from_deviation(*factor, u)
+            return (task(delta, head, X, y, train) + ridge * (u * u).flatten(1).sum(-1)).sum()
+
+        grads = torch.func.grad(total)(params)
+        sizes = [delta_step] * len(names) + [head_step]
+        new_params, new_velocities = [], []
+        for leaf, grad, size, velocity in zip(params, grads, sizes, velocities, strict=True):
+            update = size.view(-1, *[1] * (leaf.ndim - 1)) * grad
+            velocity = velocity * momentum + update
+            new_velocities.append(velocity)
+            new_params.append(leaf - (momentum * velocity + update))
+        return new_params, new_velocities
+
+    return step
 
 
 #: Upper bounds on the second derivative of each loss in the prediction (for ``"multiclass"``: the
