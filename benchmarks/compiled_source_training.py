@@ -9,7 +9,9 @@ names a used one) and the steady-state seconds per Adam step of each, on two sou
   loss, float32.
 
 ADAPTREP (``lam`` as ``AdaptRep``'s default, perturbations of every parameter) and FROZENREP
-(``lam=None``). The steady state is ``(t(S steps) - t(0 steps)) / S`` (the head fit and the final
+(``lam=None``); then fine-tuning (:func:`adaptrep.models.finetune`, 5 folds, ``max_steps`` 256) from the
+random start on 20 targets (relu-net: m = 320, the preset's largest; digits: 20 novel 5-way tasks of 100
+images). The steady state is ``(t(S steps) - t(0 steps)) / S`` (the head fit and the final
 evaluation cancel), after a warm-up; the last column is the largest difference between the compiled
 and the eager ``theta`` after ``S`` steps, relative to the largest entry.
 
@@ -29,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200, help="steps timed per fit (S)")
     parser.add_argument("--problems", default="relu-net,digits-cnn")
+    parser.add_argument("--max-steps", type=int, default=256, help="fine-tuning's max_steps (finetune's default)")
     parser.add_argument("--cache-dir", default=None, help="inductor cache directory (default: a fresh one, a cold compilation)")
     args = parser.parse_args()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir or tempfile.mkdtemp(prefix="adaptrep-inductor-")
@@ -37,42 +40,54 @@ def main() -> None:
 
     from adaptrep.datasets import load_digits
     from adaptrep.environments import ReluNetEnvironment
-    from adaptrep.models import Model, fit_shared, relu_model
+    from adaptrep.models import Model, finetune, fit_shared, relu_model
 
-    def relu_net() -> tuple[Model, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int]:
+    def relu_net() -> tuple[Model, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
         env = ReluNetEnvironment(20, 5, delta=0.3, noise=0.1, seed=0, test_points=10)
         source = env.sample_tasks(200, 50, torch.Generator().manual_seed(1))
+        targets = env.sample_tasks(20, 320, torch.Generator().manual_seed(3))  # the preset's 20 targets at its largest m
         theta = {"W": torch.randn(20, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)}
-        return relu_model(), theta, source.X, source.y, 20 * 5
+        return relu_model(), theta, source.X, source.y, 20 * 5, targets.X, targets.y
 
-    def digits_cnn() -> tuple[Model, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int]:
+    def digits_cnn() -> tuple[Model, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int, torch.Tensor, torch.Tensor]:
         tasks = load_digits()
         source = tasks.subset(torch.arange(100))  # base-0 ... base-99
+        targets = tasks.subset(torch.arange(100, 120))  # novel-0 ... novel-19
         X = source.X.reshape(100, 100, 1, 8, 8).float()
         torch.manual_seed(0)
         cnn = torch.nn.Sequential(
             torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU()
         )
         model, theta = Model.from_module(cnn, "multiclass", classes=5)
-        return model, theta, X, source.y.float(), sum(p.numel() for p in cnn.parameters())
+        parameters = sum(p.numel() for p in cnn.parameters())
+        return model, theta, X, source.y.float(), parameters, targets.X.reshape(20, 100, 1, 8, 8).float(), targets.y.float()
 
     problems = {"relu-net": relu_net, "digits-cnn": digits_cnn}
     S = args.steps
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; S = {S} steps; inductor cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
-    rows = []
+    rows, tuned = [], []
     for name in args.problems.split(","):
-        model, theta, X, y, p = problems[name]()
+        model, theta, X, y, p, X_target, y_target = problems[name]()
         T, n = y.shape
         sigma = 0.5 if model.loss == "multiclass" else 0.1  # AdaptRep's noise level: 1/2 for class labels, else (here) the true one
         lam_default = 2 * sigma * (math.sqrt(p / (n * T)) + math.sqrt(p / n))  # AdaptRep's default penalty
         for method, lam in (("adaptrep", lam_default), ("frozenrep", None)):
             rows.append((name, method, *measure(fit_shared, model, theta, X, y, lam, S)))
             print(f"  {name} {method}: done", flush=True)
+        tuned.append((name, *measure_finetune(finetune, model, model.retract(theta), X_target, y_target, args.max_steps)))
+        print(f"  {name} finetune: done", flush=True)
     print()
     print("| problem | method | first compiled call (s) | eager (ms/step) | compiled (ms/step) | speed-up | max rel. diff. of theta |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, method, compile_s, eager_ms, compiled_ms, ratio, difference in rows:
         print(f"| {name} | {method} | {compile_s:.1f} | {eager_ms:.2f} | {compiled_ms:.2f} | {ratio:.1f}x | {difference:.1e} |")
+    print()
+    print(f"Fine-tuning (finetune, 20 targets x 5 folds, max_steps = {args.max_steps}; a step: one of the folds' paths and one of the final path)")
+    print()
+    print("| problem | first compiled call (s) | eager (ms/step) | compiled (ms/step) | speed-up | same chosen steps | max rel. diff. of heads |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, compile_s, eager_ms, compiled_ms, ratio, same, difference in tuned:
+        print(f"| {name} | {compile_s:.1f} | {eager_ms:.2f} | {compiled_ms:.2f} | {ratio:.1f}x | {same:.0%} | {difference:.1e} |")
 
 
 def measure(fit_shared, model, theta, X, y, lam, S: int) -> tuple[float, float, float, float, float]:
@@ -92,6 +107,26 @@ def measure(fit_shared, model, theta, X, y, lam, S: int) -> tuple[float, float, 
     per_eager, per_compiled = (eager_s - base_eager) / S, (compiled_s - base_compiled) / S
     difference = max(float((compiled.theta[k] - eager.theta[k]).abs().max() / eager.theta[k].abs().max()) for k in eager.theta)
     return first - per_compiled, per_eager * 1e3, per_compiled * 1e3, per_eager / per_compiled, difference
+
+
+def measure_finetune(finetune, model, theta, X, y, max_steps: int) -> tuple[float, float, float, float, float, float]:
+    """(first compiled call less a steady one (s), eager and compiled ms per step, their ratio, the share of
+    targets with the same chosen steps, max relative difference of the heads)."""
+    import torch
+
+    def timed(steps: int, mode: str):
+        start = time.perf_counter()
+        result = finetune(model, theta, X, y, torch.Generator().manual_seed(4), max_steps=steps, ridge=1e-3, compile=mode)
+        return time.perf_counter() - start, result
+
+    first, _ = timed(max_steps, "always")  # compiles the folds' and the final path's steps
+    base, _ = timed(0, "never")
+    eager_s, (_, w_eager, steps_eager) = timed(max_steps, "never")
+    compiled_s, (_, w_compiled, steps_compiled) = timed(max_steps, "always")
+    per_eager, per_compiled = (eager_s - base) / max_steps, (compiled_s - base) / max_steps
+    same = float((steps_eager == steps_compiled).double().mean())
+    difference = float((w_compiled - w_eager).abs().max() / w_eager.abs().max())
+    return first - compiled_s, per_eager * 1e3, per_compiled * 1e3, per_eager / per_compiled, same, difference
 
 
 if __name__ == "__main__":

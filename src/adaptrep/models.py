@@ -30,6 +30,11 @@ Target adaptation (:func:`finetune`): gradient descent with Nesterov momentum on
 target by K-fold cross-validation of the held-out loss with the one-standard-error rule (0 steps is
 head-only adaptation); for logistic tasks on a linear representation, the penalised form
 (:func:`logistic_finetune`).
+
+Both loops can run compiled (``compile=`` of :func:`fit_shared` and :func:`finetune`): each step is then
+one pure function of tensors (gradient by :func:`torch.func.grad`, the same update) compiled by
+:func:`adaptrep.compiling.compile_function`, the same numbers as the eager loop up to rounding;
+``"auto"`` compiles runs of at least :data:`COMPILE_MIN_STEPS` steps only, so the defaults run eager.
 """
 
 from __future__ import annotations
@@ -880,7 +885,7 @@ def _descend(
         if step == checkpoints[-1]:
             break
         if compiled_step is not None:
-            inputs = (theta, [*delta.values(), w.detach()], velocities, X, y, train, ridge, delta_step, head_step, factor)
+            inputs = (theta, [*(value.detach() for value in delta.values()), w.detach()], velocities, X, y, train, ridge, delta_step, head_step, factor)
             try:
                 params, velocities = compiled_step(*inputs)
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back to eager
