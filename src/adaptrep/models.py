@@ -653,11 +653,11 @@ def _shared_step(model: Model, names: tuple[str, ...], perturbed: bool) -> Calla
 
 
 #: ``compile="auto"`` compiles :func:`fit_shared` runs of at least this many steps (and :func:`finetune`
-#: runs of at least this many ``max_steps``). The first compiled
-#: call costs 5-15 s (Dynamo's trace and inductor's build; less from the on-disk cache in a later
-#: process), and a compiled step saves about 1 ms on the ``relu-net`` preset's source tasks (2 ms eager,
-#: 0.8 compiled) and 5-15 ms on a small CNN over 10,000 digit images (``benchmarks/compiled_source_training.py``):
-#: the default 600 steps do not repay it, so runs of the default length stay eager.
+#: runs of at least this many ``max_steps``). The first compiled call costs 5-40 s (Dynamo's trace and
+#: inductor's build, on a shared 2-core machine; 0.4-5 s from the on-disk cache in a later process), and a
+#: compiled step saves about 1 ms on the ``relu-net`` preset's source tasks (2 ms eager, 1 compiled) and
+#: 5-15 ms on a small CNN over 10,000 digit images (``benchmarks/compiled_source_training.py``, docs/benchmarks.md):
+#: the default 600 steps do not repay a compilation, so runs of the default length stay eager.
 COMPILE_MIN_STEPS = 5000
 
 
