@@ -15,7 +15,10 @@ images). The steady state is ``(t(S steps) - t(0 steps)) / S`` (the head fit and
 evaluation cancel), after a warm-up; the last column is the largest difference between the compiled
 and the eager ``theta`` after ``S`` steps, relative to the largest entry.
 
-    OMP_NUM_THREADS=1 python benchmarks/compiled_source_training.py [--steps 200] [--problems relu-net,digits-cnn]
+With ``--methods``, also the ``relu-net`` preset's whole source fits of ``AdaptRep`` and ``FrozenRep`` (4
+starts x 600 steps each), eager and compiled, in one process after the first compilation.
+
+    OMP_NUM_THREADS=1 python benchmarks/compiled_source_training.py [--steps 200] [--problems relu-net,digits-cnn] [--methods]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="steps timed per fit (S)")
     parser.add_argument("--problems", default="relu-net,digits-cnn")
     parser.add_argument("--max-steps", type=int, default=256, help="fine-tuning's max_steps (finetune's default)")
+    parser.add_argument("--methods", action="store_true", help="also time AdaptRep and FrozenRep's whole source fits on relu-net (seeds 0, 1)")
     parser.add_argument("--cache-dir", default=None, help="inductor cache directory (default: a fresh one, a cold compilation)")
     args = parser.parse_args()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.cache_dir or tempfile.mkdtemp(prefix="adaptrep-inductor-")
@@ -88,6 +92,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, compile_s, eager_ms, compiled_ms, ratio, same, difference in tuned:
         print(f"| {name} | {compile_s:.1f} | {eager_ms:.2f} | {compiled_ms:.2f} | {ratio:.1f}x | {same:.0%} | {difference:.1e} |")
+    if args.methods:
+        time_methods()
 
 
 def measure(fit_shared, model, theta, X, y, lam, S: int) -> tuple[float, float, float, float, float]:
@@ -127,6 +133,36 @@ def measure_finetune(finetune, model, theta, X, y, max_steps: int) -> tuple[floa
     same = float((steps_eager == steps_compiled).double().mean())
     difference = float((w_compiled - w_eager).abs().max() / w_eager.abs().max())
     return first - compiled_s, per_eager * 1e3, per_compiled * 1e3, per_eager / per_compiled, same, difference
+
+
+def time_methods() -> None:
+    """The relu-net preset's source fits by the methods themselves (4 moment starts x 600 steps each), with
+    fit_shared's default ``compile`` switched to "never" or "always" (the methods do not pass it); each
+    mode twice per seed, after the first compilation."""
+    from unittest import mock
+
+    from adaptrep import models
+    from adaptrep.experiment import keyed_generator, resolve_config
+    from adaptrep.methods import make_method
+
+    config = resolve_config({"setting": "relu-net"})
+    print()
+    print("| seed | compile | AdaptRep fit (s) | FrozenRep fit (s) | AdaptRep objective | FrozenRep objective |")
+    print("|---|---|---:|---:|---:|---:|")
+    for seed in (0, 1):
+        source = config.environment(seed).sample_tasks(config.tasks, config.samples, keyed_generator(seed, 1))
+        for index, mode in enumerate(("never", "always") * 2 if seed == 0 else ("never", "always")):
+            times, objectives = [], []
+            with mock.patch.dict(models.fit_shared.__kwdefaults__, compile=mode):
+                for name in ("adaptrep", "frozenrep"):
+                    method = make_method(name, config.method_options(seed))
+                    start = time.perf_counter()
+                    method.fit(source)
+                    times.append(time.perf_counter() - start)
+                    objectives.append(method.info["source_objective"])
+            if seed == 0 and index < 2:
+                continue  # the first compiled fits compile (and the eager ones warm up)
+            print(f"| {seed} | {mode} | {times[0]:.2f} | {times[1]:.2f} | {objectives[0]:.15g} | {objectives[1]:.15g} |", flush=True)
 
 
 if __name__ == "__main__":
