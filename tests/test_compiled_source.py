@@ -1,5 +1,8 @@
-"""The compiled source training of the generic objective (fit_shared(compile="always")) against the eager
-reference (torch.optim.Adam and the cosine schedule on autograd leaves): the same numbers up to rounding."""
+"""The compiled source training of the generic objective (fit_shared(compile="always")) and fine-tuning
+(finetune(compile="always")) against the eager reference (torch.optim.Adam and the cosine schedule on
+autograd leaves; the eager Nesterov loop): the same numbers up to rounding. The compilations take
+seconds, so those tests are slow; the default run checks the step functions uncompiled, the fallback and
+the auto rule."""
 
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ def _assert_same_fit(compiled, eager, rtol, atol):
     assert compiled.grad_norm == pytest.approx(eager.grad_norm, rel=100 * rtol, abs=atol)
 
 
+@pytest.mark.slow  # 5 s with the on-disk inductor cache warm, 9 s cold; the uncompiled step's numbers are checked by default below
 def test_compiled_fit_shared_equals_eager_in_float64():
     """ADAPTREP's objective on a ReLU representation, 60 steps: the iterates move far from the start
     (the objective falls by a factor), and every output matches the eager path to rounding."""
