@@ -58,7 +58,6 @@ when ``MetaConfig.compile`` says so (see :func:`should_compile`).
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -69,6 +68,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from .compiling import COMPILED_THREADS, compile_function
 from .models import Model, Params, pointwise_loss, pointwise_loss_slope
 from .options import MetaOptions
 
@@ -795,27 +795,6 @@ def should_compile(config: MetaConfig) -> bool:
     return config.compile == "always"
 
 
-def enable_compile_cache() -> str:
-    """Turn on inductor's on-disk caches (FX graph cache, AOT autograd cache) so that a later process
-    reuses compiled artefacts; ``TORCHINDUCTOR_CACHE_DIR`` defaults to ``~/.cache/adaptrep/inductor``
-    (``$XDG_CACHE_HOME`` respected) unless set. Returns the cache directory."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    directory = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(base, "adaptrep", "inductor"))
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fx_graph_cache = True
-    functorch_config.enable_autograd_cache = True
-    return directory
-
-
-#: Intra-op threads of the compiled meta-step (:func:`compile_step`). Its kernels are small (a meta-batch of small
-#: tasks: tens of microseconds each) and there are tens of them a step; with more threads every kernel ends at a
-#: barrier that waits for the slowest thread, and on a busy machine that thread may be descheduled for a time
-#: slice. Measured on a loaded 2-core machine (linear MAML, 5 steps): about 30 it/s with 2 threads, 450 with 1.
-COMPILED_THREADS = 1
-
-
 def compile_step(model: Model, names: list[str], config: MetaConfig, threads: int | None = COMPILED_THREADS) -> Callable[..., Any]:
     """The meta-step (:func:`_make_step` on the :mod:`torch.func` backend) compiled by
     :func:`torch.compile` with static shapes and one graph. Inductor writes the step's driver in C++
@@ -827,29 +806,9 @@ def compile_step(model: Model, names: list[str], config: MetaConfig, threads: in
     ``threads``: the CPU threads the step runs with (its generated kernels and the library calls in it;
     torch's thread count is set for the call and restored after it); ``None`` keeps torch's setting
     (:data:`COMPILED_THREADS` says why the default is 1)."""
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be None or an integer >= 1; got {threads!r}")
-    enable_compile_cache()
     # a chunk's kernels are small: their threads would cost more to start than they save (whatever ``threads``)
     chunked = config.chunk is not None and config.chunk < config.meta_batch
-    options: dict[str, Any] = {"cpp_wrapper": True, "cpp.threads": 1} if chunked else {"cpp_wrapper": True}
-    if threads is not None:
-        options.setdefault("cpp.threads", threads)
-    compiled = torch.compile(_make_step(model, names, config, _grad_func), dynamic=False, fullgraph=True, options=options)
-    if threads is None:
-        return compiled
-
-    def step(*args: Any) -> Any:
-        before = torch.get_num_threads()
-        if before == threads:
-            return compiled(*args)
-        torch.set_num_threads(threads)
-        try:
-            return compiled(*args)
-        finally:
-            torch.set_num_threads(before)
-
-    return step
+    return compile_function(_make_step(model, names, config, _grad_func), threads, {"cpp.threads": 1} if chunked else None)
 
 
 def _sample(
