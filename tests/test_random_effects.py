@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from adaptrep import AdaptRep, LinearEnvironment
+from adaptrep import AdaptRep, FineTune, LinearEnvironment
 from adaptrep.solvers import fit_random_effects, moment_inits, task_statistics
 
 F64 = torch.float64
@@ -86,3 +86,20 @@ def test_adaptrep_on_tasks_with_fewer_samples_than_the_rank():
     method = AdaptRep().fit(env.sample_tasks(200, 6, torch.Generator().manual_seed(1)))
     assert method.penalty_path.strengths == [math.inf] and method.source_fit.stop_reason == "degenerate"
     assert method.noise_estimate == method.source_fit.noise
+
+
+def test_target_step_cross_validates_when_the_source_says_nothing_of_tau2():
+    """With every n_t <= k the residuals beyond B are zero whatever tau^2 is: tau^2 is unknown (None,
+    not 0), and the default target step is FineTune(strength="cv") on the target's own samples, not
+    the head-only fit that tau^2 = 0 would give."""
+    env = LinearEnvironment(dim=20, rank=8, delta=0.3, noise=0.5, seed=0)
+    method = AdaptRep().fit(env.sample_tasks(200, 6, torch.Generator().manual_seed(1)))
+    assert method.perturbation_variance is None
+    target = env.sample_tasks(4, 60, torch.Generator().manual_seed(2))
+    adapted = method.adapt(target, torch.Generator().manual_seed(3))
+    expected, strength = FineTune(strength="cv").adapt(
+        method.representation, target.X, target.y, torch.Generator().manual_seed(3), noise=method.noise_estimate, noise_dof=method.noise_dof
+    )
+    torch.testing.assert_close(adapted.beta, expected, rtol=0, atol=1e-12)
+    head_only = method.representation @ torch.linalg.lstsq(target.X @ method.representation, target.y.unsqueeze(-1)).solution.squeeze(-1).T
+    assert float((adapted.beta - head_only.T).norm()) > 1e-3  # it did fine-tune
