@@ -24,7 +24,7 @@ from adaptrep.competitors import (
 from adaptrep.experiment import resolve_config, run_experiment
 from adaptrep.methods import FrozenRep, make_method, theory_penalty
 from adaptrep.metrics import subspace_distance
-from adaptrep.solvers import estimate_noise, fit_source, predictor, spd_solve
+from adaptrep.solvers import estimate_noise, fit_source, predictor, spd_solve, task_statistics
 
 
 def _source(delta=0.4, dim=6, rank=2, tasks=20, samples=40, noise=0.5, seed=0):
@@ -281,10 +281,13 @@ def test_cv_penalty_on_the_samples_equals_it_on_gram_matrices():
 
 
 def test_cv_penalty_with_fewer_samples_than_the_rank_keeps_frozenrep():
-    """n_t <= k: FROZENREP fits every task exactly, so no perturbation can lower a loss and the path is FROZENREP alone."""
+    """n_t <= k: FROZENREP's heads fit every task exactly, so no perturbation can lower a loss and the path is
+    FROZENREP alone: fit_source's random-effects fit, with no folds."""
     _, source = _source(delta=0.5, dim=12, rank=6, tasks=30, samples=5)
     path = cv_penalty(source.X, source.y, 6)
-    assert path.strengths == [math.inf] and path.chosen == 0 and path.fit.objective < 1e-20
+    assert path.strengths == [math.inf] and path.chosen == 0 and path.fit.stop_reason == "degenerate"
+    direct = fit_source(*task_statistics(source.X, source.y), 6)
+    torch.testing.assert_close(path.fit.B, direct.B, rtol=0, atol=1e-12)
 
 
 def test_cv_penalty_keeps_the_shared_representation_when_tasks_share_it():
