@@ -163,3 +163,30 @@ def test_more_shapes_than_dynamos_recompile_limit_still_compile(monkeypatch):
             X, y, theta0 = _relu_tasks(T=T)
             fits = [fit_shared(relu_model(), theta0, X, y, lam=0.05, steps=10, compile=mode) for mode in ("never", "always")]
             _assert_same_fit(fits[1], fits[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["adaptrep", "frozenrep-ft", "pretrain-ft"])
+def test_the_methods_pass_their_compile_option_to_training_and_fine_tuning(monkeypatch, name):
+    """``compile`` (``--compile``) reaches fit_shared and finetune from make_method's options (recorded, not compiled)."""
+    from adaptrep import methods, pretrain
+    from adaptrep.environments import make_environment
+
+    seen: list[str] = []
+
+    def recording(function):
+        def wrapper(*args, **kwargs):
+            seen.append(kwargs.get("compile", "missing"))
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for module in (methods, pretrain):
+        monkeypatch.setattr(module, "fit_shared", recording(fit_shared))
+        monkeypatch.setattr(module, "finetune", recording(finetune))
+    env = make_environment("relu-net", dim=5, rank=2, noise=0.1, seed=0)
+    method = methods.make_method(name, {"compile": "never", "rank": 2})
+    method.fit(env.sample_tasks(8, 10, torch.Generator().manual_seed(1)))
+    method.adapt(env.sample_tasks(3, 10, torch.Generator().manual_seed(2)), torch.Generator().manual_seed(3))
+    assert seen and set(seen) == {"never"}
+    with pytest.raises(ValueError, match="compile must be one of"):
+        methods.make_method(name, {"compile": "sometimes"}).fit(env.sample_tasks(8, 10, torch.Generator().manual_seed(1)))

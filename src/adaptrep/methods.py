@@ -34,6 +34,7 @@ from torch import Tensor
 from .adapted import Adapted
 from .adaptive import cv_penalty
 from .bayes import head_prior, heads_population, log_likelihood, perturbation_variance, rank_candidates
+from .compiling import check_compile_mode
 from .data import DataError, Standardizer, Tasks
 from .finetune import FineTune, fit_head
 from .meta import ALGORITHMS, Algorithm, MetaConfig, Transform, get_algorithm, get_optimizer, inner_adapt, meta_train
@@ -165,6 +166,7 @@ class Method(ABC):
     # -- shared machinery ---------------------------------------------------------------------
     def _resolve(self, source: Tasks) -> Spec:
         simulated = source.beta is not None
+        check_compile_mode(getattr(self, "compile", "auto"))
         intercept = (not simulated) if self.intercept is None else bool(self.intercept)
         standardize = (not simulated) if self.standardize is None else bool(self.standardize)
         theta0: Params | None = None
@@ -272,6 +274,9 @@ class _AdaptsRepresentation(Method):
     intercept: bool | None = field(default=None, kw_only=True)
     standardize: bool | None = field(default=None, kw_only=True)
     prior: bool | None = field(default=None, kw_only=True)
+    #: ``torch.compile`` the generic path's source-training and fine-tuning steps (:mod:`adaptrep.compiling`;
+    #: ``"auto"``: runs of at least ``adaptrep.models.COMPILE_MIN_STEPS`` steps, so the defaults stay eager)
+    compile: str = field(default="auto", kw_only=True)
 
     def _adapt(self, target: Tasks, generator: torch.Generator | None) -> Adapted:
         if self.representation is None and not getattr(self, "theta", None):
@@ -500,7 +505,7 @@ class _RepresentationMethod(_AdaptsRepresentation):
             starts: list[Params] = [spec.theta0]
         else:
             starts = [{spec.key: start} for start in moment_inits(*_moments(source), rank)]
-        fits = [fit_shared(spec.model, start, source.X, source.y, lam=lam, gamma=gamma, weight=_weight(source)) for start in starts]
+        fits = [fit_shared(spec.model, start, source.X, source.y, lam=lam, gamma=gamma, weight=_weight(source), compile=self.compile) for start in starts]
         fit = min(fits, key=lambda candidate: candidate.objective)
         self.theta = fit.theta
         self.representation = fit.theta[spec.key] if spec.key else None
@@ -779,7 +784,8 @@ def _finetune_generic(
         linear = Adapted(beta[:, : target.dim], loss="logistic", strength=strength)
         linear.bias = beta[:, -1] if spec.intercept else None
         return linear
-    delta, w, steps = finetune(spec.model, theta, target.X, target.y, generator, ridge=ridge, weight=_weight(target), prior=prior)
+    mode = getattr(method, "compile", "auto")  # the methods with a generic path (this module's and Pretrain) have it
+    delta, w, steps = finetune(spec.model, theta, target.X, target.y, generator, ridge=ridge, weight=_weight(target), prior=prior, compile=mode)
     adapted = {name: value + delta[name] for name, value in theta.items()}
     return method._adapted(adapted, w, stacked=True, strength=steps.to(target.X.dtype))
 
@@ -984,8 +990,9 @@ METHODS: dict[str, Any] = {
 #: The keyword options :func:`make_method` passes on: to the meta-learners (their options are defined in
 #: :class:`~adaptrep.options.MetaOptions`), and the inner loop to target-only.
 META_OPTIONS = (*MetaOptions.keywords().values(), "seed")
-#: Options every method that has them takes: the model, the rank ``k``, the intercept and the feature scaling.
-COMMON_OPTIONS = ("model", "rank", "intercept", "standardize", "prior")
+#: Options every method that has them takes: the model, the rank ``k``, the intercept, the feature scaling, the
+#: head prior and compilation (the meta-learners take ``compile`` through their own options).
+COMMON_OPTIONS = ("model", "rank", "intercept", "standardize", "prior", "compile")
 
 
 def make_method(name: str, options: dict[str, Any] | None = None) -> Method:

@@ -93,7 +93,12 @@ class MetaOptions(BaseModel):
         description="maml/fomaml/anil: support share of each task's samples, a fraction in (0, 1) or a count (default: all samples are support and query)",
     )
     compile: Literal["auto", "always", "never"] = Field(
-        "auto", description="meta-learners: torch.compile the meta-step (auto: for long runs only)", json_schema_extra=_keyword("compile", **EXECUTION)
+        "auto",
+        description=(
+            "torch.compile each step: the meta-learners' meta-step, and the generic source training and "
+            "fine-tuning of adaptrep, frozenrep, oracle and pretrain (auto: for long runs only)"
+        ),
+        json_schema_extra=_keyword("compile", **EXECUTION),
     )
     meta_chunk: int | None = Field(
         None,

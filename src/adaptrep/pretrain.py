@@ -141,6 +141,7 @@ class Pretrain(Method):
     model: Any = field(default=None, kw_only=True)
     intercept: bool | None = field(default=None, kw_only=True)
     standardize: bool | None = field(default=None, kw_only=True)
+    compile: str = field(default="auto", kw_only=True)
 
     exact_path = False  # the intercept is a constant feature of the model, as on the generic path
 
@@ -175,7 +176,7 @@ class Pretrain(Method):
             self.info = {"pretrain_rank": 1, "pretrain_samples": self.pooled_samples}
         else:
             model = replace(spec.model, classes=C) if C else spec.model
-            options = dict(lam=None, gamma=self.gamma, steps=self.train_steps, lr=self.lr, classes=C or None)
+            options = dict(lam=None, gamma=self.gamma, steps=self.train_steps, lr=self.lr, classes=C or None, compile=self.compile)
             fit = fit_shared(model, self._start(source, X, y, C), X.unsqueeze(0), y.unsqueeze(0), **options)  # type: ignore[arg-type]
             self.theta = fit.theta
             self.head = fit.w[0]
@@ -209,6 +210,8 @@ class Pretrain(Method):
             return self._adapted(theta, w, stacked=False)
         if self.max_steps is None:
             return _finetune_generic(self, theta, target, generator, ridge)
-        delta, w, steps = finetune(spec.model, theta, target.X, target.y, generator, ridge=ridge, max_steps=self.max_steps, weight=_weight(target))
+        delta, w, steps = finetune(
+            spec.model, theta, target.X, target.y, generator, ridge=ridge, max_steps=self.max_steps, weight=_weight(target), compile=self.compile
+        )
         tuned = {name: value + delta[name] for name, value in theta.items()}
         return self._adapted(tuned, w, stacked=True, strength=steps.to(target.X.dtype))
