@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from adaptrep import AdaptRep, FineTune, LinearEnvironment
+from adaptrep import AdaptRep, FineTune, LinearEnvironment, Tasks
 from adaptrep.solvers import fit_random_effects, moment_inits, task_statistics
 
 F64 = torch.float64
@@ -103,3 +103,22 @@ def test_target_step_cross_validates_when_the_source_says_nothing_of_tau2():
     torch.testing.assert_close(adapted.beta, expected, rtol=0, atol=1e-12)
     head_only = method.representation @ torch.linalg.lstsq(target.X @ method.representation, target.y.unsqueeze(-1)).solution.squeeze(-1).T
     assert float((adapted.beta - head_only.T).norm()) > 1e-3  # it did fine-tune
+
+
+def test_real_data_with_fewer_samples_than_the_rank_and_single_sample_tasks_fit():
+    """Data without ground truth (intercept and scaling on), ragged tasks of 1..5 samples, rank 6 and
+    rank chosen from the data: a task centred to nothing must not poison the moment starts (0/0), and
+    the fits and predictions are finite (these raised LinAlgError before)."""
+    env = LinearEnvironment(dim=10, rank=6, delta=0.3, noise=0.5, seed=0)
+    tasks = env.sample_tasks(80, 5, torch.Generator().manual_seed(1))
+    mask = torch.arange(5)[None, :] < torch.randint(1, 6, (80,), generator=torch.Generator().manual_seed(3))[:, None]
+    assert bool((mask.sum(1) == 1).any())
+    source = Tasks(tasks.X * mask[..., None], (tasks.y + 3.0) * mask, mask=mask)
+    target = env.sample_tasks(3, 30, torch.Generator().manual_seed(2))
+    for method in (AdaptRep(rank=6), AdaptRep()):
+        method.fit(source)
+        adapted = method.adapt(Tasks(target.X, target.y + 3.0), torch.Generator().manual_seed(0))
+        assert torch.isfinite(method.representation).all() and torch.isfinite(adapted.beta).all() and math.isfinite(method.noise_estimate)
+    assert method.rank_scores is not None and method.representation.shape[1] == max(
+        (r for r, v in method.rank_scores.items() if math.isfinite(v)), key=method.rank_scores.get
+    )

@@ -116,6 +116,7 @@ def cv_penalty(
     inner_steps: int = 10,
     gtol: float = 1e-6,
     representation: Literal["auto", "gram", "samples"] = "auto",
+    lost: int = 0,
 ) -> PenaltyPath:
     """Choose ADAPTREP's source penalty by ``folds``-fold cross-validation (see the module docstring).
 
@@ -130,7 +131,8 @@ def cv_penalty(
     to ``gtol``. ``max_iter``, ``inner_steps`` and ``gtol`` go to :func:`~adaptrep.solvers.fit_source`.
     ``representation`` chooses the task statistics as :func:`~adaptrep.solvers.task_statistics` does
     (``"auto"``: the samples when ``n < d``); with the samples the folds are refitted one at a time,
-    from zero perturbations, with ``2 * refit_steps`` steps.
+    from zero perturbations, with ``2 * refit_steps`` steps. ``lost`` (1 for tasks centred per task) goes
+    to the random-effects fit when no task has more samples than ``rank``.
     """
     if folds < 2 or strengths < 1 or not 0 < step < 1 or patience < 1:
         raise ValueError(f"cv_penalty needs folds >= 2, strengths >= 1, 0 < step < 1 and patience >= 1; got {folds}, {strengths}, {step}, {patience}")
@@ -150,7 +152,7 @@ def cv_penalty(
         G, c, q = masked_statistics(X, y, valid)
     options = dict(max_iter=max_iter, inner_steps=inner_steps)
     if bool((counts <= rank).all()):  # every head fits its task exactly: no perturbation can lower a loss, and folds say nothing
-        fit = fit_source(G, c, q, rank, penalty=math.inf, gtol=gtol, **options)  # type: ignore[arg-type]
+        fit = fit_source(G, c, q, rank, penalty=math.inf, gtol=gtol, lost=lost, **options)  # type: ignore[arg-type]
         return PenaltyPath(strengths=[math.inf], errors=[math.nan], standard_errors=[math.nan], chosen=0, penalty=math.inf, fit=fit, fits=[fit])
     # the folds of adaptrep.cv, one count for every task (the smallest eligible task's), tasks with one sample in none
     K = min(folds, int(counts[eligible].min()))

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .data import Tasks
+from .solvers import pseudo_inverse
 
 __all__ = ["heads_population", "head_design", "head_prior", "perturbation_variance", "log_likelihood", "rank_candidates"]
 
@@ -64,7 +65,7 @@ def head_prior(source: Tasks, B: Tensor, intercept: bool, noise: float, max_iter
 
     def em(mu: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
         precision = torch.linalg.inv(S)
-        V = torch.cholesky_inverse(torch.linalg.cholesky(precision + J))
+        V = pseudo_inverse(precision + J)  # Cholesky, or an eigendecomposition where a tiny noise level leaves it ill-conditioned
         m = (V @ (precision @ mu + b).unsqueeze(-1)).squeeze(-1)
         centre = m.mean(0)
         return centre, _floored((V.sum(0) + (m - centre).T @ (m - centre)) / T, floor)

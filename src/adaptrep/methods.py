@@ -466,7 +466,7 @@ class _RepresentationMethod(_AdaptsRepresentation):
         self._chosen: SourceFit | None = None  # a fit that _penalty already made (penalty="cv")
         penalty, radius = self._penalty(source, rank, self._estimate_noise((G, c, q), source, rank))
         fit: SourceFit = self._chosen or fit_source(
-            G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol
+            G, c, q, rank, penalty=penalty, radius=radius, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol, lost=int(self.spec.intercept)
         )
         self.source_fit = fit
         self.representation = fit.B
@@ -538,7 +538,8 @@ class _RepresentationMethod(_AdaptsRepresentation):
                 scores[i] += float(
                     log_likelihood(test, trial.representation, self.spec.intercept, trial.noise_estimate, mu, S, trial.perturbation_variance or 0.0).sum()
                 )
-        chosen = candidates[int(scores.argmax())]
+        # a rank whose trial broke down (a NaN likelihood) is never chosen
+        chosen = candidates[int(torch.nan_to_num(scores, nan=-math.inf).argmax())]
         self.rank_scores = dict(zip(candidates, scores.tolist(), strict=True))
         return chosen
 
@@ -614,7 +615,8 @@ class AdaptRep(_RepresentationMethod):
             raise ValueError(f"the ADAPTREP penalty must be a number, 'cv' or 'theory'; got {rule!r}")
         if rule == "cv":
             X, y, _, _ = _centered(source, self.spec.intercept)
-            path = cv_penalty(X, y, rank, source.mask, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol)
+            lost = int(self.spec.intercept)
+            path = cv_penalty(X, y, rank, source.mask, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol, lost=lost)
             self.penalty_path, self._chosen = path, path.fit
             return path.penalty, None
         if rule == "theory":

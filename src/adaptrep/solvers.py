@@ -663,7 +663,9 @@ def moment_inits(G: Tensor | Gram, c: Tensor, rank: int) -> Tensor:
     ``a_t`` to unit length (the normalised forms keep a few loud tasks from dominating).
     """
     gram = as_gram(G)
-    ridge = 1e-2 * gram.trace() / gram.dim
+    trace = gram.trace()
+    # a task with no signal in its inputs (one sample, centred away) gets the average ridge: its own is 0, and 0/0 would poison the sum
+    ridge = 1e-2 * torch.where(trace > 0, trace, trace.mean().clamp_min(torch.finfo(c.dtype).tiny)) / gram.dim
     beta = gram.ridge_solve(ridge, c)
     inits = []
     for a in (c, beta):
@@ -813,6 +815,7 @@ def fit_source(
     select_after: int = 25,
     b_solver: Literal["auto", "dense", "cg"] = "auto",
     cg_rtol: float = 0.1,
+    lost: int = 0,
 ) -> SourceFit:
     """Fit ADAPTREP (finite ``penalty`` or a ``radius``) or FROZENREP (``penalty = inf``) on source statistics.
 
@@ -839,6 +842,7 @@ def fit_source(
     its task exactly on any representation, so F is 0 everywhere and cannot choose ``B``: the fit is
     then :func:`fit_random_effects` from the first moment start (``stop_reason="degenerate"``; its
     ``B`` steps solved to ``1e-12`` with ``b_solver="dense"``), for any ``penalty`` (a perturbation cannot lower a loss that the head alone brings to zero).
+    ``lost`` goes to it (1 for tasks centred per task).
     """
     gram = as_gram(G)
     T, d = c.shape
@@ -903,8 +907,8 @@ def fit_source(
         # every task is fitted exactly by its own head (n_t <= k): F = 0 on every representation, which
         # least squares cannot tell apart; the heads' random-effects likelihood can
         if method == "dense":  # the B steps solved exactly
-            return fit_random_effects(gram, c, q, rank, B0=B[0], cg_rtol=1e-12, cg_max_iter=500)
-        return fit_random_effects(gram, c, q, rank, B0=B[0])
+            return fit_random_effects(gram, c, q, rank, B0=B[0], cg_rtol=1e-12, cg_max_iter=500, lost=lost)
+        return fit_random_effects(gram, c, q, rank, B0=B[0], lost=lost)
     gtol = max(gtol, math.sqrt(torch.finfo(dtype).eps))  # float32 cannot resolve smaller gradients
     LB = gram.times(B.unsqueeze(-3))
     for iterations in range(1, max_iter + 1):  # noqa: B007 - used after the loop
@@ -960,6 +964,7 @@ def fit_random_effects(
     tol: float = 1e-6,
     cg_rtol: float = 1e-2,
     cg_max_iter: int = 3,
+    lost: int = 0,
 ) -> SourceFit:
     """FROZENREP for tasks with too few samples to fit their own heads: the maximum-likelihood ``B`` of
 
@@ -983,7 +988,9 @@ def fit_random_effects(
     ``tol`` relative in an iteration, or after ``max_iter`` iterations. Needs the tasks' counts
     (:func:`task_statistics` records them). Returns the heads' posterior means as ``W``, ``V = 0``,
     ``objective`` = F at them, ``grad_norm`` NaN (F has no minimiser to measure against),
-    ``history`` the negative log-likelihood per sample, ``noise`` the estimated ``sigma``.
+    ``history`` the negative log-likelihood per sample, ``noise`` the estimated ``sigma``. ``lost``
+    degrees of freedom per task were spent before (1 for labels and inputs centred per task: the noise
+    then lives in ``n_t - 1`` dimensions, and the likelihood is that of the centred samples).
     """
     gram = as_gram(G)
     if gram.counts is None:
@@ -991,7 +998,8 @@ def fit_random_effects(
     T, d = c.shape
     dtype, device = c.dtype, c.device
     n = gram.counts.to(dtype)
-    N = n.sum()
+    dof = (n - lost).clamp_min(0)  # a centred task's noise lives in n_t - 1 dimensions (lost=1)
+    N = dof.sum().clamp_min(1)
     tiny = torch.finfo(dtype).tiny
     log_2pi = math.log(2 * math.pi)
     State = tuple[Tensor, Tensor, Tensor, Tensor]  # (B, mu, S, sigma^2)
@@ -1007,7 +1015,7 @@ def fit_random_effects(
         m = matvec(C, n[:, None] * b / sigma2 + S_inv @ mu)
         score = n[:, None] * (b - matvec(A, mu))
         fit = n * (q - 2 * (b * mu).sum(-1) + (mu * matvec(A, mu)).sum(-1)) - (score * matvec(C, score)).sum(-1) / sigma2
-        logdet = n * torch.log(sigma2) + torch.logdet(S) + 2 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(-1)
+        logdet = dof * torch.log(sigma2) + torch.logdet(S) + 2 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(-1)
         return LB, A, b, m, C, float(0.5 * (fit / sigma2 + logdet).sum() / N + 0.5 * log_2pi)
 
     def maximise(state: State, post: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]) -> tuple[State, int]:
