@@ -79,6 +79,13 @@ def test_bad_task_data_is_rejected():
     y[0, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         Tasks(X, y, torch.zeros(2, 3), torch.eye(3)[:, :1])
+    y[0, 1] = 0.0
+    for bad in (float("inf"), -float("inf"), float("nan")):  # in X, where the check sums first
+        X_bad = X.clone()
+        X_bad[1, 4, 2] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            Tasks(X_bad, y)
+    Tasks(torch.full((2, 5, 3), 1e308, dtype=torch.float64), y)  # finite values whose sum overflows are fine
     with pytest.raises(ValueError, match="unknown method"):
         make_method("maml-typo")
 

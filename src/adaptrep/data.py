@@ -83,7 +83,7 @@ class Tasks:
             empty = (~self.mask.any(1)).nonzero()
             if empty.numel():
                 raise DataError(f"task {self._name(int(empty[0]))} has no samples")
-        if not (torch.isfinite(self.X).all() and torch.isfinite(self.y).all()):
+        if not (_all_finite(self.X) and _all_finite(self.y)):
             raise DataError("Tasks contain NaN or Inf values in X or y")
         if self.names is not None and len(self.names) != self.num_tasks:
             raise DataError(f"{len(self.names)} task names for {self.num_tasks} tasks")
@@ -353,6 +353,15 @@ def _relabel(y: np.ndarray, mask: np.ndarray, label: Any) -> tuple[np.ndarray, n
         classes[t, : len(c)] = c
         out[t] = np.where(mask[t], np.searchsorted(c, y[t]), 0)
     return out, classes
+
+
+def _all_finite(values: Tensor) -> bool:
+    """Whether every entry is finite, without a full-size temporary (``torch.isfinite`` of a large
+    ``X`` allocated a copy of it): a finite sum means every entry is finite; an infinite or NaN sum is
+    checked again task by task, since finite values can overflow a sum."""
+    if not values.is_floating_point() or bool(torch.isfinite(values.sum())):
+        return True
+    return all(bool(torch.isfinite(part).all()) for part in values)
 
 
 def _check_labels(y: Tensor, loss: str, mask: Tensor | None, name: Any) -> None:
