@@ -177,3 +177,44 @@ def test_centred_tasks_noise_is_recovered_with_the_lost_degree_of_freedom():
     fit = fit_random_effects(*task_statistics(X, y, counts), k, lost=1)
     assert fit.converged and abs(fit.noise - 0.5) < 0.03
     assert all(later <= earlier + 1e-12 * abs(earlier) for earlier, later in zip(fit.history, fit.history[1:], strict=False))
+
+
+def test_the_fit_is_a_maximum_of_the_dense_likelihood():
+    """Heads with a nonzero mean (n = 3 = k samples per task): no generic optimiser (L-BFGS on B, mu,
+    a Cholesky factor of S and log sigma^2, from the fitted B and the posterior means' moments) finds
+    a dense Gaussian likelihood above the one the EM fit reports at its end (history[-1])."""
+    d, k, n, T = 6, 3, 3, 80
+    g = torch.Generator().manual_seed(4)
+    B_star = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=F64))[0]
+    heads = torch.tensor([2.0, -1.0, 0.5], dtype=F64) + 0.7 * torch.randn(T, k, generator=g, dtype=F64)
+    X = torch.randn(T, n, d, generator=g, dtype=F64)
+    y = (X @ B_star @ heads.unsqueeze(-1)).squeeze(-1) + 0.3 * torch.randn(T, n, generator=g, dtype=F64)
+    fit = fit_random_effects(*task_statistics(X, y), k, max_iter=400, tol=1e-12)
+
+    def negloglik(B, mu, L, log_s2):
+        Z = X @ B
+        S = L.tril() @ L.tril().T
+        cov = Z @ S @ Z.transpose(-1, -2) + log_s2.exp() * torch.eye(n, dtype=F64)
+        factor = torch.linalg.cholesky(cov)
+        white = torch.linalg.solve_triangular(factor, (y - Z @ mu).unsqueeze(-1), upper=False).squeeze(-1)
+        logdet = 2 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum()
+        return 0.5 * (white.square().sum() + logdet) / (T * n) + 0.5 * math.log(2 * math.pi)
+
+    W = fit.W
+    params = [
+        fit.B.clone(memory_format=torch.contiguous_format).requires_grad_(),
+        W.mean(0).clone().requires_grad_(),
+        torch.linalg.cholesky(torch.cov(W.T) + 1e-3 * torch.eye(k, dtype=F64)).clone(memory_format=torch.contiguous_format).requires_grad_(),
+        torch.tensor(2 * math.log(fit.noise), dtype=F64).requires_grad_(),
+    ]
+    optimiser = torch.optim.LBFGS(params, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        value = negloglik(*params)
+        value.backward()
+        return value
+
+    optimiser.step(closure)
+    best = float(negloglik(*params))
+    assert best >= fit.history[-1] - 1e-7 * abs(fit.history[-1])
