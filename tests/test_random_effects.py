@@ -122,3 +122,100 @@ def test_real_data_with_fewer_samples_than_the_rank_and_single_sample_tasks_fit(
     assert method.rank_scores is not None and method.representation.shape[1] == max(
         (r for r, v in method.rank_scores.items() if math.isfinite(v)), key=method.rank_scores.get
     )
+
+
+def _centred(X, y, counts):
+    """Each task's inputs and labels centred over its own samples (padding stays zero)."""
+    keep = (torch.arange(X.shape[1])[None, :] < counts[:, None]).to(F64)
+    mean_X = X.sum(1, keepdim=True) / counts[:, None, None]
+    mean_y = y.sum(1, keepdim=True) / counts[:, None]
+    return (X - mean_X) * keep[..., None], (y - mean_y) * keep
+
+
+def _dense_negloglik(X, y, counts, B, mu, S, sigma2, lost):
+    """Mean negative log-likelihood per degree of freedom, task by task with a dense covariance; with
+    lost=1 the centred labels' density on the complement of the ones vector (an orthonormal basis U)."""
+    total, dof = 0.0, 0
+    for t in range(len(counts)):
+        nt = int(counts[t])
+        Z, yt = X[t, :nt] @ B, y[t, :nt]
+        U = torch.eye(nt, dtype=F64)
+        if lost:
+            U = torch.linalg.qr(torch.cat([torch.ones(nt, 1, dtype=F64), torch.eye(nt, dtype=F64)], 1))[0][:, 1:nt]
+        cov = U.T @ (Z @ S @ Z.T) @ U + sigma2 * torch.eye(U.shape[1], dtype=F64)
+        total += float(torch.distributions.MultivariateNormal(U.T @ Z @ mu, cov).log_prob(U.T @ yt))
+        dof += U.shape[1]
+    return -total / dof
+
+
+def test_centred_tasks_likelihood_counts_the_lost_degree_of_freedom():
+    """lost=1 (tasks centred per task): history[0] is the centred labels' Gaussian likelihood per
+    degree of freedom, sum_t (n_t - 1), at the documented start (the labels' mean square per degree of
+    freedom shared half and half) -- a dense reference on the (n_t - 1)-dimensional complement of 1."""
+    X, y, counts = _ragged(T=30, n=5, d=10, k=5, seed=3)
+    X, y = _centred(X, y, counts)
+    k = 4
+    B = torch.linalg.qr(torch.randn(X.shape[-1], k, generator=torch.Generator().manual_seed(5), dtype=F64))[0]
+    fit = fit_random_effects(*task_statistics(X, y, counts, representation="samples"), k, B0=B, max_iter=0, lost=1)
+    N = int(counts.sum()) - len(counts)
+    sigma2 = float((y**2).sum()) / N / 2
+    trace = sum(float(torch.trace(B.T @ X[t, : counts[t]].T @ X[t, : counts[t]] @ B)) / int(counts[t]) for t in range(len(counts)))
+    S = torch.eye(k, dtype=F64) * sigma2 / (trace / len(counts))
+    expected = _dense_negloglik(X, y, counts, B, torch.zeros(k, dtype=F64), S, sigma2, lost=1)
+    assert math.isclose(fit.history[0], expected, rel_tol=1e-12)
+
+
+def test_centred_tasks_noise_is_recovered_with_the_lost_degree_of_freedom():
+    """Tasks of n = 4 = k samples centred per task (delta = 0: the labels are X B* h + noise, noise
+    0.5): with lost=1 the noise lives in n - 1 = 3 dimensions per task, and the fit recovers sigma
+    (counting n dimensions in the sigma^2 step instead drives it to zero)."""
+    d, k, n, T = 10, 4, 4, 1000
+    env = LinearEnvironment(dim=d, rank=k, delta=0.0, noise=0.5, seed=0)
+    tasks = env.sample_tasks(T, n, torch.Generator().manual_seed(1))
+    counts = torch.full((T,), n)
+    X, y = _centred(tasks.X, tasks.y, counts)
+    fit = fit_random_effects(*task_statistics(X, y, counts), k, lost=1)
+    assert fit.converged and abs(fit.noise - 0.5) < 0.03
+    assert all(later <= earlier + 1e-12 * abs(earlier) for earlier, later in zip(fit.history, fit.history[1:], strict=False))
+
+
+def test_the_fit_is_a_maximum_of_the_dense_likelihood():
+    """Heads with a nonzero mean (n = 3 = k samples per task): no generic optimiser (L-BFGS on B, mu,
+    a Cholesky factor of S and log sigma^2, from the fitted B and the posterior means' moments) finds
+    a dense Gaussian likelihood above the one the EM fit reports at its end (history[-1])."""
+    d, k, n, T = 6, 3, 3, 80
+    g = torch.Generator().manual_seed(4)
+    B_star = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=F64))[0]
+    heads = torch.tensor([2.0, -1.0, 0.5], dtype=F64) + 0.7 * torch.randn(T, k, generator=g, dtype=F64)
+    X = torch.randn(T, n, d, generator=g, dtype=F64)
+    y = (X @ B_star @ heads.unsqueeze(-1)).squeeze(-1) + 0.3 * torch.randn(T, n, generator=g, dtype=F64)
+    fit = fit_random_effects(*task_statistics(X, y), k, max_iter=400, tol=1e-12)
+
+    def negloglik(B, mu, L, log_s2):
+        Z = X @ B
+        S = L.tril() @ L.tril().T
+        cov = Z @ S @ Z.transpose(-1, -2) + log_s2.exp() * torch.eye(n, dtype=F64)
+        factor = torch.linalg.cholesky(cov)
+        white = torch.linalg.solve_triangular(factor, (y - Z @ mu).unsqueeze(-1), upper=False).squeeze(-1)
+        logdet = 2 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum()
+        return 0.5 * (white.square().sum() + logdet) / (T * n) + 0.5 * math.log(2 * math.pi)
+
+    W = fit.W
+    params = [
+        fit.B.clone(memory_format=torch.contiguous_format).requires_grad_(),
+        W.mean(0).clone().requires_grad_(),
+        torch.linalg.cholesky(torch.cov(W.T) + 1e-3 * torch.eye(k, dtype=F64)).clone(memory_format=torch.contiguous_format).requires_grad_(),
+        torch.tensor(2 * math.log(fit.noise), dtype=F64).requires_grad_(),
+    ]
+    optimiser = torch.optim.LBFGS(params, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        value = negloglik(*params)
+        value.backward()
+        return value
+
+    optimiser.step(closure)
+    with torch.no_grad():
+        best = float(negloglik(*params))
+    assert best >= fit.history[-1] - 1e-7 * abs(fit.history[-1])
