@@ -505,7 +505,7 @@ class _RepresentationMethod(_AdaptsRepresentation):
             starts: list[Params] = [spec.theta0]
         else:
             starts = [{spec.key: start} for start in moment_inits(*_moments(source), rank)]
-        fits = [fit_shared(spec.model, start, source.X, source.y, lam=lam, gamma=gamma, weight=_weight(source)) for start in starts]
+        fits = [fit_shared(spec.model, start, source.X, source.y, lam=lam, gamma=gamma, weight=_weight(source), compile=self.compile) for start in starts]
         fit = min(fits, key=lambda candidate: candidate.objective)
         self.theta = fit.theta
         self.representation = fit.theta[spec.key] if spec.key else None
