@@ -851,6 +851,13 @@ def fit_source(
     if inits is not None:
         starts = torch.cat([starts, inits.to(starts)])
     B = torch.linalg.qr(starts)[0]
+    method = b_solver if b_solver != "auto" else _auto_b_solver(gram, d, rank)
+    if gram.counts is not None and bool((gram.counts <= rank).all()):
+        # every task is fitted exactly by its own head (n_t <= k): F = 0 on every representation, which
+        # least squares cannot tell apart; the heads' random-effects likelihood can
+        if method == "dense":  # the B steps solved exactly
+            return fit_random_effects(gram, c, q, rank, B0=B[0], cg_rtol=1e-12, cg_max_iter=500, lost=lost)
+        return fit_random_effects(gram, c, q, rank, B0=B[0], lost=lost)
     S = B.shape[0]
     frozen = radius is None and math.isinf(penalty)
     A = torch.zeros(S, T, gram.coord_dim(), dtype=dtype, device=device)  # the perturbations' coordinates
@@ -867,7 +874,6 @@ def fit_source(
     objective = torch.full((S,), math.inf, dtype=dtype, device=device)
     restart_objectives: list[float] = []
     history: list[float] = []
-    method = b_solver if b_solver != "auto" else _auto_b_solver(gram, d, rank)
     cg_iterations = 0
 
     def task_terms(B: Tensor, LB: Tensor, W: Tensor, A: Tensor) -> Tensor:
@@ -903,12 +909,6 @@ def fit_source(
         return B_new
 
     stop_reason, iterations = "max_iter", 0
-    if gram.counts is not None and bool((gram.counts <= rank).all()):
-        # every task is fitted exactly by its own head (n_t <= k): F = 0 on every representation, which
-        # least squares cannot tell apart; the heads' random-effects likelihood can
-        if method == "dense":  # the B steps solved exactly
-            return fit_random_effects(gram, c, q, rank, B0=B[0], cg_rtol=1e-12, cg_max_iter=500, lost=lost)
-        return fit_random_effects(gram, c, q, rank, B0=B[0], lost=lost)
     gtol = max(gtol, math.sqrt(torch.finfo(dtype).eps))  # float32 cannot resolve smaller gradients
     LB = gram.times(B.unsqueeze(-3))
     for iterations in range(1, max_iter + 1):  # noqa: B007 - used after the loop
@@ -977,7 +977,7 @@ def fit_random_effects(
     ``Lambda_t = n_t A_t / sigma^2 + S^{-1}``, the heads' posterior is ``N(m_t, C_t)``,
     ``C_t = Lambda_t^{-1}``, ``m_t = C_t (n_t B^T c_t / sigma^2 + S^{-1} mu)``; then
 
-        sigma^2 <- sum_t n_t E[loss_t(B h_t)] / sum_t n_t,   mu <- mean_t m_t,   S <- mean_t M_t - mu mu^T,
+        sigma^2 <- sum_t n_t E[loss_t(B h_t)] / sum_t (n_t - lost),   mu <- mean_t m_t,   S <- mean_t M_t - mu mu^T,
         B <- argmin_B sum_t n_t E[loss_t(B h_t)]:  sum_t n_t G_t B M_t = sum_t n_t c_t m_t^T,
 
     with ``M_t = m_t m_t^T + C_t``; the ``B`` step is preconditioned conjugate gradients warm-started
@@ -1065,17 +1065,21 @@ def fit_random_effects(
         r_norm = math.sqrt(sum(float(x.square().sum()) for x in r))
         v_norm = math.sqrt(sum(float(x.square().sum()) for x in v))
         alpha = min(-1.0, -r_norm / max(v_norm, tiny))
-        chosen = two
+        accepted = None
         jump = tuple(x - 2 * alpha * dr + alpha**2 * dv for x, dr, dv in zip(state, r, v, strict=True))
         if alpha < -1.0 and admissible(jump):  # type: ignore[arg-type]
             three, its3 = maximise(jump, posterior(jump))  # type: ignore[arg-type]
             iterations, cg_iterations = iterations + 1, cg_iterations + its3
             if admissible(three):
-                candidate = posterior(orthonormal(three))
-                if candidate[-1] <= post_one[-1]:
-                    chosen = three
-        state = orthonormal(chosen)
-        post = posterior(state)
+                candidate = orthonormal(three)
+                candidate_post = posterior(candidate)
+                if candidate_post[-1] <= post_one[-1]:
+                    accepted = candidate, candidate_post
+        if accepted is None:
+            state = orthonormal(two)
+            post = posterior(state)
+        else:
+            state, post = accepted
         history.append(post[-1])
         if abs(history[-2] - history[-1]) <= tol * abs(history[-1]):
             stop_reason = "objective"
