@@ -239,6 +239,38 @@ def test_frozen_held_out_error_is_head_only_least_squares_on_the_training_folds(
     np.testing.assert_allclose(path.per_task[0].numpy(), expected, rtol=1e-9)
 
 
+@pytest.mark.parametrize("representation", ["gram", "samples"])
+def test_with_an_intercept_each_fold_is_centred_on_its_training_part(representation):
+    """``intercept=True``: the held-out errors at FROZENREP against numpy, each fold's head and intercept
+    fitted on its training part (centred on that part's means) and the held-out fold scored against
+    them: no held-out sample enters its own task's intercept. Tasks with offsets, ragged, centred by
+    the caller (as ``methods._centered`` does); the samples path (fewer samples than features) agrees."""
+    T, n, d = 8, 12, 14 if representation == "samples" else 5
+    g = torch.Generator().manual_seed(3)
+    valid = torch.ones(T, n, dtype=torch.float64)
+    valid[::3, 9:] = 0
+    X = (torch.randn(T, n, d, generator=g, dtype=torch.float64) + 2.0) * valid.unsqueeze(-1)
+    y = (X @ torch.randn(d, generator=g, dtype=torch.float64) + 3.0 + torch.randn(T, n, generator=g, dtype=torch.float64)) * valid
+    counts = valid.sum(-1)
+    X = (X - (X.sum(1) / counts.unsqueeze(-1)).unsqueeze(1)) * valid.unsqueeze(-1)
+    y = (y - (y.sum(1) / counts).unsqueeze(-1)) * valid
+    path = cv_penalty(X, y, 2, mask=valid, folds=4, strengths=1, intercept=True, representation=representation, refit_steps=400)
+    B = path.fits[0].B.numpy()
+    held = cv.fold_masks(valid, 4, torch.Generator().manual_seed(0), valid).held_out.bool().numpy()  # (T, K, n)
+    Xn, yn, rows = X.numpy(), y.numpy(), valid.bool().numpy()
+    expected, leaky = np.zeros(T), np.zeros(T)
+    for t in range(T):
+        for k in range(4):
+            test, train = held[t, k], rows[t] & ~held[t, k]
+            xm, ym = Xn[t][train].mean(0), yn[t][train].mean()
+            w = np.linalg.lstsq((Xn[t][train] - xm) @ B, yn[t][train] - ym, rcond=None)[0]
+            expected[t] += (((Xn[t][test] - xm) @ B @ w - (yn[t][test] - ym)) ** 2).sum() / counts[t].item()
+            w = np.linalg.lstsq(Xn[t][train] @ B, yn[t][train], rcond=None)[0]  # the whole task's means (the leak)
+            leaky[t] += ((Xn[t][test] @ B @ w - yn[t][test]) ** 2).sum() / counts[t].item()
+    np.testing.assert_allclose(path.per_task[0].numpy(), expected, rtol=1e-9)
+    assert (expected > leaky).mean() > 0.5  # centring on the held-out samples too made them look easier
+
+
 def test_cv_penalty_path_and_choice():
     _, source = _source(delta=1.0, dim=8, rank=2, tasks=20, samples=30, noise=0.5)
     path = cv_penalty(source.X, source.y, 2, strengths=4, rule="min")

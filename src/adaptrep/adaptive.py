@@ -16,9 +16,12 @@ task's noise. :func:`cv_penalty` picks ``mu`` by held-out prediction error:
    by ``mask``, are in no fold). For each strength, each fold and each task, the task's own part
    (head ``w_t`` and perturbation ``v_t``) is refitted on the other folds with that strength's
    representation, and scored by the mean squared error on the held-out fold; all strengths,
-   folds and tasks are one batch. The representation itself is not refitted per fold (that would
-   cost ``K`` times the path): it is shared by ``T`` tasks, so one held-out fold of one task moves
-   it by ``O(1 / T)``, while the per-task fits that the penalty controls are held out exactly.
+   folds and tasks are one batch. With a per-task intercept (``intercept=True``) each fold's
+   training part is centred on its own means and the held-out fold is scored against them, so that
+   no held-out sample enters its task's intercept. The representation itself is not refitted per
+   fold (that would cost ``K`` times the path): it is shared by ``T`` tasks, so one held-out fold
+   of one task moves it by ``O(1 / T)``, while the per-task fits that the penalty controls are
+   held out exactly.
 3. **Rule** (``"weaker"``, the default). FROZENREP if it has the smallest mean held-out error;
    otherwise the strength one path step (a factor 0.75) weaker than the minimiser. Two biases of
    the held-out minimum point the same way, toward penalties that are too strong for the
@@ -40,11 +43,12 @@ The cost is the path (each fit warm-started; the FROZENREP end is cheap) plus on
 proximal-gradient solve per strength; the chosen fit is refined and returned, not fitted again.
 
 Measured (``benchmarks/delta_sweep.py``: ``linear``, d = 30, k = 5, T = 50, n = 100, sigma = 1,
-5 seeds; max over source tasks of ``||beta_hat_t - beta_t||``; ``docs/results.md`` has the tables),
-this rule / the theory formula / FROZENREP / pERM: delta = 0: 0.425 / 0.562 / 0.424 / 0.466;
-0.3: 0.551 / 0.598 / 0.591 / 0.554; 0.6: 0.682 / 0.684 / 0.952 / 0.707; 1.0: 0.780 / 0.777 / 1.470 /
-0.846; 1.5: 0.834 / 0.845 / 2.108 / 0.961; at 1.2-3.6x the time of one theory-penalty fit. The
-minimiser itself (``"min"``, step 0.6, the rule of 0.3.0) gave 0.727 at delta = 0.6 and 0.784 at 1.0.
+10 seeds; max over source tasks of ``||beta_hat_t - beta_t||``; ``docs/results.md`` has the tables),
+this rule / the theory formula / FROZENREP / pERM: delta = 0: 0.451 / 0.593 / 0.451 / 0.504;
+0.3: 0.572 / 0.621 / 0.604 / 0.570; 0.6: 0.688 / 0.694 / 0.969 / 0.718; 1.0: 0.782 / 0.779 / 1.514 /
+0.861; 1.5: 0.828 / 0.841 / 2.204 / 0.961; at 1.2-3.5x the time of one theory-penalty fit (means over
+seeds). In the 5-seed run of 0.4.0 the minimiser itself (``"min"``, step 0.6, the rule of 0.3.0)
+gave 0.727 at delta = 0.6 and 0.784 at 1.0, against this rule's 0.682 and 0.780.
 On two independent configurations (d = 20, k = 3, T = 100, n = 50 and d = 50, k = 4, T = 40,
 n = 150; deltas 0 to 1.5, 4 seeds) the minimiser trailed the theory formula by up to 0.04 at
 delta >= 0.6 on the second, and this rule came within 0.003 of it or ahead, and matched FROZENREP
@@ -63,7 +67,7 @@ from torch import Tensor
 from . import cv
 from .solvers import Gram, HeadSolver, SourceFit, as_gram, fit_perturbation, fit_source, lipschitz, matvec, mse, penalty_prox, predictor, task_statistics
 
-__all__ = ["PenaltyPath", "cv_penalty", "masked_statistics", "sample_mask"]
+__all__ = ["PenaltyPath", "about", "cv_penalty", "masked_means", "masked_statistics", "sample_mask"]
 
 
 def sample_mask(X: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -82,6 +86,23 @@ def masked_statistics(X: Tensor, y: Tensor, weights: Tensor) -> tuple[Tensor, Te
     c = matvec(Xm.transpose(-1, -2), y) / count[..., None]
     q = (weights * y * y).sum(-1) / count
     return G, c, q
+
+
+def masked_means(X: Tensor, y: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """The means ``(x_bar, y_bar)`` (``(..., T, d)``, ``(..., T)``) of the samples selected by ``weights``."""
+    count = weights.sum(-1).clamp_min(1)
+    return torch.einsum("...tn,tnd->...td", weights, X) / count.unsqueeze(-1), (weights * y).sum(-1) / count
+
+
+def about(statistics: tuple[Tensor, Tensor, Tensor], means: tuple[Tensor, Tensor], centre: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(G, c, q)`` of the same samples taken about ``centre = (a, b)`` instead of 0, from their raw
+    statistics and ``means = (x_bar, y_bar)``: ``E[(x - a)(x - a)^T] = G - x_bar a^T - a x_bar^T + a a^T``,
+    ``E[(x - a)(y - b)] = c - x_bar b - a y_bar + a b``, ``E[(y - b)^2] = q - 2 y_bar b + b^2``."""
+    (G, c, q), (xbar, ybar), (a, b) = statistics, means, centre
+    cross = xbar.unsqueeze(-1) * a.unsqueeze(-2)
+    G = G - cross - cross.transpose(-1, -2) + a.unsqueeze(-1) * a.unsqueeze(-2)
+    c = c - xbar * b.unsqueeze(-1) - a * ybar.unsqueeze(-1) + a * b.unsqueeze(-1)
+    return G, c, q - 2 * ybar * b + b * b
 
 
 @dataclass
@@ -116,7 +137,7 @@ def cv_penalty(
     inner_steps: int = 10,
     gtol: float = 1e-6,
     representation: Literal["auto", "gram", "samples"] = "auto",
-    lost: int = 0,
+    intercept: bool = False,
 ) -> PenaltyPath:
     """Choose ADAPTREP's source penalty by ``folds``-fold cross-validation (see the module docstring).
 
@@ -131,8 +152,12 @@ def cv_penalty(
     to ``gtol``. ``max_iter``, ``inner_steps`` and ``gtol`` go to :func:`~adaptrep.solvers.fit_source`.
     ``representation`` chooses the task statistics as :func:`~adaptrep.solvers.task_statistics` does
     (``"auto"``: the samples when ``n < d``); with the samples the folds are refitted one at a time,
-    from zero perturbations, with ``2 * refit_steps`` steps. ``lost`` (1 for tasks centred per task) goes
-    to the random-effects fit when no task has more samples than ``rank``.
+    from zero perturbations, with ``2 * refit_steps`` steps. ``intercept``: every task has its own free
+    intercept (``X`` and ``y`` centred per task by the caller, see ``methods._centered``). Each fold's
+    refit then centres its training part on that part's own means, and the held-out fold is scored
+    against them, so no held-out sample enters its own task's intercept (centring by the whole task's
+    means would). The random-effects fit (no task with more samples than ``rank``) counts the degree of
+    freedom that centring spends.
     """
     if folds < 2 or strengths < 1 or not 0 < step < 1 or patience < 1:
         raise ValueError(f"cv_penalty needs folds >= 2, strengths >= 1, 0 < step < 1 and patience >= 1; got {folds}, {strengths}, {step}, {patience}")
@@ -152,7 +177,7 @@ def cv_penalty(
         G, c, q = masked_statistics(X, y, valid)
     options = dict(max_iter=max_iter, inner_steps=inner_steps)
     if bool((counts <= rank).all()):  # every head fits its task exactly: no perturbation can lower a loss, and folds say nothing
-        fit = fit_source(G, c, q, rank, penalty=math.inf, gtol=gtol, lost=lost, **options)  # type: ignore[arg-type]
+        fit = fit_source(G, c, q, rank, penalty=math.inf, gtol=gtol, lost=int(intercept), **options)  # type: ignore[arg-type]
         return PenaltyPath(strengths=[math.inf], errors=[math.nan], standard_errors=[math.nan], chosen=0, penalty=math.inf, fit=fit, fits=[fit])
     # the folds of adaptrep.cv, one count for every task (the smallest eligible task's), tasks with one sample in none
     K = min(folds, int(counts[eligible].min()))
@@ -165,10 +190,13 @@ def cv_penalty(
 
     if samples:  # one fold at a time (a loop over folds, never over tasks): one masked copy of X at once
 
-        def fold(k: int) -> tuple[Gram, Tensor]:
+        def fold(k: int) -> tuple[Gram, Tensor, Tensor, Tensor]:
+            """Fold ``k``'s training statistics (on samples) and the means they are centred on (0 without an intercept)."""
             part = train[k]
-            Gk, ck, _ = task_statistics(X * part.unsqueeze(-1), y * part, part.sum(-1).clamp_min(1), representation="samples")
-            return Gk, ck
+            xbar, ybar = masked_means(X, y, part) if intercept else (X.new_zeros(X.shape[0], X.shape[-1]), y.new_zeros(y.shape[0]))
+            Xk = (X - xbar.unsqueeze(-2)).mul_(part.unsqueeze(-1))
+            Gk, ck, _ = task_statistics(Xk, (y - ybar.unsqueeze(-1)) * part, part.sum(-1).clamp_min(1), representation="samples")
+            return Gk, ck, xbar, ybar
 
         Ls = [lipschitz(fold(k)[0]) for k in range(held.shape[0])]  # per fold, once: not per strength
 
@@ -177,17 +205,23 @@ def cv_penalty(
             perturbations from zero (their coordinates live in that fold's own sample space)."""
             total = torch.zeros_like(counts)
             for k in range(held.shape[0]):
-                Gk, ck = fold(k)
+                Gk, ck, xbar, ybar = fold(k)
                 heads = HeadSolver.build(fit.B, Gk)
                 strength = torch.as_tensor(mu, dtype=X.dtype, device=X.device) * scale[k]
                 w, a = fit_perturbation(heads, ck, Ls[k], torch.zeros_like(y), penalty_prox, strength, 2 * refit_steps)
-                residual = (y - torch.einsum("tnd,td->tn", X, predictor(fit.B, w, Gk.coord_vector(a)))) * held[k]
+                beta = predictor(fit.B, w, Gk.coord_vector(a))
+                fitted = torch.einsum("tnd,td->tn", X, beta) - (xbar * beta).sum(-1, keepdim=True)
+                residual = (y - ybar.unsqueeze(-1) - fitted) * held[k]
                 total = total + residual.square().sum(-1)
             return total[eligible] / weight.sum(0)[eligible]
 
     else:
-        Gt, ct, _ = masked_statistics(X, y, train)
+        Gt, ct, qt = masked_statistics(X, y, train)
         Gv, cv_, qv = masked_statistics(X, y, held)
+        if intercept:  # each fold's training part about its own means; the held-out fold about the same
+            centre = masked_means(X, y, train)
+            Gt, ct, _ = about((Gt, ct, qt), centre, centre)
+            Gv, cv_, qv = about((Gv, cv_, qv), masked_means(X, y, held), centre)
         L = lipschitz(Gt)
 
         def held_out(fit: SourceFit, mu: float) -> Tensor:

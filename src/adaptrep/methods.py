@@ -243,9 +243,9 @@ def _centered(tasks: Tasks, intercept: bool) -> tuple[Tensor, Tensor, Tensor | N
 
 #: How :class:`AdaptRep` chooses its source penalty when none is given: ``"cv"`` (from the data,
 #: :func:`adaptrep.adaptive.cv_penalty`) or ``"theory"``. On ``linear`` (d = 30, k = 5, T = 50, n = 100,
-#: sigma = 1, 5 seeds; benchmarks/delta_sweep.py) ``"cv"`` matches FROZENREP at delta = 0, where the
-#: theory formula's source-task max error is 1.33x FROZENREP's, and is level with the formula or
-#: ahead of it from delta = 0.3 on.
+#: sigma = 1, 10 seeds; benchmarks/delta_sweep.py) ``"cv"`` matches FROZENREP at delta = 0, where the
+#: theory formula's source-task max error is 1.31x FROZENREP's, and is level with the formula (0.4%
+#: behind at delta = 1) or ahead of it from delta = 0.3 on.
 DEFAULT_PENALTY = "cv"
 
 
@@ -615,8 +615,7 @@ class AdaptRep(_RepresentationMethod):
             raise ValueError(f"the ADAPTREP penalty must be a number, 'cv' or 'theory'; got {rule!r}")
         if rule == "cv":
             X, y, _, _ = _centered(source, self.spec.intercept)
-            lost = int(self.spec.intercept)
-            path = cv_penalty(X, y, rank, source.mask, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol, lost=lost)
+            path = cv_penalty(X, y, rank, source.mask, max_iter=self.max_iter, inner_steps=self.inner_steps, gtol=self.gtol, intercept=self.spec.intercept)
             self.penalty_path, self._chosen = path, path.fit
             return path.penalty, None
         if rule == "theory":
