@@ -24,7 +24,7 @@ every ``m``. Written to ``--csv`` (one row per method x delta x seed); the table
 over seeds; the figure ``--figure`` plots those means against delta (source max error, and the target
 risk for each ``m``).
 
-Run from the repository root (a few minutes with one thread)::
+Run from the repository root (about 15 minutes with one thread)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/delta_sweep.py
 """
@@ -107,9 +107,9 @@ def figure(summary: pd.DataFrame, ms: list[int], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deltas", default="0,0.15,0.3,0.6,1.0,1.5")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--target-samples", default="10,20,50")
-    parser.add_argument("--target-tasks", type=int, default=20)
+    parser.add_argument("--target-tasks", type=int, default=200)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--csv", default="docs/results/delta_sweep.csv")
     parser.add_argument("--figure", default="docs/figures/delta_sweep.png")
