@@ -1,67 +1,129 @@
-"""Why ADAPTREP misses the opt block of ``linear-hard`` at d = 30, k = 5, T = 25, n = 100, eps = 1/6, sigma = 1.
+"""``linear-hard`` at its authors' settings (d = 30, k = 5, n = 100, eps = 1/6, sigma = 1) against the
+number of source tasks T: how much of the opt block can any representation learned from T tasks hold?
 
-Problem: ``LinearHardEnvironment(30, 5, eps=1/6, noise=sigma, seed)`` with ``T`` source tasks of ``n``
-samples from ``env.sample_tasks(T, n, Generator(seed * 1000 + 1))``, seeds 0 and 1, float64 CPU.
-``share`` is :func:`adaptrep.metrics.block_share` of the learned representation in the opt block.
+For T in ``--tasks`` (25, 50, 100, 200) and seeds 0-4 this runs exactly what
 
-Printed:
+    adaptrep run --setting linear-hard --dim 30 --rank 5 --tasks T --eps 0.1667 --noise 1 \\
+        --methods adaptrep,frozenrep-ft,oracle-ft
 
-1. ``share`` of :func:`adaptrep.solvers.fit_source` (default restarts) for penalties ``mu`` from
-   FROZENREP (inf) down to 0.03, for (T, sigma) = (25, 1), (25, 0) (noiseless), (100, 1); and, for
-   (25, 1), the same fits started at the true opt block (``inits``, ``select_after=1``): the same
-   objective and share means the fit is not a local minimum the restarts fall into.
-2. The eigenvalues of ``sum_t a_t a_t^T`` for the opt part ``a_t = sqrt(1/(2 eps)) u_t`` and the delta
-   part ``a_t = v_t`` of the true task parameters: when the smallest opt eigenvalue is below the
-   largest delta one, even the noiseless problem's best k-dimensional span of the task parameters
-   trades its least-used opt direction for the most-used delta direction.
+runs (:func:`adaptrep.experiment.run_seed`: the same source tasks, adversarial targets and numbers),
+plus one reference method, ``truth-pca``: the top-k principal subspace of the source tasks' *true*
+parameters ``beta_t`` (noiseless, from the environment), fine-tuned like ``oracle-ft``. No estimate
+from the samples sees more than ``beta_t`` itself, and every second-moment estimate of a subspace
+(ERM, moments, ADAPTREP's small-penalty limit) targets that span: its share and risk say what T
+tasks allow, whatever the estimator's penalty.
 
-Run from the repository root (about a minute with one thread)::
+Also per T and seed, for ``adaptrep``: the ADAPTREP objective at the penalty it chose, from its
+default restarts (``objective``) and from the true opt block itself (``objective_from_opt``, with the
+share of that fit ``share_from_opt``). Equal objectives and shares: the fit is not a local minimum
+that the restarts fall into; the objective's own minimiser is where it is. Printed, for the smallest
+T: the mean share of fits at fixed penalties ``PENALTIES`` (FROZENREP down to 0.03) and radii
+``RADII`` (the constrained form), each from the default restarts: is any penalty level the lever?
+
+Writes ``--csv`` (default ``docs/results/linear_hard_tasks.csv``): one row per method x T x seed with
+``opt_block_share`` and the mean excess risk over the 20 adversarial targets for each m
+(``risk_m10`` ... ``risk_m100``). ``docs/results.md`` builds its tables from it. Run from the
+repository root (about four minutes with one thread)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/linear_hard_tasks.py
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+from pathlib import Path
 
+import pandas as pd
 import torch
 
-from adaptrep.environments import LinearHardEnvironment
+from adaptrep import methods as registry
+from adaptrep.data import Tasks
+from adaptrep.experiment import keyed_generator, resolve_config, run_seed
+from adaptrep.finetune import FineTune
+from adaptrep.methods import Oracle
 from adaptrep.metrics import block_share
 from adaptrep.solvers import fit_source
 
+
+class TruthPCA(Oracle):
+    """The top-k eigenvectors of ``sum_t beta_t beta_t^T`` over the source tasks' true parameters."""
+
+    def _fit(self, source: Tasks) -> None:
+        assert source.beta is not None and source.representation is not None
+        k = source.representation.shape[1]
+        self.representation = torch.linalg.eigh(source.beta.T @ source.beta)[1][:, -k:]
+        self._estimate_noise(source.gram(), source, k)
+        self._learn_perturbation_variance(source, self.representation)
+        self.info = {"noise_estimate": self.noise_estimate}
+
+
+METHODS = ["adaptrep", "frozenrep-ft", "oracle-ft", "truth-pca"]
 PENALTIES = [math.inf, 1.0, 0.5, 0.25, 0.1, 0.03]
+RADII = [0.5, 1.0, 1.5, 2.0]
+
+
+def fixed_levels(T: int, seeds: int) -> str:
+    """Mean opt-block share over the seeds of ADAPTREP fits at each fixed penalty and radius."""
+    shares: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        env = resolve_config({"setting": "linear-hard", "dim": 30, "rank": 5, "tasks": T, "eps": 0.1667, "noise": 1.0}).environment(seed)
+        G, c, q = env.sample_tasks(T, 100, keyed_generator(seed, 1)).gram()
+        for mu in PENALTIES:
+            shares.setdefault(f"mu={mu:g}", []).append(block_share(fit_source(G, c, q, 5, penalty=mu).B, env.opt_block))
+        for r in RADII:
+            shares.setdefault(f"radius={r:g}", []).append(block_share(fit_source(G, c, q, 5, radius=r).B, env.opt_block))
+    return "  ".join(f"{name}: {sum(v) / len(v):.2f}" for name, v in shares.items())
+
+
+def run(task_counts: list[int], seeds: int) -> pd.DataFrame:
+    registry.METHODS["truth-pca"] = lambda: TruthPCA(finetune=FineTune())
+    rows = []
+    for T in task_counts:
+        config = resolve_config({"setting": "linear-hard", "dim": 30, "rank": 5, "tasks": T, "eps": 0.1667, "noise": 1.0, "seeds": seeds, "methods": METHODS})
+        for seed in range(seeds):
+            results = run_seed(config, seed)
+            table = results.groupby(["method", "m"], sort=False)["excess_risk"].mean().unstack("m")
+            shares = results.groupby("method", sort=False)["opt_block_share"].first()
+            env = config.environment(seed)
+            source = env.sample_tasks(T, config.samples, keyed_generator(seed, 1))  # run_seed's source tasks
+            fitted = registry.make_method("adaptrep").fit(source)
+            mu = fitted.info["source_penalty"]
+            G, c, q = source.gram()
+            from_opt = fit_source(G, c, q, 5, penalty=mu, inits=env.opt_block.unsqueeze(0), select_after=1)
+            extra = {
+                "objective": fitted.info["source_objective"],
+                "objective_from_opt": from_opt.objective,
+                "share_from_opt": block_share(from_opt.B, env.opt_block),
+            }
+            for method in table.index:
+                row = {"tasks": T, "seed": seed, "method": method, "opt_block_share": float(shares[method])}
+                row.update({f"risk_m{m}": float(table.loc[method, m]) for m in table.columns})
+                row.update(extra if method == "adaptrep" else dict.fromkeys(extra, math.nan))
+                rows.append(row)
+            print(f"T = {T} seed {seed} done", flush=True)
+    return pd.DataFrame(rows)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="25,50,100,200")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--csv", default="docs/results/linear_hard_tasks.csv")
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    for T, sigma in ((25, 1.0), (25, 0.0), (100, 1.0)):
-        shares: dict[float, list[float]] = {mu: [] for mu in PENALTIES}
-        from_opt: dict[float, list[str]] = {mu: [] for mu in PENALTIES}
-        for seed in range(2):
-            env = LinearHardEnvironment(30, 5, eps=1 / 6, noise=sigma, seed=seed)
-            source = env.sample_tasks(T, 100, torch.Generator().manual_seed(seed * 1000 + 1))
-            G, c, q = source.gram()
-            for mu in PENALTIES:
-                fit = fit_source(G, c, q, 5, penalty=mu, max_iter=600)
-                shares[mu].append(block_share(fit.B, env.opt_block))
-                if (T, sigma) == (25, 1.0):
-                    start = fit_source(G, c, q, 5, penalty=mu, inits=env.opt_block.unsqueeze(0), select_after=1, max_iter=600)
-                    from_opt[mu].append(f"{fit.objective:.4f}/{start.objective:.4f} share {block_share(start.B, env.opt_block):.2f}")
-        print(f"T = {T}, sigma = {sigma}: mean opt-block share by penalty mu")
-        print("   " + "  ".join(f"mu={mu:g}: {sum(v) / len(v):.2f}" for mu, v in shares.items()))
-        if (T, sigma) == (25, 1.0):
-            print("   objective default restarts / started at the opt block (per seed):")
-            for mu, values in from_opt.items():
-                print(f"     mu={mu:g}: " + "; ".join(values))
-    print("eigenvalues of sum_t a_t a_t^T of the true parameters (opt part | delta part)")
-    for T in (25, 100):
-        for seed in range(3):
-            env = LinearHardEnvironment(30, 5, eps=1 / 6, noise=1.0, seed=seed)
-            beta = env.sample_parameters(T, torch.Generator().manual_seed(seed * 1000 + 1))
-            opt, delta = beta[:, :5], beta[:, -5:]
-            eig = [torch.linalg.eigvalsh(a.T @ a).tolist() for a in (opt, delta)]
-            print(f"   T = {T} seed {seed}: " + " ".join(f"{x:.1f}" for x in eig[0]) + " | " + " ".join(f"{x:.1f}" for x in eig[1]))
+    frame = run([int(x) for x in args.tasks.split(",")], args.seeds)
+    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(args.csv, index=False)
+    columns = ["opt_block_share", *[c for c in frame.columns if c.startswith("risk_m")]]
+    summary = frame.groupby(["tasks", "method"], sort=False)[columns].mean()
+    with pd.option_context("display.width", 200):
+        print(summary.round(3).to_string())
+    check = frame.dropna(subset=["objective"])
+    gap = (check.objective - check.objective_from_opt).abs().max()
+    print(f"adaptrep objective, default restarts minus from the opt block (largest |difference|): {gap:.2e}")
+    smallest = min(int(x) for x in args.tasks.split(","))
+    print(f"T = {smallest}, mean opt-block share of fixed penalties and radii:", fixed_levels(smallest, args.seeds))
 
 
 if __name__ == "__main__":

@@ -204,19 +204,20 @@ def evaluation(file: str, metric: str = "query_loss", focus: str = "adaptrep") -
     return "\n".join([evaluation_table(frame, metric), "", *standings(frame, metric, focus)]).rstrip()
 
 
-def sweep(file: str, by: str, metric: str, digits: str = "3") -> str:
-    """Methods x values of ``by`` (e.g. delta): the mean of ``metric`` over seeds, the row's
-    smallest value in bold."""
+def sweep(file: str, by: str, metric: str, digits: str = "3", best: str = "min") -> str:
+    """Methods x values of ``by`` (e.g. delta): the mean of ``metric`` over seeds, each column's
+    best value in bold (``best``: ``min``, or ``max`` for a metric where more is better)."""
+    if best not in ("min", "max"):
+        raise TableError(f"sweep: best must be 'min' or 'max'; got {best!r}")
     frame = load(file)
     column(frame, by)
     column(frame, metric)
     table = frame.groupby(["method", by], sort=False)[metric].mean().unstack(by).dropna(how="all")
     table = table.reindex(index=[name for name in pd.unique(frame["method"]) if name in table.index], columns=sorted(table.columns))
-    best = table.min()
+    top = table.min() if best == "min" else table.max()
     header = ["method"] + [f"{by} = {value:g}" for value in table.columns]
     rows = [
-        [f"`{method}`"] + [f"**{fmt(v, int(digits))}**" if v == best[col] else fmt(v, int(digits)) for col, v in row.items()]
-        for method, row in table.iterrows()
+        [f"`{method}`"] + [f"**{fmt(v, int(digits))}**" if v == top[col] else fmt(v, int(digits)) for col, v in row.items()] for method, row in table.iterrows()
     ]
     return markdown_table(header, rows)
 

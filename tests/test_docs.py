@@ -115,6 +115,18 @@ def test_risk_table_cell_is_the_mean_of_the_committed_rows():
         raise AssertionError("a missing result file must fail")
 
 
+def test_sweep_table_bolds_each_columns_best(tmp_path, monkeypatch):
+    """``{{ sweep }}``: the mean over seeds per method and value, the column's smallest in bold, or its
+    largest with ``best=max`` (a share, where more is better)."""
+    gen = load_generator()
+    (tmp_path / "toy.csv").write_text("method,x,seed,v\na,1,0,1.0\na,1,1,3.0\nb,1,0,5.0\nb,1,1,5.0\n")
+    monkeypatch.setattr(gen, "RESULTS", tmp_path)
+    low = gen.expand("{{ sweep file=toy by=x metric=v }}").splitlines()
+    high = gen.expand("{{ sweep file=toy by=x metric=v best=max }}").splitlines()
+    assert low[2:] == ["| `a` | **2.000** |", "| `b` | 5.000 |"]
+    assert high[2:] == ["| `a` | 2.000 |", "| `b` | **5.000** |"]
+
+
 def test_number_format():
     gen = load_generator()
     assert gen.fmt(0.123456) == "0.1235"
