@@ -142,6 +142,31 @@ def test_store_commits_runs_atomically_and_claims_them_once(tmp_path):
     other.close()
 
 
+def test_a_run_recomputed_by_another_version_supersedes_the_older_in_the_results(tmp_path):
+    """Resuming a folder after an upgrade that changed the numbers: the run ids differ (they hash the
+    version), so the store holds both runs of one config and seed; the results table keeps only the one
+    finished last, and the other seeds' runs of the older version stay."""
+    run0, run1 = expand(SweepSpec(**{**SPEC, "grid": {}, "seeds": [0, 1]}))
+    with Store(tmp_path / "sweep.db") as store:
+        rows = {}
+        for run in (run0, run1):
+            store.add(run.id, run.stored_config(), run.seed, run.labels)
+            assert store.claim(run.id) == "claimed"
+            rows[run.id], seconds, versions = sweep_module.compute(run.stored_config(), run.seed)
+            store.finish(run.id, rows[run.id], seconds, {**versions, "adaptrep": "0.0.1"})
+        newer = "f" * 16  # the same config and seed 0 under a newer version
+        store.add(newer, run0.stored_config(), 0, run0.labels)
+        assert store.claim(newer) == "claimed"
+        changed = rows[run0.id].assign(excess_risk=rows[run0.id]["excess_risk"] + 1.0)
+        store.finish(newer, changed, 1.0, versions)
+        table = store.results()
+        assert sorted(table["run_id"].unique()) == sorted([newer, run1.id]) and len(table) == 2 * ROWS_PER_RUN
+        mine = table[table["seed"] == 0].sort_values(["method", "m", "target_task"])
+        expected = changed.sort_values(["method", "m", "target_task"])["excess_risk"].to_numpy()
+        assert (mine["excess_risk"].to_numpy() == expected).all()
+        assert set(table["experiment"]) == {0}
+
+
 def test_a_raising_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, reference):
     real = sweep_module.run_unit
 

@@ -233,10 +233,17 @@ class Store:
     def results(self) -> pd.DataFrame:
         """The finished runs' results as one wide table, one row per method x m x seed x target
         task of each run, with the run's setting, seed, labels, experiment number and id.
+
+        A run's id hashes the adaptrep version, so a folder resumed after an upgrade that changed
+        the numbers holds two finished runs of one config and seed: only the one finished last is
+        in the table (the older stays in the store), so that no seed counts twice.
         """
         every = self.runs()
         every["experiment"] = _experiment_numbers(every)  # numbered over all runs, finished or not
         runs = every[every["status"] == "done"]
+        keys = pd.Series([json.dumps(config, sort_keys=True) for config in runs["config"]], index=runs.index)
+        latest = runs.assign(key=keys).sort_values("finished", kind="stable").drop_duplicates(["key", "seed"], keep="last").index
+        runs = runs.loc[runs.index.isin(latest)]
         if runs.empty:
             return pd.DataFrame()
         long = pd.read_sql_query(
