@@ -15,6 +15,8 @@ Methods (``adaptrep.methods.make_method`` names, and ADAPTREP with each source p
   (the default before 0.4.0), the same target step;
 * ``adaptrep-cvft``: ``AdaptRep(finetune=FineTune(strength="cv"))``, the default source penalty and
   the target strength cross-validated on the target's own samples (the target step before 0.4.0);
+* ``adaptrep-prior``: ``AdaptRep(prior=True)``, the defaults plus the source heads' population as the
+  target head's prior (the empirical-Bayes posterior mean; the default for data without ground truth);
 * ``frozenrep`` (ERM), ``perm``, ``spectral``, ``mom`` (:mod:`adaptrep.competitors`), ``target-only``.
 
 Per method, delta and seed: the source-task error (max and mean over the 50 source tasks of
@@ -44,7 +46,7 @@ from adaptrep.environments import LinearEnvironment
 from adaptrep.finetune import FineTune
 from adaptrep.methods import AdaptRep, Method, make_method
 
-METHODS = ["adaptrep", "adaptrep-theory", "adaptrep-cvft", "frozenrep", "perm", "spectral", "mom", "target-only"]
+METHODS = ["adaptrep", "adaptrep-theory", "adaptrep-cvft", "adaptrep-prior", "frozenrep", "perm", "spectral", "mom", "target-only"]
 
 
 def build(name: str) -> Method:
@@ -52,6 +54,8 @@ def build(name: str) -> Method:
         return AdaptRep(penalty="theory")
     if name == "adaptrep-cvft":
         return AdaptRep(finetune=FineTune(strength="cv"))
+    if name == "adaptrep-prior":
+        return AdaptRep(prior=True)
     return make_method(name)
 
 
