@@ -271,6 +271,68 @@ def test_with_an_intercept_each_fold_is_centred_on_its_training_part(representat
     assert (expected > leaky).mean() > 0.5  # centring on the held-out samples too made them look easier
 
 
+def test_with_an_intercept_the_samples_path_scores_like_the_gram_path_at_every_strength():
+    """``intercept=True`` with fewer samples than features, ragged: past FROZENREP (perturbations not
+    zero) the samples path, which centres each fold's copy of ``X`` directly, scores every strength
+    like the Gram path, which centres the statistics (``about``); the centring is real (the scores
+    differ without it). (The data of the test above, whose FROZENREP fits agree on both paths.)"""
+    _, source = _source(delta=1.0, dim=12, rank=2, tasks=10, samples=10, noise=0.3, seed=2)
+    valid = torch.ones(10, 10, dtype=torch.float64)
+    valid[::3, 7:] = 0
+    X, y = source.X * valid.unsqueeze(-1), source.y * valid
+    options = dict(mask=valid, strengths=2, patience=5, refit_steps=800, path_gtol=1e-8, gtol=1e-8, intercept=True)
+    gram = cv_penalty(X, y, 2, representation="gram", **options)
+    samples = cv_penalty(X, y, 2, representation="samples", **options)
+    assert len(gram.strengths) == 3 and samples.strengths == pytest.approx(gram.strengths, rel=1e-6)
+    torch.testing.assert_close(samples.per_task, gram.per_task, rtol=1e-6, atol=1e-8)
+    assert ((gram.per_task[-1] - gram.per_task[0]).abs() > 1e-4).all()  # the weaker strength's perturbations change the scores
+    plain = cv_penalty(X, y, 2, representation="gram", **{**options, "intercept": False})
+    assert not torch.allclose(plain.per_task, gram.per_task, rtol=1e-3)
+
+
+def test_with_an_intercept_and_no_task_above_the_rank_the_random_effects_fit_counts_the_centring():
+    """Every task has at most ``rank`` samples: the path is FROZENREP's random-effects fit, which with an
+    intercept counts the degree of freedom each task's centring spent (``lost=1``), not the plain fit."""
+    _, source = _source(delta=0.5, dim=8, rank=4, tasks=30, samples=4)
+    valid = torch.ones(30, 4, dtype=torch.float64)
+    X = source.X - source.X.mean(1, keepdim=True)
+    y = source.y - source.y.mean(1, keepdim=True)
+    path = cv_penalty(X, y, 4, mask=valid, intercept=True)
+    assert path.strengths == [math.inf] and path.fit.stop_reason == "degenerate"
+    G, c, q = task_statistics(X, y)
+    centred, plain = fit_source(G, c, q, 4, lost=1), fit_source(G, c, q, 4, lost=0)
+    torch.testing.assert_close(path.fit.B @ path.fit.B.T, centred.B @ centred.B.T, rtol=0, atol=1e-9)
+    assert (path.fit.B @ path.fit.B.T - plain.B @ plain.B.T).abs().max() > 1e-4
+
+
+def test_adaptrep_with_an_intercept_cross_validates_with_fold_wise_centring(monkeypatch):
+    """``AdaptRep(intercept=True)`` hands its intercept to :func:`cv_penalty`: FROZENREP's held-out errors on
+    its path are numpy's, each fold's head and intercept fitted on the fold's training part (tasks with
+    offsets, a short path)."""
+    import adaptrep.methods as methods
+
+    def short_path(*args, **kwargs):
+        return cv_penalty(*args, **{**kwargs, "strengths": 1})
+
+    monkeypatch.setattr(methods, "cv_penalty", short_path)
+    env = LinearEnvironment(5, 2, delta=0.5, noise=0.5, seed=2)
+    raw = env.sample_tasks(8, 12, torch.Generator().manual_seed(3))
+    offsets = torch.arange(8, dtype=torch.float64)
+    source = Tasks(X=raw.X + 2.0, y=raw.y + 2.0 * raw.beta.sum(-1, keepdim=True) + offsets.unsqueeze(-1), beta=raw.beta)
+    method = methods.AdaptRep(rank=2, intercept=True, finetune=None).fit(source)
+    B = method.penalty_path.fits[0].B.numpy()
+    held = cv.fold_masks(torch.ones(8, 12), 5, torch.Generator().manual_seed(0), torch.ones(8, 12)).held_out.bool().numpy()
+    Xn, yn = source.X.numpy(), source.y.numpy()
+    expected = np.zeros(8)
+    for t in range(8):
+        for k in range(5):
+            test, train = held[t, k], ~held[t, k]
+            xm, ym = Xn[t][train].mean(0), yn[t][train].mean()
+            w = np.linalg.lstsq((Xn[t][train] - xm) @ B, yn[t][train] - ym, rcond=None)[0]
+            expected[t] += (((Xn[t][test] - xm) @ B @ w - (yn[t][test] - ym)) ** 2).sum() / 12
+    np.testing.assert_allclose(method.penalty_path.per_task[0].numpy(), expected, rtol=1e-9)
+
+
 def test_cv_penalty_path_and_choice():
     _, source = _source(delta=1.0, dim=8, rank=2, tasks=20, samples=30, noise=0.5)
     path = cv_penalty(source.X, source.y, 2, strengths=4, rule="min")

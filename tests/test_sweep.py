@@ -142,10 +142,11 @@ def test_store_commits_runs_atomically_and_claims_them_once(tmp_path):
     other.close()
 
 
-def test_a_run_recomputed_by_another_version_supersedes_the_older_in_the_results(tmp_path):
+@pytest.mark.parametrize("newer", ["f" * 16, "0" * 16])
+def test_a_run_recomputed_by_another_version_supersedes_the_older_in_the_results(tmp_path, newer):
     """Resuming a folder after an upgrade that changed the numbers: the run ids differ (they hash the
     version), so the store holds both runs of one config and seed; the results table keeps only the one
-    finished last, and the other seeds' runs of the older version stay."""
+    finished last (whatever the ids' order), and the other seeds' runs of the older version stay."""
     run0, run1 = expand(SweepSpec(**{**SPEC, "grid": {}, "seeds": [0, 1]}))
     with Store(tmp_path / "sweep.db") as store:
         rows = {}
@@ -154,7 +155,7 @@ def test_a_run_recomputed_by_another_version_supersedes_the_older_in_the_results
             assert store.claim(run.id) == "claimed"
             rows[run.id], seconds, versions = sweep_module.compute(run.stored_config(), run.seed)
             store.finish(run.id, rows[run.id], seconds, {**versions, "adaptrep": "0.0.1"})
-        newer = "f" * 16  # the same config and seed 0 under a newer version
+        # the same config and seed 0 under a newer version
         store.add(newer, run0.stored_config(), 0, run0.labels)
         assert store.claim(newer) == "claimed"
         changed = rows[run0.id].assign(excess_risk=rows[run0.id]["excess_risk"] + 1.0)
