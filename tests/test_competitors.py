@@ -271,6 +271,44 @@ def test_with_an_intercept_each_fold_is_centred_on_its_training_part(representat
     assert (expected > leaky).mean() > 0.5  # centring on the held-out samples too made them look easier
 
 
+_ROUNDING_DIRECTION = (
+    "known defect: a centred training part of 2 samples has a Gram matrix of rank 1 plus a rounding-size direction, which "
+    "solvers.pseudo_inverse (torch.linalg.pinv's default rtol) inverts: held-out error 3.5e4 where numpy's minimum-norm head gives 9.4"
+)
+
+
+@pytest.mark.parametrize("representation", [pytest.param("gram", marks=pytest.mark.xfail(strict=True, reason=_ROUNDING_DIRECTION)), "samples"])
+def test_with_an_intercept_a_fold_with_no_more_centred_samples_than_the_rank_takes_the_minimum_norm_head(representation):
+    """A task of 5 samples in 2 folds: one training part has 2 samples, which centred span one direction,
+    fewer than the rank (2). Its head should be the minimum-norm least-squares one, as numpy's. The
+    samples path gets it; the Gram path does not yet (see ``_ROUNDING_DIRECTION``; without an intercept
+    a 1-sample part is exactly rank 1 and both paths agree with numpy)."""
+    T, n, d = 6, 10, 4
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(T, n, d, generator=g, dtype=torch.float64) + 2.0
+    y = X @ torch.randn(d, generator=g, dtype=torch.float64) + 3.0 + torch.randn(T, n, generator=g, dtype=torch.float64)
+    valid = torch.ones(T, n, dtype=torch.float64)
+    valid[0, 2:], valid[1, 1:], valid[2, 5:] = 0, 0, 0  # 2 samples (so 2 folds), 1 (never held out), 5
+    counts = valid.sum(-1)
+    X, y = X * valid.unsqueeze(-1), y * valid
+    X = (X - (X.sum(1) / counts.unsqueeze(-1)).unsqueeze(1)) * valid.unsqueeze(-1)
+    y = (y - (y.sum(1) / counts).unsqueeze(-1)) * valid
+    path = cv_penalty(X, y, 2, mask=valid, strengths=1, intercept=True, representation=representation)
+    B = path.fits[0].B.numpy()
+    scored = [0, 2, 3, 4, 5]
+    held = cv.fold_masks(valid[scored], 2, torch.Generator().manual_seed(0), valid[scored]).held_out.bool().numpy()
+    Xn, yn, rows = X.numpy(), y.numpy(), valid.bool().numpy()
+    expected = np.zeros(len(scored))
+    for i, t in enumerate(scored):
+        for k in range(2):
+            test, train = held[i, k], rows[t] & ~held[i, k]
+            xm, ym = Xn[t][train].mean(0), yn[t][train].mean()
+            w = np.linalg.lstsq((Xn[t][train] - xm) @ B, yn[t][train] - ym, rcond=None)[0]
+            expected[i] += (((Xn[t][test] - xm) @ B @ w - (yn[t][test] - ym)) ** 2).sum() / counts[t].item()
+    assert sorted(int((rows[2] & ~held[1, k]).sum()) for k in range(2)) == [2, 3]
+    np.testing.assert_allclose(path.per_task[0].numpy(), expected, rtol=1e-8)
+
+
 def test_with_an_intercept_the_samples_path_scores_like_the_gram_path_at_every_strength():
     """``intercept=True`` with fewer samples than features, ragged: past FROZENREP (perturbations not
     zero) the samples path, which centres each fold's copy of ``X`` directly, scores every strength
