@@ -271,18 +271,12 @@ def test_with_an_intercept_each_fold_is_centred_on_its_training_part(representat
     assert (expected > leaky).mean() > 0.5  # centring on the held-out samples too made them look easier
 
 
-_ROUNDING_DIRECTION = (
-    "known defect: a centred training part of 2 samples has a Gram matrix of rank 1 plus a rounding-size direction, which "
-    "solvers.pseudo_inverse (torch.linalg.pinv's default rtol) inverts: held-out error 3.5e4 where numpy's minimum-norm head gives 9.4"
-)
-
-
-@pytest.mark.parametrize("representation", [pytest.param("gram", marks=pytest.mark.xfail(strict=True, reason=_ROUNDING_DIRECTION)), "samples"])
+@pytest.mark.parametrize("representation", ["gram", "samples"])
 def test_with_an_intercept_a_fold_with_no_more_centred_samples_than_the_rank_takes_the_minimum_norm_head(representation):
     """A task of 5 samples in 2 folds: one training part has 2 samples, which centred span one direction,
-    fewer than the rank (2). Its head should be the minimum-norm least-squares one, as numpy's. The
-    samples path gets it; the Gram path does not yet (see ``_ROUNDING_DIRECTION``; without an intercept
-    a 1-sample part is exactly rank 1 and both paths agree with numpy)."""
+    fewer than the rank (2). Its head is the minimum-norm least-squares one, as numpy's, on both paths.
+    (The Gram path's centred Gram matrix has a second direction of rounding size; before
+    ``solvers.rank_tolerance``, ``pseudo_inverse`` inverted it: a held-out error of 3.5e4 against 9.4.)"""
     T, n, d = 6, 10, 4
     g = torch.Generator().manual_seed(0)
     X = torch.randn(T, n, d, generator=g, dtype=torch.float64) + 2.0

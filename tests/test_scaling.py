@@ -125,6 +125,25 @@ def test_pseudo_inverse_matches_pinv_for_regular_and_singular_matrices():
     torch.testing.assert_close(pseudo_inverse(mixed), torch.linalg.pinv(mixed, hermitian=True), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pseudo_inverse_does_not_invert_a_direction_that_only_rounding_makes(dtype):
+    """The Gram matrix of two samples centred on their mean, with a large offset: rank 1 in exact
+    arithmetic (the centred samples are opposite), plus whatever rounding leaves in the other
+    directions. Its pseudo-inverse is that of the exact rank-1 matrix ``2 u u^T``, ``u`` the first
+    centred sample (``solvers.rank_tolerance``); torch.linalg.pinv's default tolerance may invert the
+    rounding and be off by orders of magnitude."""
+    g = torch.Generator().manual_seed(3)
+    errors = []
+    for _ in range(20):
+        X = (torch.randn(2, 3, generator=g, dtype=F64) + 50.0).to(dtype)
+        C = X - X.mean(0)
+        G = C.T @ C
+        u = (X[0].double() - X[1].double()) / 2  # the exact centred sample
+        exact = torch.linalg.pinv(2 * torch.outer(u, u), hermitian=True)
+        errors.append(float((pseudo_inverse(G).double() - exact).norm() / exact.norm()))
+    assert max(errors) < (1e-8 if dtype == F64 else 1e-3)
+
+
 @pytest.mark.parametrize("penalty", [math.inf, 0.05])
 def test_fit_source_is_the_same_on_samples_statistics_and_both_b_solvers(penalty):
     # the four paths compute the same iterates (the conjugate gradients run to 1e-13 here), so

@@ -149,7 +149,7 @@ def perturbation_variance(source: Tasks, B: Tensor, intercept: bool, noise: floa
     Z = head_design(source, B, intercept)
     k = Z.shape[-1]
     Zt = Z.transpose(-1, -2)
-    inverse = torch.linalg.pinv(Zt @ Z, hermitian=True)
+    inverse = pseudo_inverse(Zt @ Z)
     Zy, ZX = (Zt @ source.y.unsqueeze(-1)).squeeze(-1), Zt @ X
     rss = (source.y**2).sum(-1) - torch.einsum("ta,tab,tb->t", Zy, inverse, Zy)
     trace = (X**2).sum((1, 2)) - torch.einsum("tab,tad,tbd->t", inverse, ZX, ZX)

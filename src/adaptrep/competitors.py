@@ -85,7 +85,7 @@ from .adaptive import masked_statistics, sample_mask
 from .data import Tasks
 from .finetune import fit_head
 from .methods import Method, _centered, synchronize
-from .solvers import estimate_noise, fit_source, group_shrink, lipschitz, matvec, mse, predictor
+from .solvers import estimate_noise, fit_source, group_shrink, lipschitz, matvec, mse, predictor, pseudo_inverse
 
 __all__ = [
     "PenalizedERM",
@@ -138,7 +138,7 @@ def _check(name: str, method: Method, tasks: Tasks) -> int:
 
 def least_squares(G: Tensor, c: Tensor) -> Tensor:
     """Per-task least squares ``G_t^+ c_t`` (minimum-norm when ``G_t`` is singular), ``(..., d)``."""
-    return matvec(torch.linalg.pinv(G, hermitian=True), c)
+    return matvec(pseudo_inverse(G), c)
 
 
 def top_eigenvectors(M: Tensor, k: int) -> Tensor:

@@ -54,7 +54,7 @@ from .models import (
     model_for,
 )
 from .options import MetaOptions
-from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, predictor, spd_solve, sufficient_statistics, task_statistics
+from .solvers import SourceFit, estimate_noise, fit_source, moment_inits, predictor, pseudo_inverse, spd_solve, sufficient_statistics, task_statistics
 
 __all__ = [
     "synchronize",
@@ -367,7 +367,7 @@ class _AdaptsRepresentation(Method):
         Z = torch.linalg.solve_triangular(L, X @ B, upper=False)  # whitened head design
         yw = torch.linalg.solve_triangular(L, target.y.unsqueeze(-1), upper=False)
         Zt = Z.transpose(-1, -2)
-        h = torch.linalg.pinv(Zt @ Z, hermitian=True) @ (Zt @ yw)  # minimum-norm when m < k'
+        h = pseudo_inverse(Zt @ Z) @ (Zt @ yw)  # minimum-norm when m < k'
         beta = (B @ h).squeeze(-1)
         if tau2 > 0:
             r = torch.cholesky_solve(target.y.unsqueeze(-1) - X @ B @ h, L)

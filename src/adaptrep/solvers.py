@@ -65,7 +65,7 @@ def spd_solve(A: Tensor, b: Tensor) -> Tensor:
     """
     factor, info = torch.linalg.cholesky_ex(A)
     if bool((info != 0).any()):
-        return matvec(torch.linalg.pinv(A, hermitian=True), b)
+        return matvec(pseudo_inverse(A), b)
     return torch.cholesky_solve(b.unsqueeze(-1), factor).squeeze(-1)
 
 
@@ -509,22 +509,34 @@ class HeadSolver:
         return self.solve(self.project(c), None if v is None else self.G.half(v))
 
 
+def rank_tolerance(dtype: torch.dtype) -> float:
+    """The fraction of a Gram matrix's largest eigenvalue below which :func:`pseudo_inverse` counts an
+    eigenvalue as zero: 1000 machine epsilons (2.2e-13 in float64, 1.2e-4 in float32). A Gram matrix
+    formed from ``n`` samples carries rounding of about ``sqrt(n)`` epsilons of its norm, so this is
+    above that for up to a million samples: a direction that exists only by rounding (a centred part
+    of two samples has one direction, not two) is not inverted. ``torch.linalg.pinv``'s own default
+    (the matrix size times epsilon) is not."""
+    return 1000 * torch.finfo(dtype).eps
+
+
 def pseudo_inverse(A: Tensor) -> Tensor:
-    """Pseudo-inverse of symmetric positive semi-definite matrices (batched).
+    """Pseudo-inverse of symmetric positive semi-definite matrices (batched), eigenvalues below
+    :func:`rank_tolerance` of the largest counted as zero.
 
     By Cholesky where the factor shows a well-conditioned matrix (its pivots within a factor
-    ``1e-8`` of each other, so the condition number is not far above ``1e8``; there the inverse
-    equals the pseudo-inverse to rounding), by ``torch.linalg.pinv`` (an eigendecomposition, ten
-    times slower on small batched matrices) for the others.
+    ``1e-8`` of each other, or of the rank tolerance if larger, so the condition number is not far
+    above that; there the inverse equals the pseudo-inverse to rounding), by ``torch.linalg.pinv``
+    (an eigendecomposition, ten times slower on small batched matrices) for the others.
     """
+    tolerance = rank_tolerance(A.dtype)
     factor, info = torch.linalg.cholesky_ex(A)
     pivots = torch.diagonal(factor, dim1=-2, dim2=-1).square()
-    good = (info == 0) & (pivots.amin(-1) > 1e-8 * pivots.amax(-1))
+    good = (info == 0) & (pivots.amin(-1) > max(1e-8, tolerance) * pivots.amax(-1))
     inverse = torch.cholesky_inverse(torch.where(good[..., None, None], factor, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)))
     if bool(good.all()):
         return inverse
     bad = ~good
-    inverse[bad] = torch.linalg.pinv(A.expand_as(inverse)[bad], hermitian=True)
+    inverse[bad] = torch.linalg.pinv(A.expand_as(inverse)[bad], hermitian=True, rtol=tolerance)
     return inverse
 
 
