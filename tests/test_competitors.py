@@ -216,6 +216,29 @@ def test_masked_statistics_match_numpy():
         assert q[t].item() == pytest.approx(ys @ ys / len(ys))
 
 
+def _numpy_held_out(X, y, valid, B, held, scored, centre):
+    """Independent reference for ``cv_penalty``'s FROZENREP held-out errors: for each scored task ``t``
+    (row ``i`` of ``held``, ``(T', K, n)``) and fold ``k``, numpy's minimum-norm least-squares head on
+    the training part (centred on that part's means when ``centre``), its squared errors on the
+    held-out part (against the same means), summed over folds and divided by the task's count."""
+    Xn, yn, rows = X.numpy(), y.numpy(), valid.bool().numpy()
+    expected = np.zeros(len(scored))
+    for i, t in enumerate(scored):
+        for k in range(held.shape[1]):
+            test, train = held[i, k], rows[t] & ~held[i, k]
+            xm, ym = (Xn[t][train].mean(0), yn[t][train].mean()) if centre else (0.0, 0.0)
+            w = np.linalg.lstsq((Xn[t][train] - xm) @ B, yn[t][train] - ym, rcond=None)[0]
+            expected[i] += (((Xn[t][test] - xm) @ B @ w - (yn[t][test] - ym)) ** 2).sum() / rows[t].sum()
+    return expected
+
+
+def _centred(X, y, valid):
+    """Ragged tasks centred on their own means, padding kept at zero (as ``methods._centered`` does)."""
+    counts = valid.sum(-1)
+    X = (X - (X.sum(1) / counts.unsqueeze(-1)).unsqueeze(1)) * valid.unsqueeze(-1)
+    return X, (y - (y.sum(1) / counts).unsqueeze(-1)) * valid
+
+
 @pytest.mark.parametrize("singleton", [False, True])
 def test_frozen_held_out_error_is_head_only_least_squares_on_the_training_folds(singleton):
     """The held-out errors at FROZENREP against numpy, on the folds of ``adaptrep.cv``; a task with
@@ -229,13 +252,7 @@ def test_frozen_held_out_error_is_head_only_least_squares_on_the_training_folds(
     B = path.fits[0].B.numpy()
     scored = list(range(1, 8)) if singleton else list(range(8))
     held = cv.fold_masks(valid[scored], 4, torch.Generator().manual_seed(0), valid[scored]).held_out.bool().numpy()  # (T', K, n)
-    Xn, yn, rows = X.numpy(), y.numpy(), valid.bool().numpy()
-    expected = np.zeros(len(scored))
-    for i, t in enumerate(scored):
-        for k in range(4):
-            test, train = held[i, k], rows[t] & ~held[i, k]
-            w = np.linalg.lstsq(Xn[t][train] @ B, yn[t][train], rcond=None)[0]
-            expected[i] += ((Xn[t][test] @ B @ w - yn[t][test]) ** 2).sum() / 20
+    expected = _numpy_held_out(X, y, valid, B, held, scored, centre=False)
     np.testing.assert_allclose(path.per_task[0].numpy(), expected, rtol=1e-9)
 
 
@@ -251,22 +268,12 @@ def test_with_an_intercept_each_fold_is_centred_on_its_training_part(representat
     valid[::3, 9:] = 0
     X = (torch.randn(T, n, d, generator=g, dtype=torch.float64) + 2.0) * valid.unsqueeze(-1)
     y = (X @ torch.randn(d, generator=g, dtype=torch.float64) + 3.0 + torch.randn(T, n, generator=g, dtype=torch.float64)) * valid
-    counts = valid.sum(-1)
-    X = (X - (X.sum(1) / counts.unsqueeze(-1)).unsqueeze(1)) * valid.unsqueeze(-1)
-    y = (y - (y.sum(1) / counts).unsqueeze(-1)) * valid
+    X, y = _centred(X, y, valid)
     path = cv_penalty(X, y, 2, mask=valid, folds=4, strengths=1, intercept=True, representation=representation, refit_steps=400)
     B = path.fits[0].B.numpy()
     held = cv.fold_masks(valid, 4, torch.Generator().manual_seed(0), valid).held_out.bool().numpy()  # (T, K, n)
-    Xn, yn, rows = X.numpy(), y.numpy(), valid.bool().numpy()
-    expected, leaky = np.zeros(T), np.zeros(T)
-    for t in range(T):
-        for k in range(4):
-            test, train = held[t, k], rows[t] & ~held[t, k]
-            xm, ym = Xn[t][train].mean(0), yn[t][train].mean()
-            w = np.linalg.lstsq((Xn[t][train] - xm) @ B, yn[t][train] - ym, rcond=None)[0]
-            expected[t] += (((Xn[t][test] - xm) @ B @ w - (yn[t][test] - ym)) ** 2).sum() / counts[t].item()
-            w = np.linalg.lstsq(Xn[t][train] @ B, yn[t][train], rcond=None)[0]  # the whole task's means (the leak)
-            leaky[t] += ((Xn[t][test] @ B @ w - yn[t][test]) ** 2).sum() / counts[t].item()
+    expected = _numpy_held_out(X, y, valid, B, held, range(T), centre=True)
+    leaky = _numpy_held_out(X, y, valid, B, held, range(T), centre=False)  # the whole task's means (the leak)
     np.testing.assert_allclose(path.per_task[0].numpy(), expected, rtol=1e-9)
     assert (expected > leaky).mean() > 0.5  # centring on the held-out samples too made them look easier
 
@@ -283,22 +290,13 @@ def test_with_an_intercept_a_fold_with_no_more_centred_samples_than_the_rank_tak
     y = X @ torch.randn(d, generator=g, dtype=torch.float64) + 3.0 + torch.randn(T, n, generator=g, dtype=torch.float64)
     valid = torch.ones(T, n, dtype=torch.float64)
     valid[0, 2:], valid[1, 1:], valid[2, 5:] = 0, 0, 0  # 2 samples (so 2 folds), 1 (never held out), 5
-    counts = valid.sum(-1)
-    X, y = X * valid.unsqueeze(-1), y * valid
-    X = (X - (X.sum(1) / counts.unsqueeze(-1)).unsqueeze(1)) * valid.unsqueeze(-1)
-    y = (y - (y.sum(1) / counts).unsqueeze(-1)) * valid
+    X, y = _centred(X * valid.unsqueeze(-1), y * valid, valid)
     path = cv_penalty(X, y, 2, mask=valid, strengths=1, intercept=True, representation=representation)
     B = path.fits[0].B.numpy()
     scored = [0, 2, 3, 4, 5]
     held = cv.fold_masks(valid[scored], 2, torch.Generator().manual_seed(0), valid[scored]).held_out.bool().numpy()
-    Xn, yn, rows = X.numpy(), y.numpy(), valid.bool().numpy()
-    expected = np.zeros(len(scored))
-    for i, t in enumerate(scored):
-        for k in range(2):
-            test, train = held[i, k], rows[t] & ~held[i, k]
-            xm, ym = Xn[t][train].mean(0), yn[t][train].mean()
-            w = np.linalg.lstsq((Xn[t][train] - xm) @ B, yn[t][train] - ym, rcond=None)[0]
-            expected[i] += (((Xn[t][test] - xm) @ B @ w - (yn[t][test] - ym)) ** 2).sum() / counts[t].item()
+    expected = _numpy_held_out(X, y, valid, B, held, scored, centre=True)
+    rows = valid.bool().numpy()
     assert sorted(int((rows[2] & ~held[1, k]).sum()) for k in range(2)) == [2, 3]
     np.testing.assert_allclose(path.per_task[0].numpy(), expected, rtol=1e-8)
 
@@ -354,14 +352,7 @@ def test_adaptrep_with_an_intercept_cross_validates_with_fold_wise_centring(monk
     method = methods.AdaptRep(rank=2, intercept=True, finetune=None).fit(source)
     B = method.penalty_path.fits[0].B.numpy()
     held = cv.fold_masks(torch.ones(8, 12), 5, torch.Generator().manual_seed(0), torch.ones(8, 12)).held_out.bool().numpy()
-    Xn, yn = source.X.numpy(), source.y.numpy()
-    expected = np.zeros(8)
-    for t in range(8):
-        for k in range(5):
-            test, train = held[t, k], ~held[t, k]
-            xm, ym = Xn[t][train].mean(0), yn[t][train].mean()
-            w = np.linalg.lstsq((Xn[t][train] - xm) @ B, yn[t][train] - ym, rcond=None)[0]
-            expected[t] += (((Xn[t][test] - xm) @ B @ w - (yn[t][test] - ym)) ** 2).sum() / 12
+    expected = _numpy_held_out(source.X, source.y, torch.ones(8, 12), B, held, range(8), centre=True)
     np.testing.assert_allclose(method.penalty_path.per_task[0].numpy(), expected, rtol=1e-9)
 
 
