@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -61,14 +62,20 @@ class TruthPCA(Oracle):
         self.info = {"noise_estimate": self.noise_estimate}
 
 
+registry.METHODS["truth-pca"] = lambda: TruthPCA(finetune=FineTune())  # so that configs (and run_seed) know the name
 METHODS = ["adaptrep", "frozenrep-ft", "oracle-ft", "truth-pca"]
 PENALTIES = [math.inf, 1.0, 0.5, 0.25, 0.1, 0.03]
 RADII = [0.5, 1.0, 1.5, 2.0]
 
 
+def config(T: int, seeds: int = 5) -> Any:
+    """The run config of ``adaptrep run --setting linear-hard --dim 30 --rank 5 --tasks T --eps 0.1667 --noise 1``."""
+    return resolve_config({"setting": "linear-hard", "dim": 30, "rank": 5, "tasks": T, "eps": 0.1667, "noise": 1.0, "seeds": seeds, "methods": METHODS})
+
+
 def block_energies(T: int, seed: int) -> str:
     """Smallest eigenvalue of the opt parts' second moment (sum over tasks) | largest of the delta parts'."""
-    env = resolve_config({"setting": "linear-hard", "dim": 30, "rank": 5, "tasks": T, "eps": 0.1667, "noise": 1.0}).environment(seed)
+    env = config(T).environment(seed)
     beta = env.sample_tasks(T, 100, keyed_generator(seed, 1)).beta
     assert beta is not None
     opt, delta = (torch.linalg.eigvalsh(part.T @ part) for part in (beta[:, :5], beta[:, -5:]))
@@ -79,7 +86,7 @@ def fixed_levels(T: int, seeds: int) -> str:
     """Mean opt-block share over the seeds of ADAPTREP fits at each fixed penalty and radius."""
     shares: dict[str, list[float]] = {}
     for seed in range(seeds):
-        env = resolve_config({"setting": "linear-hard", "dim": 30, "rank": 5, "tasks": T, "eps": 0.1667, "noise": 1.0}).environment(seed)
+        env = config(T).environment(seed)
         G, c, q = env.sample_tasks(T, 100, keyed_generator(seed, 1)).gram()
         for mu in PENALTIES:
             shares.setdefault(f"mu={mu:g}", []).append(block_share(fit_source(G, c, q, 5, penalty=mu).B, env.opt_block))
@@ -89,16 +96,15 @@ def fixed_levels(T: int, seeds: int) -> str:
 
 
 def run(task_counts: list[int], seeds: int) -> pd.DataFrame:
-    registry.METHODS["truth-pca"] = lambda: TruthPCA(finetune=FineTune())
     rows = []
     for T in task_counts:
-        config = resolve_config({"setting": "linear-hard", "dim": 30, "rank": 5, "tasks": T, "eps": 0.1667, "noise": 1.0, "seeds": seeds, "methods": METHODS})
+        run_config = config(T, seeds)
         for seed in range(seeds):
-            results = run_seed(config, seed)
+            results = run_seed(run_config, seed)
             table = results.groupby(["method", "m"], sort=False)["excess_risk"].mean().unstack("m")
             shares = results.groupby("method", sort=False)["opt_block_share"].first()
-            env = config.environment(seed)
-            source = env.sample_tasks(T, config.samples, keyed_generator(seed, 1))  # run_seed's source tasks
+            env = run_config.environment(seed)
+            source = env.sample_tasks(T, run_config.samples, keyed_generator(seed, 1))  # run_seed's source tasks
             fitted = registry.make_method("adaptrep").fit(source)
             mu = fitted.info["source_penalty"]
             G, c, q = source.gram()
