@@ -29,6 +29,12 @@ risk for each ``m``).
 Run from the repository root (about 15 minutes with one thread)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/delta_sweep.py
+
+It also prints adaptrep's source max error minus ``perm``'s and ``adaptrep-theory``'s, paired by seed.
+The source tasks alone, with 40 seeds (``docs/results/delta_sweep_source.csv``, about six minutes)::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/delta_sweep.py --seeds 40 --target-samples none \\
+        --methods adaptrep,adaptrep-theory,frozenrep,perm,spectral,mom --csv docs/results/delta_sweep_source.csv
 """
 
 from __future__ import annotations
@@ -84,6 +90,21 @@ def run(deltas: list[float], seeds: int, ms: list[int], target_tasks: int, metho
     return pd.DataFrame(rows)
 
 
+def paired(results: pd.DataFrame) -> pd.DataFrame:
+    """Per delta, ``adaptrep``'s source max error minus each of ``perm``'s and ``adaptrep-theory``'s,
+    paired by seed: mean, standard error and the number of seeds where adaptrep is not behind.
+    (Its margin over FROZENREP is at least the theory penalty's exactly when it is not behind that.)"""
+    errors = results.pivot_table(index=["delta", "seed"], columns="method", values="source_error_max")
+    rows = []
+    for other in ("perm", "adaptrep-theory"):
+        if {"adaptrep", other} <= set(errors.columns):
+            difference = (errors["adaptrep"] - errors[other]).groupby(level="delta")
+            not_behind = difference.apply(lambda d: int((d <= 0).sum()))
+            frame = pd.DataFrame({"mean": difference.mean(), "se": difference.sem(), "not_behind": not_behind, "seeds": difference.size()})
+            rows.append(frame.assign(minus=other).reset_index())
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
 def figure(summary: pd.DataFrame, ms: list[int], path: Path) -> None:
     import matplotlib
 
@@ -112,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deltas", default="0,0.15,0.3,0.6,1.0,1.5")
     parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--target-samples", default="10,20,50")
+    parser.add_argument("--target-samples", default="10,20,50", help="target sizes m; 'none' for the source tasks only (no figure)")
     parser.add_argument("--target-tasks", type=int, default=200)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--csv", default="docs/results/delta_sweep.csv")
@@ -121,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     deltas = [float(x) for x in args.deltas.split(",")]
-    ms = [int(x) for x in args.target_samples.split(",")]
+    ms = [] if args.target_samples == "none" else [int(x) for x in args.target_samples.split(",")]
     if args.from_csv:
         results = pd.read_csv(args.csv)
     else:
@@ -132,7 +153,10 @@ def main() -> None:
     summary = results.groupby(["delta", "method"], sort=False)[columns].mean().reset_index()
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(summary.round(4).to_string(index=False))
-    figure(summary, ms, Path(args.figure))
+        print("adaptrep's source max error minus another method's, paired by seed:")
+        print(paired(results).round(4).to_string(index=False))
+    if ms:
+        figure(summary, ms, Path(args.figure))
 
 
 if __name__ == "__main__":

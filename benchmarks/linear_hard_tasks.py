@@ -7,8 +7,10 @@ For T in ``--tasks`` (25, 50, 100, 200) and seeds 0-4 this runs exactly what
         --methods adaptrep,frozenrep-ft,oracle-ft
 
 runs (:func:`adaptrep.experiment.run_seed`: the same source tasks, adversarial targets and numbers),
-plus one reference method, ``truth-pca``: the top-k principal subspace of the source tasks' *true*
-parameters ``beta_t`` (noiseless, from the environment), fine-tuned like ``oracle-ft``. No estimate
+plus two reference methods, fine-tuned like ``oracle-ft``: ``truth-pca``, the top-k principal subspace
+of the source tasks' *true* parameters ``beta_t`` (noiseless, from the environment), and
+``adaptrep-noiseless``, ADAPTREP's source objective (penalty ``NOISELESS_PENALTY``) on the same inputs
+with noiseless labels ``y = X beta_t``. No estimate
 from the samples sees more than ``beta_t`` itself, and every second-moment estimate of a subspace
 (ERM, moments, ADAPTREP's small-penalty limit) targets that span: its share and risk say what T
 tasks allow, whatever the estimator's penalty.
@@ -19,6 +21,7 @@ share of that fit ``share_from_opt``). Equal objectives and shares: the fit is n
 that the restarts fall into; the objective's own minimiser is where it is. Printed, for the smallest
 T: the mean share of fits at fixed penalties ``PENALTIES`` (FROZENREP down to 0.03) and radii
 ``RADII`` (the constrained form), each from the default restarts: is any penalty level the lever?
+The same on noiseless labels (penalties ``NOISELESS_LEVELS``): is the noise?
 And per T and seed, the smallest eigenvalue of ``sum_t a_t a_t^T`` over the opt parts ``a_t`` of the
 true parameters against the largest over their delta parts: when it is smaller, the best k-dimensional
 span of those tasks' parameters trades an opt direction for a delta direction.
@@ -62,10 +65,29 @@ class TruthPCA(Oracle):
         self.info = {"noise_estimate": self.noise_estimate}
 
 
-registry.METHODS["truth-pca"] = lambda: TruthPCA(finetune=FineTune())  # so that configs (and run_seed) know the name
-METHODS = ["adaptrep", "frozenrep-ft", "oracle-ft", "truth-pca"]
+class NoiselessAdaptRep(Oracle):
+    """ADAPTREP's source fit (penalty ``NOISELESS_PENALTY``) on the source tasks' own inputs with
+    noiseless labels ``y = X beta_t``: the paper's objective without label noise."""
+
+    def _fit(self, source: Tasks) -> None:
+        assert source.beta is not None and source.representation is not None
+        k = source.representation.shape[1]
+        G = source.gram()[0]
+        c = (G @ source.beta.unsqueeze(-1)).squeeze(-1)
+        self.representation = fit_source(G, c, (c * source.beta).sum(-1), k, penalty=NOISELESS_PENALTY).B
+        self._estimate_noise(source.gram(), source, k)
+        self._learn_perturbation_variance(source, self.representation)
+        self.info = {"noise_estimate": self.noise_estimate}
+
+
+# so that configs (and run_seed) know the names
+registry.METHODS["truth-pca"] = lambda: TruthPCA(finetune=FineTune())
+registry.METHODS["adaptrep-noiseless"] = lambda: NoiselessAdaptRep(finetune=FineTune())
+METHODS = ["adaptrep", "frozenrep-ft", "oracle-ft", "truth-pca", "adaptrep-noiseless"]
+NOISELESS_PENALTY = 0.01
 PENALTIES = [math.inf, 1.0, 0.5, 0.25, 0.1, 0.03]
 RADII = [0.5, 1.0, 1.5, 2.0]
+NOISELESS_LEVELS = [0.003, 0.01, 0.03, 0.1, 0.3]
 
 
 def config(T: int, seeds: int = 5) -> Any:
@@ -82,17 +104,29 @@ def block_energies(T: int, seed: int) -> str:
     return f"{float(opt.min()):.1f} | {float(delta.max()):.1f}"
 
 
-def fixed_levels(T: int, seeds: int) -> str:
-    """Mean opt-block share over the seeds of ADAPTREP fits at each fixed penalty and radius."""
+def fixed_levels(T: int, seeds: int, noiseless: bool = False) -> str:
+    """Mean (and, noiseless, smallest and largest) opt-block share over the seeds of ADAPTREP fits at each
+    fixed penalty and radius, from the default restarts; ``noiseless``: on labels ``y = X beta_t``, with
+    the largest objective value over the seeds (0 when every task is fitted exactly)."""
     shares: dict[str, list[float]] = {}
+    objectives: dict[str, list[float]] = {}
     for seed in range(seeds):
         env = config(T).environment(seed)
-        G, c, q = env.sample_tasks(T, 100, keyed_generator(seed, 1)).gram()
-        for mu in PENALTIES:
-            shares.setdefault(f"mu={mu:g}", []).append(block_share(fit_source(G, c, q, 5, penalty=mu).B, env.opt_block))
-        for r in RADII:
-            shares.setdefault(f"radius={r:g}", []).append(block_share(fit_source(G, c, q, 5, radius=r).B, env.opt_block))
-    return "  ".join(f"{name}: {sum(v) / len(v):.2f}" for name, v in shares.items())
+        source = env.sample_tasks(T, 100, keyed_generator(seed, 1))
+        G, c, q = source.gram()
+        if noiseless:
+            assert source.beta is not None
+            c = (G @ source.beta.unsqueeze(-1)).squeeze(-1)
+            q = (c * source.beta).sum(-1)
+        levels = [(f"mu={mu:g}", {"penalty": mu}) for mu in (NOISELESS_LEVELS if noiseless else PENALTIES)]
+        levels += [(f"radius={r:g}", {"radius": r}) for r in RADII]
+        for name, level in levels:
+            fit = fit_source(G, c, q, 5, **level)
+            shares.setdefault(name, []).append(block_share(fit.B, env.opt_block))
+            objectives.setdefault(name, []).append(fit.objective)
+    if not noiseless:
+        return "  ".join(f"{name}: {sum(v) / len(v):.2f}" for name, v in shares.items())
+    return "  ".join(f"{name}: {sum(v) / len(v):.2f} ({min(v):.2f}-{max(v):.2f}, objective <= {max(objectives[name]):.1e})" for name, v in shares.items())
 
 
 def run(task_counts: list[int], seeds: int) -> pd.DataFrame:
@@ -144,6 +178,7 @@ def main() -> None:
         print(f"T = {T}, least opt-part energy | most delta-part energy, per seed:", "; ".join(block_energies(T, seed) for seed in range(args.seeds)))
     smallest = min(int(x) for x in args.tasks.split(","))
     print(f"T = {smallest}, mean opt-block share of fixed penalties and radii:", fixed_levels(smallest, args.seeds))
+    print(f"T = {smallest}, noiseless labels, opt-block share of fixed penalties and radii:", fixed_levels(smallest, args.seeds, noiseless=True))
 
 
 if __name__ == "__main__":
