@@ -47,10 +47,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from adaptrep.competitors import source_task_errors
 from adaptrep.environments import LinearEnvironment
 from adaptrep.finetune import FineTune
 from adaptrep.methods import AdaptRep, Method, make_method
+from adaptrep.metrics import source_task_errors
 
 METHODS = ["adaptrep", "adaptrep-theory", "adaptrep-cvft", "adaptrep-prior", "frozenrep", "perm", "spectral", "mom", "target-only"]
 

@@ -19,11 +19,10 @@ from adaptrep.competitors import (
     moment_matrix,
     perm_tasks,
     refit_toward,
-    source_task_errors,
 )
 from adaptrep.experiment import resolve_config, run_experiment
 from adaptrep.methods import FrozenRep, make_method, theory_penalty
-from adaptrep.metrics import subspace_distance
+from adaptrep.metrics import source_task_errors, subspace_distance
 from adaptrep.solvers import estimate_noise, fit_source, predictor, spd_solve, task_statistics
 
 
@@ -187,7 +186,35 @@ def test_competitors_are_methods_of_the_experiment_and_the_command_line(tmp_path
     with pytest.raises(SystemExit) as exit_:
         entry()
     assert exit_.value.code in (0, None), capsys.readouterr().err
-    assert set(pd.read_csv(out / "results.csv").method) == {"perm", "spectral", "mom"}
+    results = pd.read_csv(out / "results.csv")
+    assert set(results.method) == {"perm", "spectral", "mom"}
+    # the report's table has each method's source-task errors (mean over seeds) next to its span's
+    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("| perm |")]
+    row = dict(zip(["subspace_distance", "source_error_max", "source_error_mean"], (float(v) for v in table[-1].strip("|").split("|")[1:]), strict=True))
+    for column, value in row.items():
+        assert value == pytest.approx(results[results.method == "perm"][column].mean(), abs=5e-4)
+
+
+def test_results_carry_each_methods_source_task_errors():
+    """``source_error_max``/``_mean`` of ``adaptrep run``: the method's own per-source-task estimates against
+    the true parameters of the seed's source tasks (numpy norms of a separate fit); NaN without estimates."""
+    from adaptrep.experiment import keyed_generator
+
+    names = ["adaptrep", "frozenrep", "perm", "target-only", "oracle-ft"]
+    config = resolve_config(dict(setting="linear", dim=6, rank=2, tasks=15, samples=12, target_samples=[8], target_tasks=2, seeds=2, methods=names))
+    results = run_experiment(config)
+    for seed in range(2):
+        source = config.environment(seed).sample_tasks(config.tasks, config.samples, keyed_generator(seed, 1))
+        for name in names:
+            rows = results[(results.seed == seed) & (results.method == name)]
+            predictors = make_method(name, config.method_options(seed)).fit(source).source_predictors
+            if predictors is None:
+                assert rows.source_error_max.isna().all() and rows.source_error_mean.isna().all()
+                continue
+            errors = np.linalg.norm(predictors.numpy() - source.beta.numpy(), axis=1)
+            assert rows.source_error_max.to_numpy() == pytest.approx(errors.max(), rel=1e-10)
+            assert rows.source_error_mean.to_numpy() == pytest.approx(errors.mean(), rel=1e-10)
+    assert results.groupby("method").source_error_max.first()[["adaptrep", "frozenrep", "perm"]].gt(0).all()
 
 
 def test_competitors_reject_other_losses_in_one_line():

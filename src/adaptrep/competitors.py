@@ -99,7 +99,6 @@ __all__ = [
     "perm_representation",
     "refit_toward",
     "moment_matrix",
-    "source_task_errors",
 ]
 
 
@@ -220,12 +219,6 @@ def moment_matrix(X: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
     valid = sample_mask(X, mask)
     weight = valid * y * y / valid.sum(-1, keepdim=True).clamp_min(1)
     return torch.einsum("tn,tni,tnj->ij", weight, X, X) / X.shape[0]
-
-
-def source_task_errors(predictors: Tensor, beta: Tensor) -> dict[str, float]:
-    """Source-task estimation error: max and mean over tasks of ``||beta_hat_t - beta_t||_2``."""
-    errors = (predictors.to(beta) - beta).norm(dim=-1)
-    return {"source_error_max": float(errors.max()), "source_error_mean": float(errors.mean())}
 
 
 def _noise(G: Tensor, c: Tensor, q: Tensor, counts: Tensor, rank: int) -> float:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .environments import SETTINGS, Environment, Tasks, TwoBlocks, make_environment
 from .meta import support_size
 from .methods import METHODS, MODEL_METHODS, Method, make_method, synchronize
-from .metrics import block_share, subspace_distance
+from .metrics import block_share, source_task_errors, subspace_distance
 from .options import Compute, MetaOptions
 
 __all__ = [
@@ -343,6 +343,9 @@ def run_seed(config: RunConfig, seed: int, on_step: Callable[[str], None] | None
         start = time.perf_counter()
         methods[name].fit(source)
         methods[name].info.setdefault("source_time", time.perf_counter() - start)
+        predictors = methods[name].source_predictors
+        if predictors is not None and source.beta is not None and predictors.shape == source.beta.shape:
+            methods[name].info.update(source_task_errors(predictors, source.beta))
         step(f"{config.setting} seed {seed}: fit {name}")
     needs_fallback = config.adversarial_targets and any(method.representation is None for method in methods.values())
     fallback = _reference_representation(methods, source) if needs_fallback else None
@@ -426,6 +429,8 @@ def _evaluate_targets(
             "adapt_time": adapt_time,
             "source_objective": method.info.get("source_objective", math.nan),
             "source_grad_norm": method.info.get("source_grad_norm", math.nan),
+            "source_error_max": method.info.get("source_error_max", math.nan),
+            "source_error_mean": method.info.get("source_error_mean", math.nan),
         }
         if isinstance(env, TwoBlocks):
             common["opt_block_share"] = block_share(rep, env.opt_block) if rep is not None else math.nan

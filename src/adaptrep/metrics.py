@@ -33,3 +33,10 @@ def block_share(B_hat: Tensor, block: Tensor) -> float:
     Q = orthonormal_basis(B_hat)
     E = orthonormal_basis(block.to(Q))
     return float((E.T @ Q).square().sum() / Q.shape[1])
+
+
+def source_task_errors(predictors: Tensor, beta: Tensor) -> dict[str, float]:
+    """Source-task estimation error: max and mean over the tasks of ``||beta_hat_t - beta_t||_2``
+    (``source_error_max``, ``source_error_mean``), for predictors ``(T, d)`` and true parameters ``beta``."""
+    errors = (predictors.to(beta) - beta).norm(dim=-1)
+    return {"source_error_max": float(errors.max()), "source_error_mean": float(errors.mean())}

@@ -205,9 +205,10 @@ def write_report(
                 index=["theory: target-only", "theory: oracle-head"],
             )
             lines += ["Closed forms (expectations):", "", _markdown(theory, "{:.4f}"), ""]
-        rep = part.groupby("method", sort=False)[[c for c in ("subspace_distance", "opt_block_share") if c in part]].mean().dropna(how="all")
+        columns = [c for c in ("subspace_distance", "opt_block_share", "source_error_max", "source_error_mean") if c in part]
+        rep = part.groupby("method", sort=False)[columns].mean().dropna(how="all").dropna(axis=1, how="all")
         if not rep.empty:
-            lines += ["Learned representation (mean over seeds):", "", _markdown(rep, "{:.3f}"), ""]
+            lines += ["Learned representation and source-task estimates (mean over seeds):", "", _markdown(rep, "{:.3f}"), ""]
         name = risk_figure(part, config, figures / f"{stem}_risk.png").name
         lines += [f"![excess risk vs m, {setting}](figures/{name})", ""]
         if "opt_block_share" in part and part["opt_block_share"].notna().any():
