@@ -83,6 +83,43 @@ def test_evaluate_writes_results_report_and_resumes(tmp_path, monkeypatch, capsy
     assert code == 0 and "2 skipped" in err.replace("\n", " ")
 
 
+def test_evaluate_scores_source_predictors_on_held_out_samples(tmp_path, monkeypatch, capsys):
+    """``--source-holdout``: each method's own predictor of every source task, fitted without a quarter
+    of that task's samples, scored on them; checked against numpy predictions from the fitted method's
+    slopes with intercepts from the kept samples' means, in the original units."""
+    from adaptrep.data import split_samples, split_tasks
+    from adaptrep.evaluate import resolve_evaluate
+    from adaptrep.methods import make_method
+
+    make_data(tmp_path / "all.csv")
+    args = ["evaluate", tmp_path / "all.csv", "--task-col", "school", "--label-col", "label", "--rank", "2", "--shots", "5", "--source-holdout", "0.25"]
+    args += ["--methods", "adaptrep,frozenrep,perm,target-only", "--seeds", "1", "--workers", "1", "--out", tmp_path / "out"]
+    code, _, err = cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    results = pd.read_csv(tmp_path / "out" / "results.csv").groupby("method")[["source_loss_max", "source_loss_mean"]].first()
+    assert results.loc["target-only"].isna().all()
+    config = resolve_evaluate({"data": str(tmp_path / "all.csv"), "task_col": "school", "label_col": "label", "rank": 2})
+    source, _ = split_tasks(read_tasks(tmp_path / "all.csv", "school", "label"), config.target_tasks, 0)
+    kept, held, scored = split_samples(source, 0.25, 0)
+    for name in ("adaptrep", "frozenrep", "perm"):
+        method = make_method(name, config.method_options(0)).fit(kept)
+        scaler = method.spec.standardizer
+        mean, scale = scaler.mean.numpy(), scaler.scale.numpy()
+        losses = []
+        for row, t in enumerate(scored.tolist()):
+            Xk, yk = kept.X[t, : int(kept.counts[t])].numpy(), kept.y[t, : int(kept.counts[t])].numpy()
+            Xh, yh = held.X[row, : int(held.counts[row])].numpy(), held.y[row, : int(held.counts[row])].numpy()
+            zk, zh = (Xk - mean) / scale, (Xh - mean) / scale  # the method's standardised units
+            uk = (yk - scaler.label_mean) / scaler.label_scale
+            beta = method.source_predictors[t].numpy()
+            predicted = (uk.mean() + (zh - zk.mean(0)) @ beta) * scaler.label_scale + scaler.label_mean
+            losses.append(np.mean((yh - predicted) ** 2))
+        assert results.loc[name, "source_loss_max"] == pytest.approx(max(losses), rel=1e-8)
+        assert results.loc[name, "source_loss_mean"] == pytest.approx(np.mean(losses), rel=1e-8)
+    # the noise variance is 0.09, and every task lies in the shared span
+    assert results.loc["adaptrep", "source_loss_mean"] < 0.2
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -93,6 +130,8 @@ def test_evaluate_writes_results_report_and_resumes(tmp_path, monkeypatch, capsy
         (["fit", "{missing}", "--task-col", "school", "--label-col", "label"], "data file not found"),
         (["evaluate", "{data}", "--task-col", "school", "--label-col", "label", "--rank", "2", "--shots", "60"], "60 shots need at least 61"),
         (["evaluate", "{data}", "--task-col", "school", "--label-col", "label", "--methods", "adaptrep,oracle-ft"], "needs a simulated environment"),
+        (["evaluate", "{data}", "--task-col", "school", "--label-col", "label", "--source-holdout", "0.2", "--model", "relu"], "it scores linear"),
+        (["evaluate", "{data}", "--task-col", "school", "--label-col", "label", "--source-holdout", "1"], "source_holdout"),
         (["predict", "{foreign}", "--support", "{data}", "--query", "{data}"], "is not an adaptrep model file"),
     ],
 )

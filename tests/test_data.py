@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adaptrep import LinearEnvironment
-from adaptrep.data import DataError, Standardizer, Tasks, read_tasks, split_shots, split_tasks
+from adaptrep.data import DataError, Standardizer, Tasks, read_tasks, split_samples, split_shots, split_tasks
 from adaptrep.methods import AdaptRep, FrozenRep, TargetOnly
 from adaptrep.saving import load_method, save_method
 from adaptrep.solvers import fit_source, source_objective
@@ -109,6 +109,32 @@ def test_split_shots_is_stratified_and_partitions_each_task():
     assert torch.equal(split_shots(tasks, 2, seed=3)[0].X, support.X)
     with pytest.raises(DataError, match="class 0 has 1[0-9]? samples|needs at least"):
         split_shots(tasks, 50, seed=0)
+
+
+def test_split_samples_holds_out_a_share_of_every_task():
+    """``round(share * n_t)`` rows of each task held out (at most ``n_t - 1``), the rest kept, nothing lost
+    or shared; tasks that hold out nothing are not in ``held``; the same seed, the same split."""
+    rng = np.random.default_rng(0)
+    sizes = [1, 2, 3, 7, 20, 41]
+    Xs = [np.c_[np.arange(n) + 100 * t, rng.normal(size=(n, 2))] for t, n in enumerate(sizes)]  # first feature names the row
+    ys = [rng.normal(size=n) for n in sizes]
+    tasks = Tasks.from_arrays(Xs, ys, names=[f"t{t}" for t in range(len(sizes))])
+    kept, held, scored = split_samples(tasks, 0.25, seed=4)
+    wanted = [min(round(0.25 * n), n - 1) for n in sizes]  # 0, 0, 1, 2, 5, 10
+    assert scored.tolist() == [t for t, h in enumerate(wanted) if h > 0] and held.names == tuple(f"t{t}" for t in scored.tolist())
+    assert kept.counts.tolist() == [n - h for n, h in zip(sizes, wanted, strict=True)]
+    for row, t in enumerate(scored.tolist()):
+        assert int(held.counts[row]) == wanted[t]
+    for t, n in enumerate(sizes):
+        rows = kept.X[t, : int(kept.counts[t]), 0].tolist()
+        if t in scored.tolist():
+            row = scored.tolist().index(t)
+            rows += held.X[row, : int(held.counts[row]), 0].tolist()
+        assert sorted(rows) == [100.0 * t + i for i in range(n)]
+    again = split_samples(tasks, 0.25, seed=4)
+    assert torch.equal(again[1].X, held.X) and not torch.equal(split_samples(tasks, 0.25, seed=5)[1].X, held.X)
+    with pytest.raises(DataError, match="no task with a held-out sample"):
+        split_samples(tasks.subset([0, 1]), 0.2)
 
 
 def test_split_tasks_by_share_and_by_name():

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Tasks", "DataError", "LOSSES", "read_tasks", "split_tasks", "split_shots", "Standardizer", "pad"]
+__all__ = ["Tasks", "DataError", "LOSSES", "read_tasks", "split_tasks", "split_shots", "split_samples", "Standardizer", "pad"]
 
 #: The losses a task set can be labelled for.
 LOSSES = ("squared", "logistic", "multiclass")
@@ -467,6 +467,27 @@ def split_shots(tasks: Tasks, shots: int, seed: int = 0, stratify: bool | None =
         rank = key.argsort(1).argsort(1)
         support = valid & (rank < shots)
     return _select(tasks, support, key), _select(tasks, valid & ~support, key)
+
+
+def split_samples(tasks: Tasks, share: float, seed: int = 0) -> tuple[Tasks, Tasks, Tensor]:
+    """``(kept, held, scored)``: ``round(share * n_t)`` random samples of each task (at most ``n_t - 1``)
+    held out. ``kept`` has every task and the rest of its samples; ``held`` only the tasks that hold
+    out at least one sample, whose indices are ``scored`` (``(T',)``)."""
+    if not 0 < share < 1:
+        raise DataError(f"the held-out share must be in (0, 1); got {share}")
+    T, n = tasks.y.shape
+    valid = tasks.mask if tasks.mask is not None else torch.ones(T, n, dtype=torch.bool, device=tasks.y.device)
+    counts = valid.sum(1)
+    held_count = torch.minimum((share * counts.to(torch.float64)).round().long(), counts - 1)
+    scored = (held_count > 0).nonzero().squeeze(1)
+    if scored.numel() == 0:
+        raise DataError(f"holding out {share:g} of each task's samples leaves no task with a held-out sample")
+    key = torch.rand(T, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(tasks.y.device)
+    key = torch.where(valid, key, torch.full_like(key, 2.0))  # padding sorts last
+    held = valid & (key.argsort(1).argsort(1) < held_count.unsqueeze(1))
+    part = tasks.subset(scored)  # real samples come first, so its columns are the first of tasks'
+    rows = scored.to(held.device)
+    return _select(tasks, valid & ~held, key), _select(part, held[rows, : part.num_samples], key[rows, : part.num_samples]), scored
 
 
 def _class_name(tasks: Tasks, t: int, c: int) -> str:

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import Tensor
 
-from .data import DataError, Tasks, read_tasks, split_shots, split_tasks
+from .data import DataError, Tasks, read_tasks, split_samples, split_shots, split_tasks
 from .experiment import keyed_generator
-from .methods import METHODS, make_method, synchronize
+from .methods import METHODS, Method, make_method, synchronize
 from .options import Compute, MetaOptions
 
 __all__ = ["EvaluateConfig", "resolve_evaluate", "evaluate_seed", "load_data", "EVALUATE_METHODS"]
@@ -58,6 +61,9 @@ class DataOptions(BaseModel):
     shots: list[int] = Field(default_factory=lambda: [5, 10, 20], description="comma-separated support sizes per target task, per class for classification")
     methods: list[str] = Field(default_factory=lambda: list(EVALUATE_METHODS), description="comma-separated methods")
     seeds: int = Field(3, gt=0, description="number of seeds (random task splits)")
+    source_holdout: float = Field(
+        0.0, ge=0, lt=1, description="share of each source task's samples held out from fitting, to score the methods' own source-task predictors on (0: none)"
+    )
 
 
 class EvaluateConfig(Compute, MetaOptions, DataOptions):
@@ -109,6 +115,9 @@ class EvaluateConfig(Compute, MetaOptions, DataOptions):
     def _source(self) -> EvaluateConfig:
         if bool(self.data) == bool(self.dataset):
             raise ValueError("give either data (a file) or dataset (a name)")
+        if self.source_holdout > 0 and (self.loss != "squared" or self.model != "linear"):
+            wanted = "it scores linear per-source-task predictors: it needs the squared loss and the linear model"
+            raise ValueError(f"source_holdout: {wanted}, not the {self.loss} loss and the {self.model} model")
         if isinstance(self.target_tasks, float) and not 0 < self.target_tasks < 1:
             raise ValueError(f"target_tasks: a share must be in (0, 1); got {self.target_tasks}")
         return self
@@ -188,12 +197,17 @@ def evaluate_seed(config: EvaluateConfig, seed: int, on_step: Callable[[str], No
     step = on_step or (lambda _: None)
     tasks = load_data(config, seed)
     source, target = split_tasks(tasks, config.target_tasks, seed)
+    held = split_samples(source, config.source_holdout, seed) if config.source_holdout > 0 else None
+    if held is not None:
+        source = held[0]
     rows: list[dict[str, Any]] = []
     fitted = {}
     for name in config.methods:
         method = make_method(name, config.method_options(seed))
         method.fit(source)
         fitted[name] = method
+        if held is not None:
+            method.info.update(source_holdout_losses(method, source, held[1], held[2]))
         step(f"{config.setting} seed {seed}: fit {name}")
     for shots in config.shots:
         support, query = split_shots(target, shots, seed=1000 * seed + shots)
@@ -214,11 +228,26 @@ def evaluate_seed(config: EvaluateConfig, seed: int, on_step: Callable[[str], No
                     "source_time": method.info.get("source_time", 0.0),
                     "adapt_time": adapt_time,
                 }
+                if held is not None:
+                    row.update({key: method.info[key] for key in ("source_loss_max", "source_loss_mean")})
                 if "accuracy" in scores:
                     row["query_accuracy"] = float(scores["accuracy"][r])
                 rows.append(row)
             step(f"{config.setting} seed {seed}: adapt {name} ({shots} shots)")
     return pd.DataFrame(rows)
+
+
+def source_holdout_losses(method: Method, source: Tasks, held: Tasks, scored: Tensor) -> dict[str, float]:
+    """Largest and mean over the source tasks ``scored`` of the held-out loss (``held``: their held-out
+    samples) of ``method``'s own predictor of each source task, fitted on ``source``; NaN for methods
+    without per-source-task predictors."""
+    adapted = method.source_adapted(source)
+    if adapted is None:
+        return {"source_loss_max": math.nan, "source_loss_mean": math.nan}
+    index = scored.to(adapted.w.device)
+    bias = None if adapted.bias is None else adapted.bias[index]
+    losses = replace(adapted, w=adapted.w[index], bias=bias).score(held)["loss"]
+    return {"source_loss_max": float(losses.max()), "source_loss_mean": float(losses.mean())}
 
 
 def evaluate_steps(config: EvaluateConfig) -> int:

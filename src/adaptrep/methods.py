@@ -157,6 +157,18 @@ class Method(ABC):
         self.last_strength = adapted.strength
         return adapted
 
+    def source_adapted(self, source: Tasks) -> Adapted | None:
+        """The source tasks' own predictors (:attr:`source_predictors`) as :class:`Adapted` predictors,
+        to predict and score new samples of those tasks; ``source`` is what the method was fitted on
+        (its tasks' means give the intercepts). ``None`` for methods without per-source-task predictors."""
+        if self.source_predictors is None:
+            return None
+        prepared = self._prepare(source)
+        beta = self.source_predictors.to(prepared.X)
+        _, _, mx, my = _centered(prepared, self.spec.intercept)
+        bias = None if mx is None or my is None else my - (mx * beta).sum(-1)
+        return Adapted(beta, bias=bias, loss="squared", standardizer=self.spec.standardizer)
+
     @abstractmethod
     def _fit(self, source: Tasks) -> None: ...
 
