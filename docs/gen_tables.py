@@ -116,7 +116,8 @@ def ratio(file: str, setting: str, of: str, to: str) -> str:
 
 
 def _representation_means(frame: pd.DataFrame) -> pd.DataFrame:
-    columns = [name for name in ("subspace_distance", "opt_block_share") if name in frame.columns and frame[name].notna().any()]
+    metrics = ("subspace_distance", "opt_block_share", "source_error_max", "source_error_mean")
+    columns = [name for name in metrics if name in frame.columns and frame[name].notna().any()]
     if not columns:
         raise TableError("no representation metrics in these rows")
     per_method = frame.groupby("method", sort=False)[columns].mean()
@@ -125,7 +126,12 @@ def _representation_means(frame: pd.DataFrame) -> pd.DataFrame:
 
 def representation(file: str, setting: str) -> str:
     table = _representation_means(select(load(file), setting))
-    names = {"subspace_distance": "subspace distance to the true span", "opt_block_share": "opt-block share"}
+    names = {
+        "subspace_distance": "subspace distance to the true span",
+        "opt_block_share": "opt-block share",
+        "source_error_max": "largest source-task error",
+        "source_error_mean": "mean source-task error",
+    }
     header = ["method"] + [names[c] for c in table.columns]
     return markdown_table(header, [[f"`{method}`"] + [fmt(v, 2) for v in row] for method, row in table.iterrows()])
 

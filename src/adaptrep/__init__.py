@@ -8,7 +8,7 @@ from .methods import METHODS, AdaptRep, FrozenRep, MetaLearner, Method, Oracle, 
 from .models import Model, linear_model, relu_model
 from .saving import load_method, save_method
 
-__version__ = "0.5.1"
+__version__ = "0.5.2"
 
 __all__ = [
     "Adapted",
