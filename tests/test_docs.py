@@ -115,6 +115,19 @@ def test_risk_table_cell_is_the_mean_of_the_committed_rows():
         raise AssertionError("a missing result file must fail")
 
 
+def test_representation_table_has_the_source_task_errors():
+    """``{{ representation }}``: ADAPTREP's largest source-task error is the mean over the committed rows
+    (by hand from the CSV); methods without per-task estimates show a dash."""
+    gen = load_generator()
+    with open(ROOT / "docs" / "results" / "default.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["setting"] == "linear"]
+    values = [float(row["source_error_max"]) for row in rows if row["method"] == "adaptrep"]
+    header, _, *lines = gen.expand("{{ representation file=default setting=linear }}").splitlines()
+    column = [cell.strip() for cell in header.strip("|").split("|")].index("largest source-task error")
+    cells = {line.strip("|").split("|")[0].strip(): line.strip("|").split("|")[column].strip() for line in lines}
+    assert cells["`adaptrep`"] == f"{sum(values) / len(values):.2f}" and cells["`oracle-ft`"] == "—"
+
+
 def test_sweep_table_bolds_each_columns_best(tmp_path, monkeypatch):
     """``{{ sweep }}``: the mean over seeds per method and value, the column's smallest in bold, or its
     largest with ``best=max`` (a share, where more is better)."""
