@@ -104,6 +104,32 @@ def test_perm_step_one_never_increases_its_objective_and_ends_stationary():
             assert (grad_f - P @ grad_f).norm() <= tau[t] / beta[t].norm() + 1e-6
 
 
+def test_perm_target_step_one_is_stationary_for_the_fixed_shared_representation():
+    """Target step with ``gamma = inf`` (no refit): each target's predictor is a stationary point of
+    ``f(beta) + (lam / sqrt(m)) ||(I - P) beta|| / ||beta||`` for the learned ``A_bar`` (autograd), and
+    some targets leave the span (so the step is not the head-only fit)."""
+    env, source = _source(delta=1.0, dim=6, rank=2, tasks=20, samples=40)
+    perm = PenalizedERM(C1=0.5, gamma=math.inf).fit(source)
+    target = env.sample_tasks(5, 30, torch.Generator().manual_seed(9))
+    beta = perm.adapt(target).beta
+    A = perm.representation
+    P = A @ A.T
+    tau = perm.lam_ / math.sqrt(30)
+    G, c, _ = target.gram()
+    left = 0
+    for t in range(5):
+        b = beta[t].clone().requires_grad_(True)
+        outside = (beta[t] - P @ beta[t]).norm()
+        if outside > 1e-6 * beta[t].norm():
+            value = b @ G[t] @ b - 2 * c[t] @ b + tau * (b - P @ b).norm() / b.norm()
+            assert torch.autograd.grad(value, b)[0].norm() < 1e-5
+            left += 1
+        else:
+            grad = torch.autograd.grad(b @ G[t] @ b - 2 * c[t] @ b, b)[0]
+            assert (P @ grad).norm() < 1e-5 and (grad - P @ grad).norm() <= tau / beta[t].norm() + 1e-6
+    assert left >= 1
+
+
 def test_refit_toward_satisfies_its_optimality_conditions():
     _, source = _source(samples=15)
     G, c, _ = source.gram()
