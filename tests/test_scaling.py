@@ -156,6 +156,12 @@ def test_pseudo_inverse_counts_eigenvalues_as_zero_exactly_below_the_rank_tolera
     expected = (Q * torch.where(lam > tol, 1 / lam, torch.zeros_like(lam))) @ Q.T
     error = (pseudo_inverse(A).double() - expected).norm() / expected.norm()
     assert error < 1e-2
+    # a real direction far above rounding (eps ~ 1e-16 in float64, 1e-7 in float32) is inverted: the tolerance is not larger than it needs to be
+    small = 1e-11 if dtype == F64 else 1e-3
+    lam = torch.tensor([1.0, 0.5, small], dtype=F64)
+    Q = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(4), dtype=F64))[0]
+    A = ((Q * lam) @ Q.T).to(dtype)
+    assert float((pseudo_inverse(A).double() @ A.double() - torch.eye(3, dtype=F64)).abs().max()) < 1e-3
 
 
 @pytest.mark.parametrize("penalty", [math.inf, 0.05])
