@@ -583,11 +583,11 @@ def test_the_path_starts_at_the_group_penalty_threshold_of_the_frozenrep_fit():
 def test_the_path_stops_once_the_error_has_been_above_its_running_minimum_for_patience_strengths(patience):
     """The stopping rule replayed on the returned mean errors: the path ends at the first strength where
     the last ``patience`` errors all failed to lower the running minimum (or after all ``strengths``)."""
-    _, source = _source(delta=0.2, dim=8, rank=2, tasks=20, samples=30, noise=0.5)
+    _, source = _source(delta=0.3, dim=8, rank=2, tasks=20, samples=30, noise=0.5, seed=5)
     strengths = 12
     path = cv_penalty(source.X, source.y, 2, strengths=strengths, patience=patience, refit_steps=20)
     errors = path.errors
-    expected, best, worse = len(errors), errors[0], 0
+    expected, best, worse = strengths + 1, errors[0], 0  # all strengths unless the rule stops the path
     for j in range(1, len(errors)):
         if errors[j] < best:
             best, worse = errors[j], 0
@@ -598,6 +598,8 @@ def test_the_path_stops_once_the_error_has_been_above_its_running_minimum_for_pa
                 break
     assert len(errors) == expected and len(path.strengths) == expected
     assert expected < strengths + 1  # it did stop early
+    assert errors[1] >= errors[0]  # a worse strength first (patience 1 stops there) ...
+    assert patience == 1 or min(errors[2:]) < errors[0]  # ... then a new minimum, where the count restarts
     assert path.strengths[1:] == pytest.approx([path.strengths[1] * 0.75**j for j in range(expected - 1)], rel=1e-12)
 
 
