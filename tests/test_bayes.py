@@ -81,6 +81,19 @@ def test_perturbation_variance_is_unbiased_and_zero_without_room():
     assert perturbation_variance(Tasks.from_arrays(X, y), torch.eye(d, dtype=torch.float64), True, 1.0) == 0.0
 
 
+def test_perturbation_variance_is_zero_not_negative_when_the_residuals_are_below_the_noise():
+    """Tasks exactly in span(B) and a noise level above the real one: the moment estimate's numerator is
+    negative, and a variance is clipped at 0."""
+    rng = np.random.default_rng(4)
+    d, k, T, n = 6, 2, 50, 20
+    B = np.linalg.qr(rng.normal(size=(d, k)))[0]
+    X = rng.normal(size=(T, n, d))
+    y = np.einsum("tnd,td->tn", X, rng.normal(size=(T, k)) @ B.T) + 0.5 * rng.normal(size=(T, n))
+    tasks = Tasks.from_arrays(X, y)
+    assert perturbation_variance(tasks, torch.as_tensor(B), False, 2.0) == 0.0
+    assert perturbation_variance(tasks, torch.as_tensor(B), False, 0.1) > 0  # below the real noise: positive
+
+
 def test_posterior_mean_adaptation_solves_the_penalised_objective():
     """ADAPTREP with the prior returns the minimiser of (1/m)||y - X'(B'h + v)||^2 + (sigma^2/m)((h-mu)^T
     S^-1 (h-mu) + ||v||^2/tau^2), solved here by numpy's normal equations in (h, v); FROZENREP's

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.optimize import brentq
 
 from adaptrep import AdaptRep, LinearEnvironment, Tasks, cv
 from adaptrep.adaptive import cv_penalty, masked_statistics
@@ -16,7 +17,9 @@ from adaptrep.competitors import (
     PenalizedERM,
     Spectral,
     angle_penalty,
+    least_squares,
     moment_matrix,
+    perm_representation,
     perm_tasks,
     refit_toward,
 )
@@ -100,6 +103,32 @@ def test_perm_step_one_never_increases_its_objective_and_ends_stationary():
             assert (grad_f - P @ grad_f).norm() <= tau[t] / beta[t].norm() + 1e-6
 
 
+def test_perm_target_step_one_is_stationary_for_the_fixed_shared_representation():
+    """Target step with ``gamma = inf`` (no refit): each target's predictor is a stationary point of
+    ``f(beta) + (lam / sqrt(m)) ||(I - P) beta|| / ||beta||`` for the learned ``A_bar`` (autograd), and
+    some targets leave the span (so the step is not the head-only fit)."""
+    env, source = _source(delta=1.0, dim=6, rank=2, tasks=20, samples=40)
+    perm = PenalizedERM(C1=0.5, gamma=math.inf).fit(source)
+    target = env.sample_tasks(5, 30, torch.Generator().manual_seed(9))
+    beta = perm.adapt(target).beta
+    A = perm.representation
+    P = A @ A.T
+    tau = perm.lam_ / math.sqrt(30)
+    G, c, _ = target.gram()
+    left = 0
+    for t in range(5):
+        b = beta[t].clone().requires_grad_(True)
+        outside = (beta[t] - P @ beta[t]).norm()
+        if outside > 1e-6 * beta[t].norm():
+            value = b @ G[t] @ b - 2 * c[t] @ b + tau * (b - P @ b).norm() / b.norm()
+            assert torch.autograd.grad(value, b)[0].norm() < 1e-5
+            left += 1
+        else:
+            grad = torch.autograd.grad(b @ G[t] @ b - 2 * c[t] @ b, b)[0]
+            assert (P @ grad).norm() < 1e-5 and (grad - P @ grad).norm() <= tau / beta[t].norm() + 1e-6
+    assert left >= 1
+
+
 def test_refit_toward_satisfies_its_optimality_conditions():
     _, source = _source(samples=15)
     G, c, _ = source.gram()
@@ -142,6 +171,104 @@ def test_spectral_representation_matches_numpy():
     # gamma = inf: the source predictors are the head-only fits on that span
     heads = np.stack([U @ np.linalg.lstsq(X[t] @ U, y[t], rcond=None)[0] for t in range(len(X))])
     np.testing.assert_allclose(method.source_predictors.numpy(), heads, atol=1e-9)
+
+
+def _ragged(source, counts):
+    mask = torch.zeros(source.y.shape, dtype=torch.bool)
+    for t, n in enumerate(counts):
+        mask[t, :n] = True
+    m = mask.to(source.X.dtype)
+    return Tasks(X=source.X * m.unsqueeze(-1), y=source.y * m, beta=source.beta, representation=source.representation, mask=mask)
+
+
+def test_perm_constants_are_the_papers_rates_with_the_estimated_noise():
+    """``lam = C1 sigma_hat sqrt(k (d + log T))``, ``gamma = C2 sigma_hat sqrt(d + log T)``: ``lam`` grows
+    like ``sqrt(k)`` at the same noise level, ``gamma`` not at all."""
+    _, source = _source(dim=6, rank=2, tasks=20)
+    two, three = PenalizedERM(rank=2, C1=1.5, C2=0.7).fit(source), PenalizedERM(rank=3, C1=1.5, C2=0.7).fit(source)
+    for perm, k in ((two, 2), (three, 3)):
+        sigma = perm.noise_estimate
+        assert perm.lam_ == pytest.approx(1.5 * sigma * math.sqrt(k * (6 + math.log(20))), rel=1e-12)
+        assert perm.gamma_ == pytest.approx(0.7 * sigma * math.sqrt(6 + math.log(20)), rel=1e-12)
+
+
+def test_perm_step_one_ends_at_a_fixed_point_of_both_its_steps_on_ragged_tasks():
+    """On tasks of different sizes, pERM's step 1 ends where neither of its alternating steps moves: the
+    ``beta``-step with ``tau_t = lam / sqrt(n_t)`` and the ``A_bar``-step weighted by ``(n_t / N) tau_t``
+    (the paper's ``lam sqrt(n_t) / N``)."""
+    _, full = _source(delta=0.8, dim=6, rank=2, tasks=12, samples=80, noise=0.5)
+    counts = [10, 80, 15, 60, 12, 40, 20, 80, 10, 30, 50, 25]
+    source = _ragged(full, counts)
+    perm = PenalizedERM(C1=0.5).fit(source)
+    A, beta = perm.representation, perm.step1
+    n = torch.tensor(counts, dtype=torch.float64)
+    G, c, q = masked_statistics(source.X, source.y, source.mask.to(torch.float64))
+    tau = perm.lam_ / n.sqrt()
+    again = perm_tasks(A, G, c, q, tau, beta, 400)
+    torch.testing.assert_close(again, beta, rtol=0, atol=1e-6)
+    A_next = perm_representation(beta, A, n / n.sum() * tau)
+    torch.testing.assert_close(A_next @ A_next.T, A @ A.T, rtol=0, atol=1e-6)
+    P = A @ A.T
+    assert ((beta - beta @ P).norm(dim=-1) > 1e-3 * beta.norm(dim=-1)).sum() >= 2  # some tasks leave the span
+
+
+def test_spectral_weights_ragged_tasks_by_their_sample_counts():
+    """Ragged tasks: the span is the top of ``sum_t (n_t / N) beta_tilde_t beta_tilde_t^T``, numpy's
+    per-task least squares on each task's own samples (the unweighted span differs)."""
+    _, full = _source(delta=1.0, dim=6, rank=2, tasks=10, samples=60)
+    counts = [8, 60, 10, 50, 9, 40, 12, 60, 8, 30]
+    source = _ragged(full, counts)
+    method = Spectral(gamma=math.inf).fit(source)
+    X, y = full.X.numpy(), full.y.numpy()
+    estimates = np.stack([np.linalg.lstsq(X[t, :n], y[t, :n], rcond=None)[0] for t, n in enumerate(counts)])
+    w = np.sqrt(np.array(counts) / sum(counts))
+    U = np.linalg.svd((estimates * w[:, None]).T)[0][:, :2]
+    np.testing.assert_allclose(method.representation.numpy() @ method.representation.numpy().T, U @ U.T, atol=1e-9)
+    V = np.linalg.svd(estimates.T)[0][:, :2]
+    assert np.abs(U @ U.T - V @ V.T).max() > 1e-3
+
+
+def test_least_squares_is_the_minimum_norm_solution():
+    """Per-task ``G^+ c``: numpy's minimum-norm least squares, for tasks with fewer samples than features too."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(4, 3, 7, generator=g, dtype=torch.float64)  # 3 samples, 7 features
+    y = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    G, c, _ = masked_statistics(X, y, torch.ones(4, 3, dtype=torch.float64))
+    expected = np.stack([np.linalg.lstsq(X[t].numpy(), y[t].numpy(), rcond=None)[0] for t in range(4)])
+    np.testing.assert_allclose(least_squares(G, c).numpy(), expected, atol=1e-10)
+    X2 = torch.randn(4, 20, 7, generator=g, dtype=torch.float64)
+    y2 = torch.randn(4, 20, generator=g, dtype=torch.float64)
+    G2, c2, _ = masked_statistics(X2, y2, torch.ones(4, 20, dtype=torch.float64))
+    expected2 = np.stack([np.linalg.lstsq(X2[t].numpy(), y2[t].numpy(), rcond=None)[0] for t in range(4)])
+    np.testing.assert_allclose(least_squares(G2, c2).numpy(), expected2, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [MethodOfMoments, Spectral, PenalizedERM])
+def test_with_an_intercept_competitors_predict_with_their_own_intercepts(cls):
+    """Tasks with offsets, ``intercept=True``: the head-only methods' target predictions are numpy's least
+    squares on ``[X B, 1]``; for pERM the adapted predictor, on the same centred data shifted back,
+    predicts the training means at the training mean of ``X`` (the intercept is profiled out exactly)."""
+    _, source = _source(delta=0.3, dim=5, rank=2, tasks=15, samples=30)
+    offsets = torch.linspace(-3, 3, 15, dtype=torch.float64)
+    shifted = Tasks(X=source.X + 2.0, y=source.y + offsets.unsqueeze(-1) + 5.0, beta=source.beta)
+    method = cls(rank=2)
+    method.intercept, method.standardize = True, False  # the defaults for real data are True, True
+    method.fit(shifted)
+    _, target = _source(delta=0.3, dim=5, rank=2, tasks=4, samples=12, seed=7)
+    target = Tasks(X=target.X + 2.0, y=target.y - 4.0 + torch.arange(4, dtype=torch.float64).unsqueeze(-1), beta=target.beta)
+    adapted = method.adapt(target)
+    probe = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 2.0
+    predicted = adapted.predict(probe).numpy()
+    X, y, Xp = target.X.numpy(), target.y.numpy(), probe.numpy()
+    if cls is PenalizedERM:
+        means = adapted.predict(target.X.mean(1, keepdim=True)).numpy()[:, 0]
+        np.testing.assert_allclose(means, y.mean(1), atol=1e-9)
+        return
+    B = method.representation.numpy()
+    for t in range(4):
+        design = np.column_stack([X[t] @ B, np.ones(len(y[t]))])
+        coef = np.linalg.lstsq(design, y[t], rcond=None)[0]
+        np.testing.assert_allclose(predicted[t], np.column_stack([Xp[t] @ B, np.ones(6)]) @ coef, atol=1e-9)
 
 
 def test_moment_matrix_matches_a_per_sample_sum_with_ragged_tasks():
@@ -407,6 +534,114 @@ def test_the_default_rule_takes_the_weaker_neighbour_of_the_minimum_unless_froze
     _, shared = _source(delta=0.0, dim=8, rank=2, tasks=30, samples=40, noise=1.0)
     frozen = cv_penalty(shared.X, shared.y, 2)
     assert frozen.errors[0] == min(frozen.errors) and frozen.chosen == 0 and frozen.penalty == math.inf
+
+
+def _group_lasso_head(X, y, B, s):
+    """numpy: ``argmin_{w, v} ||y - X (B w + v)||^2 / n + s ||v||`` by profiling out ``w`` and solving the
+    secular equation of the group penalty: with ``A = X^T M X / n``, ``b = X^T M y / n`` (``M`` the residual
+    projector of ``X B``), ``v = 0`` when ``||2 b|| <= s``, else ``v = (2 A + lam I)^{-1} 2 b`` with
+    ``lam ||v|| = s``."""
+    n, d = X.shape
+    Z = X @ B
+    M = np.eye(n) - Z @ np.linalg.pinv(Z)
+    A, b = X.T @ M @ X / n, X.T @ M @ y / n
+    if np.linalg.norm(2 * b) <= s:
+        v = np.zeros(d)
+    else:
+
+        def v_of(lam):
+            return np.linalg.solve(2 * A + lam * np.eye(d), 2 * b)
+
+        lam = brentq(lambda lam: lam * np.linalg.norm(v_of(lam)) - s, 1e-12, 1e12, xtol=1e-14, rtol=1e-14)
+        v = v_of(lam)
+    w = np.linalg.lstsq(Z, y - X @ v, rcond=None)[0]
+    return B @ w + v
+
+
+@pytest.mark.parametrize("representation", ["gram", pytest.param("samples", marks=pytest.mark.slow)])  # samples: ~15 s (6000 refit steps per fold)
+def test_held_out_errors_past_frozenrep_are_numpys_group_lasso_refits_at_the_fold_size_strength(representation):
+    """Past FROZENREP, each fold's refit of task ``t`` is the group-lasso fit on its training part at the
+    strength ``mu sqrt(n_t / n_train)`` (same ``mu`` for a smaller sample): numpy's secular-equation
+    solution with that path strength's representation, scored on the held-out fold; some refits have
+    ``v != 0`` (else the strength would not matter)."""
+    d = 12 if representation == "samples" else 5
+    _, source = _source(delta=1.0, dim=d, rank=2, tasks=6, samples=10 if representation == "samples" else 20, noise=0.3, seed=2)
+    X, y = source.X, source.y
+    T, n = y.shape
+    path = cv_penalty(X, y, 2, folds=4, strengths=3, patience=5, refit_steps=3000, path_gtol=1e-9, gtol=1e-9, representation=representation)
+    ones = torch.ones(T, n, dtype=torch.float64)
+    held = cv.fold_masks(ones, 4, torch.Generator().manual_seed(0), ones).held_out.bool().numpy()  # (T, K, n)
+    Xn, yn = X.numpy(), y.numpy()
+    moved = 0
+    for j in range(1, len(path.strengths)):
+        B = path.fits[j].B.numpy()
+        expected = np.zeros(T)
+        for t in range(T):
+            for k in range(held.shape[1]):
+                test = held[t, k]
+                train = ~test
+                s = path.strengths[j] * math.sqrt(n / train.sum())  # the same strength for a smaller sample
+                beta = _group_lasso_head(Xn[t][train], yn[t][train], B, s)
+                expected[t] += ((Xn[t][test] @ beta - yn[t][test]) ** 2).sum() / n
+                head_only = _group_lasso_head(Xn[t][train], yn[t][train], B, math.inf)
+                moved += not np.allclose(beta, head_only)
+        np.testing.assert_allclose(path.per_task[j].numpy(), expected, rtol=1e-6)
+    assert moved > 0
+
+
+def test_the_path_starts_at_the_group_penalty_threshold_of_the_frozenrep_fit():
+    """``mu_max = max_t ||2 (G_t B w_t - c_t)||`` at FROZENREP: numpy's head-only least squares on every
+    task, the norm of the loss gradient in ``v_t`` there; the path's first finite strength is it and,
+    fitted at it, every perturbation stays zero."""
+    _, source = _source(delta=1.0, dim=8, rank=2, tasks=20, samples=30, noise=0.5)
+    path = cv_penalty(source.X, source.y, 2, strengths=1)
+    B = path.fits[0].B.numpy()
+    X, y = source.X.numpy(), source.y.numpy()
+    gradients = []
+    for t in range(len(X)):
+        w = np.linalg.lstsq(X[t] @ B, y[t], rcond=None)[0]
+        gradients.append(np.linalg.norm(2 * X[t].T @ (X[t] @ B @ w - y[t]) / len(y[t])))
+    assert path.strengths[1] == pytest.approx(max(gradients), rel=1e-6)
+    assert max(gradients) > 1.5 * np.mean(gradients)  # the max, not the mean
+    assert float(path.fits[1].V.norm(dim=-1).max()) < 1e-6 * max(gradients)
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_the_path_stops_once_the_error_has_been_above_its_running_minimum_for_patience_strengths(patience):
+    """The stopping rule replayed on the returned mean errors: the path ends at the first strength where
+    the last ``patience`` errors all failed to lower the running minimum (or after all ``strengths``)."""
+    _, source = _source(delta=0.3, dim=8, rank=2, tasks=20, samples=30, noise=0.5, seed=5)
+    strengths = 12
+    path = cv_penalty(source.X, source.y, 2, strengths=strengths, patience=patience, refit_steps=20)
+    errors = path.errors
+    expected, best, worse = strengths + 1, errors[0], 0  # all strengths unless the rule stops the path
+    for j in range(1, len(errors)):
+        if errors[j] < best:
+            best, worse = errors[j], 0
+        else:
+            worse += 1
+            if worse >= patience:
+                expected = j + 1
+                break
+    assert len(errors) == expected and len(path.strengths) == expected
+    assert expected < strengths + 1  # it did stop early
+    assert errors[1] >= errors[0]  # a worse strength first (patience 1 stops there) ...
+    assert patience == 1 or min(errors[2:]) < errors[0]  # ... then a new minimum, where the count restarts
+    assert path.strengths[1:] == pytest.approx([path.strengths[1] * 0.75**j for j in range(expected - 1)], rel=1e-12)
+
+
+def test_the_one_standard_error_rule_takes_the_strongest_penalty_within_one_standard_error():
+    """``rule="1se"``: numpy's paired standard errors of the per-task differences from the minimiser
+    (``std / sqrt(T)``) and the strongest strength whose mean difference is within them."""
+    _, source = _source(delta=0.6, dim=8, rank=2, tasks=20, samples=30, noise=0.5, seed=1)
+    path = cv_penalty(source.X, source.y, 2, rule="1se", patience=4)
+    errors = path.per_task.numpy()
+    best = int(np.argmin(errors.mean(-1)))
+    diff = errors - errors[best]
+    se = diff.std(-1, ddof=1) / math.sqrt(errors.shape[-1])
+    np.testing.assert_allclose(path.standard_errors, se, rtol=1e-10, atol=1e-15)
+    within = np.flatnonzero(diff.mean(-1) <= se)
+    assert len(within) > 1 and path.chosen == within[0] and path.chosen != best
 
 
 def test_cv_penalty_on_the_samples_equals_it_on_gram_matrices():

@@ -22,6 +22,7 @@ from adaptrep.solvers import (
     moment_inits,
     penalty_prox,
     pseudo_inverse,
+    rank_tolerance,
     solve_representation,
     task_statistics,
 )
@@ -142,6 +143,25 @@ def test_pseudo_inverse_does_not_invert_a_direction_that_only_rounding_makes(dty
         exact = torch.linalg.pinv(2 * torch.outer(u, u), hermitian=True)
         errors.append(float((pseudo_inverse(G).double() - exact).norm() / exact.norm()))
     assert max(errors) < (1e-8 if dtype == F64 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pseudo_inverse_counts_eigenvalues_as_zero_exactly_below_the_rank_tolerance(dtype):
+    """``Q diag(lam) Q^T`` with eigenvalues 30x above and 30x below ``rank_tolerance`` times the largest:
+    the closed-form pseudo-inverse ``Q diag(1 / lam or 0) Q^T`` (the one above inverted, the one below not)."""
+    tol = rank_tolerance(dtype)
+    Q = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(2), dtype=F64))[0]
+    lam = torch.tensor([1.0, 0.3, 30 * tol, tol / 30], dtype=F64)
+    A = ((Q * lam) @ Q.T).to(dtype)
+    expected = (Q * torch.where(lam > tol, 1 / lam, torch.zeros_like(lam))) @ Q.T
+    error = (pseudo_inverse(A).double() - expected).norm() / expected.norm()
+    assert error < 1e-2
+    # a real direction far above rounding (eps ~ 1e-16 in float64, 1e-7 in float32) is inverted: the tolerance is not larger than it needs to be
+    small = 1e-11 if dtype == F64 else 1e-3
+    lam = torch.tensor([1.0, 0.5, small], dtype=F64)
+    Q = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(4), dtype=F64))[0]
+    A = ((Q * lam) @ Q.T).to(dtype)
+    assert float((pseudo_inverse(A).double() @ A.double() - torch.eye(3, dtype=F64)).abs().max()) < 1e-3
 
 
 @pytest.mark.parametrize("penalty", [math.inf, 0.05])

@@ -523,16 +523,19 @@ def pseudo_inverse(A: Tensor) -> Tensor:
     """Pseudo-inverse of symmetric positive semi-definite matrices (batched), eigenvalues below
     :func:`rank_tolerance` of the largest counted as zero.
 
-    By Cholesky where the factor shows a well-conditioned matrix (its pivots within a factor
-    ``1e-8`` of each other, or of the rank tolerance if larger, so the condition number is not far
-    above that; there the inverse equals the pseudo-inverse to rounding), by ``torch.linalg.pinv``
-    (an eigendecomposition, ten times slower on small batched matrices) for the others.
+    By Cholesky where the matrix is provably well-conditioned: ``1 / (tr(A) tr(A^{-1}))``, a lower
+    bound on ``lambda_min / lambda_max``, above ``1e-8`` (or the rank tolerance if larger), so no
+    eigenvalue is below the tolerance and the inverse equals the pseudo-inverse to rounding; by
+    ``torch.linalg.pinv`` (an eigendecomposition, ten times slower on small batched matrices) for the
+    others. (The Cholesky pivots are no such bound: their smallest can be far above the smallest
+    eigenvalue, and a float32 matrix with an eigenvalue 30x below the tolerance passed a pivot test.)
     """
     tolerance = rank_tolerance(A.dtype)
     factor, info = torch.linalg.cholesky_ex(A)
-    pivots = torch.diagonal(factor, dim1=-2, dim2=-1).square()
-    good = (info == 0) & (pivots.amin(-1) > max(1e-8, tolerance) * pivots.amax(-1))
-    inverse = torch.cholesky_inverse(torch.where(good[..., None, None], factor, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)))
+    ok = info == 0
+    inverse = torch.cholesky_inverse(torch.where(ok[..., None, None], factor, torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)))
+    trace = torch.diagonal(A, dim1=-2, dim2=-1).sum(-1) * torch.diagonal(inverse, dim1=-2, dim2=-1).sum(-1)
+    good = ok & (trace.reciprocal() > max(1e-8, tolerance))
     if bool(good.all()):
         return inverse
     bad = ~good
