@@ -160,7 +160,8 @@ class Method(ABC):
     def source_adapted(self, source: Tasks) -> Adapted | None:
         """The source tasks' own predictors (:attr:`source_predictors`) as :class:`Adapted` predictors,
         to predict and score new samples of those tasks; ``source`` is what the method was fitted on
-        (its tasks' means give the intercepts). ``None`` for methods without per-source-task predictors."""
+        (its tasks' means give the intercepts). ``None`` for methods without per-source-task predictors
+        (they have them for the squared loss with the linear model)."""
         if self.source_predictors is None:
             return None
         prepared = self._prepare(source)
