@@ -118,6 +118,9 @@ def test_evaluate_scores_source_predictors_on_held_out_samples(tmp_path, monkeyp
         assert results.loc[name, "source_loss_mean"] == pytest.approx(np.mean(losses), rel=1e-8)
     # the noise variance is 0.09, and every task lies in the shared span
     assert results.loc["adaptrep", "source_loss_mean"] < 0.2
+    report = (tmp_path / "out" / "report.md").read_text().splitlines()
+    row = [line for line in report if line.startswith("| perm |")][-1].strip("|").split("|")
+    assert [float(cell) for cell in row[1:]] == pytest.approx([results.loc["perm", "source_loss_max"], results.loc["perm", "source_loss_mean"]], abs=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -267,7 +267,13 @@ def _evaluate_section(part: pd.DataFrame, config: dict[str, Any], figures: Path,
     path = figures / f"{stem}_query.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [*lines, f"![query metrics, {config['setting']}](figures/{path.name})", ""]
+    lines += [f"![query metrics, {config['setting']}](figures/{path.name})", ""]
+    held = [c for c in ("source_loss_max", "source_loss_mean") if c in part]
+    if held:  # --source-holdout: one value per method and seed
+        table = part.groupby(["method", "seed"], sort=False)[held].first().groupby("method", sort=False).mean().dropna(how="all")
+        if not table.empty:
+            lines += ["Each method's own predictors of the source tasks on their held-out samples (mean over seeds):", "", _markdown(table, "{:.4f}"), ""]
+    return lines
 
 
 def evaluation_table(part: pd.DataFrame, metric: str) -> str:
