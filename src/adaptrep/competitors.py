@@ -84,7 +84,7 @@ from .adapted import Adapted
 from .adaptive import masked_statistics, sample_mask
 from .data import Tasks
 from .finetune import fit_head
-from .methods import Method, _centered, synchronize
+from .methods import Method, _centered, _uncentered, synchronize
 from .solvers import estimate_noise, fit_source, group_shrink, lipschitz, matvec, mse, predictor, pseudo_inverse
 
 __all__ = [
@@ -120,11 +120,6 @@ def _centred(tasks: Tasks, intercept: bool) -> tuple[Tasks, Tensor | None, Tenso
         return tasks, None, None
     X, y, mx, my = _centered(tasks, intercept)
     return replace(tasks, X=X, y=y), mx, my
-
-
-def _adapted(beta: Tensor, mx: Tensor | None, my: Tensor | None) -> Adapted:
-    bias = None if mx is None or my is None else my - (mx * beta).sum(-1)
-    return Adapted(beta, bias=bias, loss="squared")
 
 
 def _check(name: str, method: Method, tasks: Tasks) -> int:
@@ -236,7 +231,7 @@ def _head_only(method: Method, target: Tasks) -> Adapted:
         raise RuntimeError(f"{type(method).__name__}.adapt called before fit")
     target, mx, my = _centred(target, method.spec.intercept)
     G, c, _, _ = _statistics(target)
-    return _adapted(fit_head(method.representation.to(target.X), G, c), mx, my)
+    return _uncentered(fit_head(method.representation.to(target.X), G, c), mx, my)
 
 
 @dataclass
@@ -317,7 +312,7 @@ class PenalizedERM(Method):
         beta = fit_head(A, G, c)
         if not math.isinf(self.lam_):
             beta = perm_tasks(A, G, c, q, self.lam_ / counts.sqrt(), beta, self.steps * self.iterations // 10)
-        return _adapted(refit_toward(G, c, beta, self.gamma_ / counts.sqrt()), mx, my)
+        return _uncentered(refit_toward(G, c, beta, self.gamma_ / counts.sqrt()), mx, my)
 
 
 @dataclass

@@ -167,8 +167,9 @@ class Method(ABC):
         prepared = self._prepare(source)
         beta = self.source_predictors.to(prepared.X)
         _, _, mx, my = _centered(prepared, self.spec.intercept)
-        bias = None if mx is None or my is None else my - (mx * beta).sum(-1)
-        return Adapted(beta, bias=bias, loss="squared", standardizer=self.spec.standardizer)
+        adapted = _uncentered(beta, mx, my)
+        adapted.standardizer = self.spec.standardizer
+        return adapted
 
     @abstractmethod
     def _fit(self, source: Tasks) -> None: ...
@@ -254,6 +255,13 @@ def _centered(tasks: Tasks, intercept: bool) -> tuple[Tensor, Tensor, Tensor | N
     return (X - mx.unsqueeze(1)) * weight.unsqueeze(-1), (y - my.unsqueeze(1)) * weight, mx, my
 
 
+def _uncentered(beta: Tensor, mx: Tensor | None, my: Tensor | None, strength: Tensor | None = None) -> Adapted:
+    """Linear predictors fitted on data centred by :func:`_centered` (slopes ``beta``), with the
+    intercepts ``my - <mx, beta>`` that centring profiled out (none without means)."""
+    bias = None if mx is None or my is None else my - (mx * beta).sum(-1)
+    return Adapted(beta, bias=bias, loss="squared", strength=strength)
+
+
 #: How :class:`AdaptRep` chooses its source penalty when none is given: ``"cv"`` (from the data,
 #: :func:`adaptrep.adaptive.cv_penalty`) or ``"theory"``. On ``linear`` (d = 30, k = 5, T = 50, n = 100,
 #: sigma = 1, 10 seeds; benchmarks/delta_sweep.py) ``"cv"`` matches FROZENREP at delta = 0, where the
@@ -312,8 +320,7 @@ class _AdaptsRepresentation(Method):
             beta, strength = finetune.adapt(
                 B, X, y, generator, noise=self.noise_estimate, noise_dof=self.noise_dof, mask=target.mask if target.ragged else None
             )
-        bias = None if mx is None or my is None else my - (mx * beta).sum(-1)
-        return Adapted(beta, bias=bias, loss="squared", strength=strength)
+        return _uncentered(beta, mx, my, strength)
 
     def _adapt_with_prior(self, B: Tensor, target: Tasks, generator: torch.Generator | None) -> Adapted:
         """The exact path with the priors learned from the source tasks (empirical Bayes): the
@@ -777,8 +784,7 @@ class TargetOnly(Method):
             beta = spd_solve(G + self.ridge * eye, c)
         else:
             beta = (torch.linalg.pinv(X) @ y.unsqueeze(-1)).squeeze(-1)
-        bias = None if mx is None or my is None else my - (mx * beta).sum(-1)
-        return Adapted(beta, bias=bias, loss="squared")
+        return _uncentered(beta, mx, my)
 
 
 def _finetune_generic(
