@@ -430,6 +430,15 @@ def split_tasks(tasks: Tasks, target: float | Sequence[str], seed: int = 0) -> t
     return tasks.subset(rest.nonzero().squeeze(1)), tasks.subset(chosen)
 
 
+def _random_keys(tasks: Tasks, seed: int) -> tuple[Tensor, Tensor]:
+    """``(valid, key)``: which entries are real samples, and a uniform random key per sample from
+    ``seed`` (padding gets 2, so it sorts after every real sample)."""
+    T, n = tasks.y.shape
+    valid = tasks.mask if tasks.mask is not None else torch.ones(T, n, dtype=torch.bool, device=tasks.y.device)
+    key = torch.rand(T, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(tasks.y.device)
+    return valid, torch.where(valid, key, torch.full_like(key, 2.0))
+
+
 def split_shots(tasks: Tasks, shots: int, seed: int = 0, stratify: bool | None = None) -> tuple[Tasks, Tasks]:
     """``(support, query)``: ``shots`` random samples of each task as its support (for
     classification, with ``stratify`` (default), ``shots`` samples *of each class*: N-way K-shot)
@@ -438,10 +447,7 @@ def split_shots(tasks: Tasks, shots: int, seed: int = 0, stratify: bool | None =
     if shots < 1:
         raise DataError(f"shots must be at least 1; got {shots}")
     stratify = tasks.loss != "squared" if stratify is None else stratify
-    T, n = tasks.y.shape
-    valid = tasks.mask if tasks.mask is not None else torch.ones(T, n, dtype=torch.bool, device=tasks.y.device)
-    key = torch.rand(T, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(tasks.y.device)
-    key = torch.where(valid, key, torch.full_like(key, 2.0))  # padding sorts last
+    valid, key = _random_keys(tasks, seed)
     if stratify:
         labels = torch.where(valid, tasks.y, torch.full_like(tasks.y, -1)).long()
         N = int(labels.max()) + 1
@@ -475,15 +481,12 @@ def split_samples(tasks: Tasks, share: float, seed: int = 0) -> tuple[Tasks, Tas
     out at least one sample, whose indices are ``scored`` (``(T',)``)."""
     if not 0 < share < 1:
         raise DataError(f"the held-out share must be in (0, 1); got {share}")
-    T, n = tasks.y.shape
-    valid = tasks.mask if tasks.mask is not None else torch.ones(T, n, dtype=torch.bool, device=tasks.y.device)
+    valid, key = _random_keys(tasks, seed)
     counts = valid.sum(1)
     held_count = torch.minimum((share * counts.to(torch.float64)).round().long(), counts - 1)
     scored = (held_count > 0).nonzero().squeeze(1)
     if scored.numel() == 0:
         raise DataError(f"holding out {share:g} of each task's samples leaves no task with a held-out sample")
-    key = torch.rand(T, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(tasks.y.device)
-    key = torch.where(valid, key, torch.full_like(key, 2.0))  # padding sorts last
     held = valid & (key.argsort(1).argsort(1) < held_count.unsqueeze(1))
     part = tasks.subset(scored)  # real samples come first, so its columns are the first of tasks'
     rows = scored.to(held.device)
