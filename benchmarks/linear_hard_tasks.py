@@ -53,31 +53,43 @@ from adaptrep.metrics import block_share
 from adaptrep.solvers import fit_source
 
 
-class TruthPCA(Oracle):
-    """The top-k eigenvectors of ``sum_t beta_t beta_t^T`` over the source tasks' true parameters."""
+def noiseless_statistics(source: Tasks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(G, c, q)`` of the source tasks' own inputs with noiseless labels ``y = X beta_t``."""
+    assert source.beta is not None
+    G = source.gram()[0]
+    c = (G @ source.beta.unsqueeze(-1)).squeeze(-1)
+    return G, c, (c * source.beta).sum(-1)
+
+
+class Reference(Oracle):
+    """A representation computed from the true parameters (:meth:`span`), fine-tuned like ``oracle-ft``."""
+
+    def span(self, source: Tasks, k: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def _fit(self, source: Tasks) -> None:
         assert source.beta is not None and source.representation is not None
         k = source.representation.shape[1]
-        self.representation = torch.linalg.eigh(source.beta.T @ source.beta)[1][:, -k:]
+        self.representation = self.span(source, k)
         self._estimate_noise(source.gram(), source, k)
         self._learn_perturbation_variance(source, self.representation)
         self.info = {"noise_estimate": self.noise_estimate}
 
 
-class NoiselessAdaptRep(Oracle):
+class TruthPCA(Reference):
+    """The top-k eigenvectors of ``sum_t beta_t beta_t^T`` over the source tasks' true parameters."""
+
+    def span(self, source: Tasks, k: int) -> torch.Tensor:
+        assert source.beta is not None
+        return torch.linalg.eigh(source.beta.T @ source.beta)[1][:, -k:]
+
+
+class NoiselessAdaptRep(Reference):
     """ADAPTREP's source fit (penalty ``NOISELESS_PENALTY``) on the source tasks' own inputs with
     noiseless labels ``y = X beta_t``: the paper's objective without label noise."""
 
-    def _fit(self, source: Tasks) -> None:
-        assert source.beta is not None and source.representation is not None
-        k = source.representation.shape[1]
-        G = source.gram()[0]
-        c = (G @ source.beta.unsqueeze(-1)).squeeze(-1)
-        self.representation = fit_source(G, c, (c * source.beta).sum(-1), k, penalty=NOISELESS_PENALTY).B
-        self._estimate_noise(source.gram(), source, k)
-        self._learn_perturbation_variance(source, self.representation)
-        self.info = {"noise_estimate": self.noise_estimate}
+    def span(self, source: Tasks, k: int) -> torch.Tensor:
+        return fit_source(*noiseless_statistics(source), k, penalty=NOISELESS_PENALTY).B
 
 
 # so that configs (and run_seed) know the names
@@ -113,11 +125,7 @@ def fixed_levels(T: int, seeds: int, noiseless: bool = False) -> str:
     for seed in range(seeds):
         env = config(T).environment(seed)
         source = env.sample_tasks(T, 100, keyed_generator(seed, 1))
-        G, c, q = source.gram()
-        if noiseless:
-            assert source.beta is not None
-            c = (G @ source.beta.unsqueeze(-1)).squeeze(-1)
-            q = (c * source.beta).sum(-1)
+        G, c, q = noiseless_statistics(source) if noiseless else source.gram()
         levels = [(f"mu={mu:g}", {"penalty": mu}) for mu in (NOISELESS_LEVELS if noiseless else PENALTIES)]
         levels += [(f"radius={r:g}", {"radius": r}) for r in RADII]
         for name, level in levels:
