@@ -135,6 +135,7 @@ def test_evaluate_scores_source_predictors_on_held_out_samples(tmp_path, monkeyp
         (["evaluate", "{data}", "--task-col", "school", "--label-col", "label", "--methods", "adaptrep,oracle-ft"], "needs a simulated environment"),
         (["evaluate", "{data}", "--task-col", "school", "--label-col", "label", "--source-holdout", "0.2", "--model", "relu"], "it scores linear"),
         (["evaluate", "{data}", "--task-col", "school", "--label-col", "label", "--source-holdout", "1"], "source_holdout"),
+        (["evaluate", "{data}", "--task-col", "school", "--label-col", "label", "--source-holdout", "0.01"], "leaves no task with a held-out sample"),
         (["predict", "{foreign}", "--support", "{data}", "--query", "{data}"], "is not an adaptrep model file"),
     ],
 )

@@ -182,8 +182,11 @@ def load_data(config: EvaluateConfig, seed: int = 0) -> Tasks:
 def check_data(config: EvaluateConfig) -> Tasks:
     """Load the data and check, before anything is computed, that the target tasks (every task that
     a random split may hold out, or the named ones) have more samples than the largest shot count
-    (per class for classification); :class:`DataError` with one line otherwise."""
+    (per class for classification), and that ``source_holdout`` holds out a sample of some task;
+    :class:`DataError` with one line otherwise."""
     tasks = load_data(config)
+    if config.source_holdout > 0:
+        split_samples(tasks, config.source_holdout)  # some task must have a sample to hold out
     targets = tasks if isinstance(target := config.target_tasks, float) else split_tasks(tasks, target)[1]
     split_shots(targets, max(config.shots))
     if isinstance(target, float):
